@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
+from .cli_args import add_long_context_args, long_context_overrides
 from .mlp import MLP
 from .moe import SparseMoeBlock
 
@@ -126,17 +127,19 @@ def materialize(model: nn.Module) -> None:
 
 
 def sharded_load(path: Union[str, Path], group: Optional[mx.distributed.Group] = None, *,
-                 dtype: Optional[mx.Dtype] = None, dca: Optional[dict] = None):
+                 dtype: Optional[mx.Dtype] = None, dca: Optional[dict] = None,
+                 rope_scaling: Optional[dict] = None):
     """Load a model folder split over `group`. Returns (model, tokenizer).
 
     Weights are read lazily and sliced before evaluation, so each rank keeps only its shard (plus the
     replicated embeddings, norms and router); an unsharded tensor lives only while its layer is read.
-    A model that does not divide over the ranks fails before any weight is read.
+    A model that does not divide over the ranks fails before any weight is read. `dca` and
+    `rope_scaling` are `load`'s long-context overrides.
     """
     from .loader import load
 
     group = group or mx.distributed.init()
-    model, tokenizer = load(path, dca=dca, lazy=True, dtype=dtype)
+    model, tokenizer = load(path, dca=dca, lazy=True, dtype=dtype, rope_scaling=rope_scaling)
     shard_model(model, group)
     materialize(model)
     # A barrier, so no rank starts a collective while another is still reading its weights.
@@ -172,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast floating weights (float32 is fastest on a CPU)")
     p.add_argument("--backend", default="any", help="mx.distributed backend (default: whatever mlx.launch set up)")
     p.add_argument("--verbose", action="store_true", help="print speed and per-rank memory on stderr")
-    return p
+    return add_long_context_args(p)
 
 
 def _prompt_tokens(tokenizer, messages: list, raw: bool) -> list[int]:
@@ -188,11 +191,13 @@ def main(argv: Optional[list] = None) -> int:
     from .paths import default_model_path
     from .tokenizer import TokenizerError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if not args.interactive and args.prompt is None:
-        _parser().error("give --prompt (or --interactive)")
+        parser.error("give --prompt (or --interactive)")
     if args.max_tokens <= 0:
-        _parser().error("--max-tokens must be positive")
+        parser.error("--max-tokens must be positive")
+    overrides = long_context_overrides(args, parser)
     group = mx.distributed.init(backend=args.backend)
     rank, size = group.rank(), group.size()
     lead = rank == 0
@@ -205,7 +210,7 @@ def main(argv: Optional[list] = None) -> int:
     path = Path(args.model).expanduser() if args.model else default_model_path()
     say(f"[rank 0/{size}] loading {path}")
     try:
-        model, tokenizer = sharded_load(path, group, dtype=_DTYPES.get(args.dtype))
+        model, tokenizer = sharded_load(path, group, dtype=_DTYPES.get(args.dtype), **overrides)
     except (ShardingError, ConfigError, ModelLoadError, TokenizerError) as e:
         say(f"error: {e}")
         return 2

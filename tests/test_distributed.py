@@ -122,7 +122,7 @@ def quantize_folder(src: Path, dst: Path, group_size: int = 32, bits: int = 4) -
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    """Dense, MoE and 4-bit MoE checkpoints, and their results on two ranks (one launch for all)."""
+    """Dense, MoE, 4-bit MoE and DCA checkpoints, and their results on two ranks (one launch for all)."""
     tmp = tmp_path_factory.mktemp("dist")
     dense, _ = make_checkpoint(tmp / "dense", DENSE)
     # Layer 1 is a dense MLP inside a MoE model: both kinds of block get sharded.
@@ -130,7 +130,9 @@ def tiny_runs(tmp_path_factory):
     src, _ = make_checkpoint(tmp / "moe-src", MOE, intermediate_size=128, moe_intermediate_size=64,
                              shared_expert_intermediate_size=128, mlp_only_layers=[1])
     q4 = quantize_folder(src, tmp / "moe-4bit")
-    paths = {"dense": dense, "moe": moe, "moe-4bit": q4}
+    # Dual Chunk Attention with chunks shorter than the prompt: the DCA path runs on sharded heads.
+    dca, _ = make_checkpoint(tmp / "dca", DENSE, dual_chunk_attention_config={"chunk_size": 16, "local_size": 4})
+    paths = {"dense": dense, "moe": moe, "moe-4bit": q4, "dca": dca}
     results = run_sharded(list(paths.values()), tmp)
     return {k: (p, r) for (k, p), r in zip(paths.items(), results)}
 
@@ -142,6 +144,11 @@ def test_dense_two_ranks_match_one_process(tiny_runs):
 def test_moe_two_ranks_match_one_process(tiny_runs):
     model = assert_parity(*tiny_runs["moe"])
     assert hasattr(model.layers[0].mlp, "switch_mlp") and not hasattr(model.layers[1].mlp, "switch_mlp")
+
+
+def test_dca_two_ranks_match_one_process(tiny_runs):
+    model = assert_parity(*tiny_runs["dca"])
+    assert model.layers[0].self_attn.dca is not None
 
 
 def test_quantized_moe_two_ranks_match_one_process(tiny_runs):
@@ -224,7 +231,11 @@ def test_cli_indivisible_model_fails_with_one_line(tmp_path):
 
 
 @pytest.mark.real_model
-def test_real_model_two_ranks_match_one_process(real_model_path, tmp_path):
+def test_real_model_two_ranks_match_one_process(request, tmp_path):
+    try:
+        real_model_path = request.getfixturevalue("real_model_path")
+    except pytest.FixtureLookupError:
+        pytest.skip("the real_model_path fixture (converter, issue 3) is not on this branch yet")
     _, tok = load(real_model_path, lazy=True)
     messages = [{"role": "user", "content": "Write a Python function that returns the square of a number."}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True)[-30:]
