@@ -20,11 +20,11 @@ from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.message import Message as TMessage
-from textual.widgets import Footer, Header
+from textual.widgets import Footer, Header, Static
 
 from qwen2_mlx.paths import data_dir
 
-from . import commands
+from . import cjk_wrap, commands
 from .engine import DEFAULT_SETTINGS, Engine, Failed, Finished, Job, Loaded, LoadFailed, Loading, Stats, Token
 from .export import export_chat
 from .store import FINISHED, Message, Store
@@ -37,6 +37,10 @@ from .widgets.transcript import MessageView, Transcript
 
 SAVE_EVERY = 1.0  # seconds between saves of a streaming reply
 TITLE_CHARS = 48
+EMPTY_HINT = ("Ask anything, in any language.\n\n"
+              "Enter sends · Shift+Enter, Alt+Enter or Ctrl+J add a line · ↑ recalls earlier prompts\n"
+              "Esc stops a reply · Ctrl+R regenerates · Tab moves to the messages (e edit, ← → branches, y copy)\n"
+              "/help lists the slash commands · F1 the keys")
 
 
 class EngineEvent(TMessage):
@@ -70,6 +74,7 @@ class ChatApp(App):
                  default_system: Optional[str] = None, default_settings: Optional[dict] = None,
                  model_label: str = "", animate: bool = True):
         super().__init__()
+        cjk_wrap.install()
         self.backend = backend
         self.store = store or Store()
         self.engine = Engine(backend, lambda ev: self.post_message(EngineEvent(ev)))
@@ -89,6 +94,7 @@ class ChatApp(App):
         self.context_limit = 0
         self.last_stats: Optional[Stats] = None
         self.load_seconds = 0.0
+        self._base_ctx = 0
         self._last_save = 0.0
         if not animate:
             self.animation_level = "none"
@@ -186,6 +192,8 @@ class ChatApp(App):
         views = [self._view_for(m) for m in self.path()]
         if views:
             await transcript.mount_all(views)
+        else:
+            await transcript.mount(Static(EMPTY_HINT, classes="empty-hint"))
         transcript.anchor()
         self.update_context()
         if focus_id is not None:
@@ -245,6 +253,7 @@ class ChatApp(App):
         if rerender:
             await self.render_transcript()
         else:
+            await self.transcript.query(".empty-hint").remove()
             views = [v for v in self.transcript.views if v.message_id == user.id]
             if not views:
                 await self.transcript.mount(self._view_for(user))
@@ -253,6 +262,7 @@ class ChatApp(App):
         self.reply_view = self.transcript.views[-1]
         self.reply_view.set_status("streaming" if self.loaded else "waiting")
         self.reply_view.start_stream()
+        self._base_ctx = self.engine.count_tokens(history, self.system)
         self.job = self.engine.submit(history, self.system, self.settings)
         self.status.set_state("answering… (Esc stops)")
 
@@ -283,8 +293,8 @@ class ChatApp(App):
             self.reply_text += ev.text
             if view is not None and view.is_attached:
                 await view.write(ev.text)
-            if ev.stats.context_used:
-                self.status.set_context(ev.stats.context_used, self.context_limit)
+            if self.loaded:
+                self.status.set_context(self._base_ctx + ev.stats.generation_tokens, self.context_limit)
             if time.monotonic() - self._last_save >= SAVE_EVERY:
                 self.store.update_message(self.reply_id, content=self.reply_text)
                 self._last_save = time.monotonic()

@@ -22,7 +22,7 @@ STATUS_NOTES = {
     "context": ("cut", "✂ cut: the context window is full — /clear or /set context drop_oldest"),
     "error": ("error", "⚠ error"),
     "interrupted": ("error", "⚠ interrupted (the app closed mid-reply)"),
-    "streaming": ("", "…"),
+    "streaming": ("", "▍ generating… (Esc stops)"),
     "stopping": ("stopped", "⏹ stopping…"),
     "waiting": ("", "waiting for the model…"),
 }
