@@ -4,6 +4,7 @@ slash commands, storage and export. No model is loaded here."""
 from __future__ import annotations
 
 import json
+import threading
 from contextlib import nullcontext
 
 import pytest
@@ -383,13 +384,17 @@ async def test_load_failure_exits_with_status_2(tmp_path):
 
 
 async def test_send_while_loading_waits_for_the_model(tmp_path):
-    app = make_app(tmp_path, replies=["late but here"], load_delay=0.4)
+    gate = threading.Event()
+    app = make_app(tmp_path, replies=["late but here"], load_gate=gate)
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "early", wait=False)
         await wait_until(pilot, lambda: len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: "100%" in str(app.status.query_one("#status-state").render()))
         assert app.transcript.views[-1].status == "waiting"
         assert "Loading model" in str(app.status.query_one("#status-state").render())
-        await wait_until(pilot, lambda: app.job is None)
+        assert app.store.path(app.chat_id)[0].content == "early"  # saved before the model is even there
+        gate.set()
+        await wait_until(pilot, lambda: app.job is None and texts(app)[-1][2] == "done")
         assert texts(app)[-1] == ("assistant", "late but here", "done")
 
 

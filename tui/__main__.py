@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Optional, TextIO
 
+from qwen2_mlx.cli_args import add_long_context_args, long_context_overrides
 from qwen2_mlx.paths import default_model_path
 
 HINT = "hint: run `python convert.py` to create the default model, or pass --model PATH"
@@ -33,28 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", type=int, default=None, metavar="ID", help="reopen a saved chat by id")
     p.add_argument("--last", action="store_true", help="reopen the most recent chat")
     p.add_argument("--db", type=Path, default=None, help="chat database (default: in the qwen2-mlx data folder)")
-    try:
-        from qwen2_mlx.cli_args import add_long_context_args
-    except ImportError:
-        p.add_argument("--dca-chunk-size", type=int, default=None,
-                       help="switch Dual Chunk Attention on with this chunk size (long contexts)")
-        p.add_argument("--dca-local-size", type=int, default=None, help="DCA local window (default: from the model)")
-    else:
-        add_long_context_args(p)
+    add_long_context_args(p)
     return p
-
-
-def long_context(args: argparse.Namespace) -> Optional[dict]:
-    try:
-        from qwen2_mlx.cli_args import long_context_overrides
-    except ImportError:
-        if args.dca_chunk_size is None and args.dca_local_size is None:
-            return None
-        dca = {"chunk_size": args.dca_chunk_size}
-        if args.dca_local_size is not None:
-            dca["local_size"] = args.dca_local_size
-        return dca
-    return long_context_overrides(args).get("dca")
 
 
 def check_model(path: Path) -> Optional[str]:
@@ -117,7 +98,8 @@ def run_once(backend, text: str, system: Optional[str], settings: dict, out: Tex
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     piped = None
     if args.prompt is None and not sys.stdin.isatty():
         piped = sys.stdin.read()
@@ -134,7 +116,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from .engine import ModelBackend
 
-    backend = ModelBackend(model_path, dtype=args.dtype, dca=long_context(args))
+    backend = ModelBackend(model_path, dtype=args.dtype, overrides=long_context_overrides(args, parser))
     settings = settings_from(args)
     if one_shot:
         return run_once(backend, text, args.system, settings)

@@ -264,7 +264,8 @@ class ChatApp(App):
         self.reply_view.start_stream()
         self._base_ctx = self.engine.count_tokens(history, self.system)
         self.job = self.engine.submit(history, self.system, self.settings)
-        self.status.set_state("answering… (Esc stops)")
+        if self.loaded:  # while loading, the bar stays; the reply starts when the model is ready
+            self.status.set_state("answering… (Esc stops)")
 
     def on_engine_event(self, message: EngineEvent) -> None:
         ev = message.event
@@ -303,9 +304,11 @@ class ChatApp(App):
             self.reply_text = ev.text
             self.store.update_message(self.reply_id, content=ev.text, status=status,
                                       stats={**asdict(ev.stats), "finish_reason": ev.reason})
-            self._end_job()
-            if view is not None and view.is_attached:
-                await view.finish(ev.text, status)
+            try:
+                if view is not None and view.is_attached:
+                    await view.finish(ev.text, status)
+            finally:
+                self._end_job()
             self.last_stats = ev.stats
             self.status.set_stats(ev.stats)
             self.status.set_state({"stopped": "stopped", "length": "cut at max tokens",
@@ -316,9 +319,11 @@ class ChatApp(App):
         elif isinstance(ev, Failed):
             self.store.update_message(self.reply_id, content=self.reply_text, status="error",
                                       stats={"error": ev.error})
-            self._end_job()
-            if view is not None and view.is_attached:
-                await view.finish(self.reply_text, "error", ev.error)
+            try:
+                if view is not None and view.is_attached:
+                    await view.finish(self.reply_text, "error", ev.error)
+            finally:
+                self._end_job()
             self.status.set_state("error · Ctrl+R retries")
             self.notify(f"The model failed: {ev.error}. Your message is saved; Ctrl+R retries.",
                         severity="error", timeout=8)
@@ -507,7 +512,13 @@ class ChatApp(App):
 
     # screens
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(str(keymap_path())))
+        rows = []
+        for cls in (ChatApp, PromptInput, MessageView, ChatListScreen):
+            for b in cls.BINDINGS:
+                if isinstance(b, Binding) and b.id:
+                    keys = self._keymap.get(b.id, b.key)
+                    rows.append((b.id, keys, b.description))
+        self.push_screen(HelpScreen(str(keymap_path()), rows))
 
     def action_chats(self) -> None:
         async def chosen(chat_id: Optional[int]) -> None:

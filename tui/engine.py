@@ -243,11 +243,11 @@ class ModelBackend:
     cached prefix.
     """
 
-    def __init__(self, path: Path, dtype: Optional[str] = None, dca: Optional[dict] = None):
+    def __init__(self, path: Path, dtype: Optional[str] = None, overrides: Optional[dict] = None):
         self.path = Path(path)
         self.name = self.path.name if self.path.name != "default" else f"{self.path.parent.name}/default"
         self.dtype = dtype
-        self.dca = dca
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # dca=, rope_scaling=
         self.context_limit = 0
         self.context_used = 0
         self.last_reply: Optional[str] = None
@@ -263,7 +263,7 @@ class ModelBackend:
 
         progress(0.0, f"reading {self.path}")
         dtype = getattr(mx, self.dtype) if self.dtype else None
-        model, tokenizer = load(self.path, dca=self.dca, dtype=dtype, lazy=True)
+        model, tokenizer = load(self.path, dtype=dtype, lazy=True, **self.overrides)
         params = [v for _, v in tree_flatten(model.parameters())]
         total = sum(p.nbytes for p in params) or 1
         done, batch, batch_bytes = 0, [], 0

@@ -43,7 +43,7 @@ class FakeBackend:
 
     def __init__(self, replies: Optional[list[Reply]] = None, delay: float = 0.0, load_delay: float = 0.0,
                  context_limit: int = 4096, name: str = "fake-model", fail_on: str = "FAIL",
-                 load_error: Optional[str] = None):
+                 load_error: Optional[str] = None, load_gate: Optional[threading.Event] = None):
         self.replies = list(replies or ["Hello! **How** can I help?"])
         self.delay = delay
         self.load_delay = load_delay
@@ -51,6 +51,7 @@ class FakeBackend:
         self.name = name
         self.fail_on = fail_on
         self.load_error = load_error
+        self.load_gate = load_gate  # when given, loading waits for it (tests of the loading state)
         self.context_used = 0
         self.last_reply: Optional[str] = None
         self.calls: list[dict] = []
@@ -60,6 +61,8 @@ class FakeBackend:
         for i in range(1, 5):
             time.sleep(self.load_delay / 4)
             progress(i / 4, f"loading weights {i}/4")
+        if self.load_gate is not None:
+            self.load_gate.wait(30)
         if self.load_error:
             raise RuntimeError(self.load_error)
 

@@ -21,12 +21,14 @@ KEYS = [
 ]
 
 
-def help_markdown(keymap_path: str) -> str:
+def help_markdown(keymap_path: str, bindings: list[tuple[str, str, str]] = ()) -> str:
     rows = ["| Key | Does |", "|---|---|"] + [f"| {k} | {v} |" for k, v in KEYS]
     cmds = ["| Command | Does |", "|---|---|"] + [f"| `{c}` | {d} |" for c, d in HELP]
+    ids = ["| Binding id | Keys | Does |", "|---|---|---|"] + [f"| `{i}` | {k} | {d} |" for i, k, d in bindings]
     return "\n".join(["# Keys", "", *rows, "", "# Slash commands", "", *cmds, "",
-                      f"Keys can be changed in `{keymap_path}`, a JSON object from binding id to keys, "
-                      'e.g. `{"prompt.submit": "ctrl+s"}`. Start a message with `//` to send a leading `/`.'])
+                      "Start a message with `//` to send a leading `/`.", "", "# Changing keys", "",
+                      f"Put a JSON object from binding id to keys in `{keymap_path}`, "
+                      'e.g. `{"prompt.submit": "ctrl+s", "prompt.newline": "enter"}`, and restart.', "", *ids])
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -76,13 +78,14 @@ class AskScreen(ModalScreen[str | None]):
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,f1", "dismiss", "Close")]
 
-    def __init__(self, keymap_path: str):
+    def __init__(self, keymap_path: str, bindings: list[tuple[str, str, str]] = ()):
         super().__init__(classes="dialog-screen")
         self.keymap_path = keymap_path
+        self.bindings = list(bindings)
 
     def compose(self):
         with VerticalScroll(classes="dialog help"):
-            yield Markdown(help_markdown(self.keymap_path))
+            yield Markdown(help_markdown(self.keymap_path, self.bindings))
 
     def action_dismiss(self) -> None:
         self.dismiss(None)
