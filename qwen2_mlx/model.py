@@ -74,6 +74,12 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> "Model":
+        """Split this model in place over `group` for tensor parallelism (see distributed.py)."""
+        from .distributed import shard_model
+
+        return shard_model(self, group)
+
     def make_cache(self):
         dca = self.args.dual_chunk_attention_config
         if dca is not None:
