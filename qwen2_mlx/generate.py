@@ -94,6 +94,9 @@ def generate_step(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
+    for c in cache:  # DCA caches give every prompt key the temperature of the whole prompt
+        if hasattr(c, "length_hint"):
+            c.length_hint = c.offset + prompt.size
     with mx.stream(generation_stream):
         total, done = prompt.size, 0
         progress(0, total)
