@@ -281,7 +281,7 @@ def report(res: dict) -> str:
 def main(argv: Optional[list] = None) -> int:
     from .blas import ensure_openblas
 
-    ensure_openblas()
+    ensure_openblas(argv)
     args = parse_args(argv)
     if args.model and not Path(args.model).expanduser().is_dir():
         print(f"error: {args.model}: no such model folder", file=sys.stderr)

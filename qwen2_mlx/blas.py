@@ -2,8 +2,8 @@
 
 The `mlx-cpu` wheel bundles a reference BLAS; preloading OpenBLAS (its `cblas_sgemm` wins symbol
 lookup) makes float32 prefill about 27x faster. A library can only be preloaded at process start,
-so the entry points call `ensure_openblas()` first thing in `main()`, which re-executes the process
-once with `LD_PRELOAD` set. `QWEN2_MLX_NO_OPENBLAS=1` turns this off.
+so the entry points call `ensure_openblas(argv)` first thing in `main(argv=None)`, which re-executes
+the process once with `LD_PRELOAD` set. `QWEN2_MLX_NO_OPENBLAS=1` turns this off.
 """
 
 from __future__ import annotations
@@ -55,12 +55,13 @@ def mlx_uses_cpu() -> bool:
     return mx.default_device().type == mx.cpu
 
 
-def ensure_openblas(argv: Optional[Sequence[str]] = None) -> None:
+def ensure_openblas(main_argv: Optional[Sequence[str]] = None) -> None:
     """Re-execute this process with OpenBLAS preloaded when that makes MLX faster; else return.
 
-    Call it at the very start of a command-line `main()`: nothing done before it survives.
+    Call it first thing in a command-line `main(argv=None)`, passing `argv`: a list means main() was
+    called from Python (tests, other programs), and such a process is never replaced.
     """
-    if not sys.platform.startswith("linux") or os.environ.get(GUARD_ENV):
+    if main_argv is not None or not sys.platform.startswith("linux") or os.environ.get(GUARD_ENV):
         return  # cheap exits before importing MLX
     lib = openblas_to_preload(os.environ, sys.platform, mlx_uses_cpu())
     if lib is None:
@@ -68,7 +69,7 @@ def ensure_openblas(argv: Optional[Sequence[str]] = None) -> None:
     env = dict(os.environ)
     env["LD_PRELOAD"] = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else lib
     env[GUARD_ENV] = "1"
-    args = list(argv) if argv is not None else list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    args = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     print(f"qwen2-mlx: MLX runs on the CPU; re-running with OpenBLAS preloaded ({lib}) for fast "
           f"float32 matmul (set {DISABLE_ENV}=1 to turn this off)", file=sys.stderr)
     sys.stdout.flush()

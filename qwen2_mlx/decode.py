@@ -91,8 +91,18 @@ def fast_decode_applies(model: nn.Module, cache: list) -> bool:
         return False
     if len(cache) != len(model.layers) or any(type(c) is not KVCache for c in cache):
         return False
+    if not all(_unsharded(layer) for layer in model.layers):
+        return False  # tensor-parallel layers (distributed.py) keep the model's own forward
     first = cache[0]
     return first.keys is not None and first.keys.shape[0] == 1 and all(c.offset == first.offset for c in cache)
+
+
+def _unsharded(layer: nn.Module) -> bool:
+    attn = layer.self_attn
+    plain = (nn.Linear, nn.QuantizedLinear)
+    return (type(attn.q_proj) in plain and type(attn.o_proj) in plain
+            and getattr(layer.mlp, "sharding_group", None) is None
+            and all(type(m) in plain for m in (getattr(layer.mlp, "down_proj", None),) if m is not None))
 
 
 def fast_decoder(model: nn.Module) -> FastDecoder:
