@@ -153,7 +153,7 @@ def _run(args) -> int:
                      dequantize=args.dequantize, force=args.force,
                      max_shard_bytes=args.max_shard_size or MAX_SHARD_BYTES, log=_log)
     q = result.quantization
-    how = f"{q['bits']}-bit {q['mode']}" if q else (result.dtype or "original dtype")
+    how = (args.quant_predicate or f"{q['bits']}-bit {q['mode']}") if q else (result.dtype or "original dtype")
     if q and len(q) > 3:
         how += f" ({len(q) - 3} layers with their own setting)"
     print(f"Converted {label} -> {result.path}")
