@@ -300,9 +300,13 @@ class Chat:
                 self._cache, self._cache_tokens = make_prompt_cache(self.model), []
 
     def _sync_cache(self, held: list[int]) -> None:
-        """After a turn: keep only the cached tokens that the rendered history agrees with."""
+        """After a turn: keep only the cached tokens that the rendered history agrees with.
+
+        `held` is the prompt plus the tokens seen; an exception inside a decode step can leave
+        one more (unseen) token in the cache, which is trimmed first.
+        """
         offset = getattr(self._cache[0], "offset", len(held)) if self._cache else 0
-        self._cache_tokens = held[:offset]
+        self._cache_tokens = held[:offset] + [-1] * (offset - len(held))
         history = self._tokens(self.messages, False)
         self._trim_to(_common_prefix(self._cache_tokens, history))
 
