@@ -8,6 +8,7 @@ would read its keys differently (another RoPE base, YaRN factor or DCA chunking)
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -19,11 +20,59 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
 
+from .dca import long_context_signature
+
 SIGNATURE_KEY = "qwen2_mlx_signature"
+META_STATE_KEY = "qwen2_mlx_meta_state"  # per layer; mlx-lm's layout no longer saves it
 
 
 class PromptCacheError(ValueError):
     """A prompt cache file that cannot be used; the message names the file."""
+
+
+class DCAKVCache(KVCache):
+    """mlx-lm's KVCache for Dual Chunk Attention layers.
+
+    The storage and trimming are KVCache's; what differs is what goes in: keys rotated at `j mod c`
+    and scaled by the DCA temperature at write time (spec §3.1), so they never need re-rotating.
+    Such keys are plain RoPE keys only for `j < c`: the DCA settings travel in `meta_state` and a
+    model configured differently refuses the cache.
+
+    `length_hint` is the total length the current prompt will reach; stepwise prefill uses it so
+    every prompt key gets the temperature of the whole prompt, as in vLLM (spec §2.4).
+    """
+
+    def __init__(self, chunk_size: int = 0, local_size: int = 0, original_max_position_embeddings: int = 0):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.local_size = local_size
+        self.original_max_position_embeddings = original_max_position_embeddings
+        self.length_hint = 0
+
+    @property
+    def meta_state(self) -> tuple:
+        return tuple(str(v) for v in self.dca_settings)
+
+    @meta_state.setter
+    def meta_state(self, v) -> None:
+        self.chunk_size, self.local_size, self.original_max_position_embeddings = (int(x) for x in v)
+
+    @property
+    def dca_settings(self) -> tuple:
+        return (self.chunk_size, self.local_size, self.original_max_position_embeddings)
+
+    @classmethod
+    def from_state(cls, state, meta_state: Optional[tuple] = None) -> "DCAKVCache":
+        obj = cls()
+        obj.state = state
+        if meta_state:
+            obj.meta_state = meta_state
+        return obj
+
+    def trim(self, n: int) -> int:
+        n = super().trim(n)
+        self.length_hint = 0  # the prompt it described is gone
+        return n
 
 
 def make_prompt_cache(model: nn.Module) -> list:
@@ -31,29 +80,20 @@ def make_prompt_cache(model: nn.Module) -> list:
     return model.make_cache()
 
 
-def _long_context_fields(args) -> dict:
-    """The settings that decide how cached keys were rotated and must be read back."""
-    dca = getattr(args, "dual_chunk_attention_config", None)
-    if dca is not None and hasattr(dca, "to_dict"):
-        dca = dca.to_dict()
-    return {"rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
-            "dual_chunk_attention_config": dca}
-
-
 def model_signature(model: nn.Module) -> dict:
-    """What a saved cache must agree on with the model it is loaded into."""
+    """What a saved cache must agree on with the model it is loaded into: shapes and RoPE/DCA settings."""
     args = model.args
     sig = {"model_type": args.model_type, "num_hidden_layers": args.num_hidden_layers,
            "num_key_value_heads": args.num_key_value_heads, "head_dim": args.head_dim}
-    sig.update(_long_context_fields(args))
+    sig.update(long_context_signature(args))
     return json.loads(json.dumps(sig))  # the form it takes after a round trip through the file
 
 
 def _compact(c: Any) -> Any:
-    """A plain KVCache keeps spare capacity (and trimmed tokens) past `offset`: save only what it holds."""
-    if type(c) is KVCache and c.keys is not None and c.keys.shape[2] > c.offset:
-        out = KVCache()
-        out.update_and_fetch(c.keys[..., :c.offset, :], c.values[..., :c.offset, :])
+    """A KVCache keeps spare capacity (and trimmed tokens) past `offset`: save only what it holds."""
+    if isinstance(c, KVCache) and c.keys is not None and c.keys.shape[2] > c.offset:
+        out = copy.copy(c)
+        out.keys, out.values = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
         return out
     return c
 
@@ -80,6 +120,9 @@ def save_prompt_cache(file_name: Union[str, Path], cache: list, metadata: Option
             raise PromptCacheError(f"{path}: metadata must map strings without dots to strings (key {k!r})")
     if model is not None:
         meta[SIGNATURE_KEY] = json.dumps(model_signature(model), sort_keys=True)
+    meta_states = [list(getattr(c, "meta_state", None) or []) for c in cache]
+    if any(meta_states):
+        meta[META_STATE_KEY] = json.dumps(meta_states)
     tmp = _atomic_target(path)
     try:
         mlx_cache.save_prompt_cache(str(tmp), [_compact(c) for c in cache], meta)
@@ -135,6 +178,7 @@ def load_prompt_cache(file_name: Union[str, Path], return_metadata: bool = False
         raise PromptCacheError(f"{path}: not a prompt cache file ({e})") from None
     metadata = dict(metadata) if isinstance(metadata, dict) else {}
     signature = metadata.pop(SIGNATURE_KEY, None)
+    meta_states = json.loads(metadata.pop(META_STATE_KEY, "[]"))
     if model is not None and signature is not None:
         _check_signature(path, json.loads(signature), model)
     for pos, kind in scalars[1:]:
@@ -149,6 +193,9 @@ def load_prompt_cache(file_name: Union[str, Path], return_metadata: bool = False
             raise PromptCacheError(f"{path}: unknown scalar kind {kind!r}")
     states = tree_unflatten(list(arrays.items()))
     cache = [_cache_class(name, path).from_state(state) for name, state in zip(classes, states)]
+    for c, meta_state in zip(cache, meta_states):
+        if meta_state:
+            c.meta_state = tuple(meta_state)
     if model is not None:
         _check_shapes(path, cache, model)
     return (cache, metadata) if return_metadata else cache

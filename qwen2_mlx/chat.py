@@ -121,15 +121,9 @@ class Chat:
         self._cache_tokens: list[int] = []  # exactly the token ids the KV cache holds
         self._busy: Optional[ReplyStream] = None
         self._used_memo: tuple = (None, 0)
-        for i, m in enumerate(messages or []):
-            role, content = self._validate_message(m, f"messages[{i}]")
-            if role == "system":
-                if i != 0 or system is not None:
-                    raise ValueError(f"messages[{i}]: a system message must come first and only once "
-                                     "(or pass system=)")
-                self.system = content
-            else:
-                self._append(self._leaf(), _Node(role, content))
+        if messages and system is not None and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+            raise ValueError("messages[0]: a system message and system= were both given")
+        self.messages = list(messages or [])
 
     # --- history -----------------------------------------------------------------------------
     @staticmethod
@@ -179,6 +173,27 @@ class Chat:
     def messages(self) -> list[dict]:
         """The active branch as `{"role", "content"}` dicts, the system message first when set."""
         return self._dicts(self._path())
+
+    @messages.setter
+    def messages(self, messages: list) -> None:
+        """Replace the conversation with one branch, keeping the KV cache for the common prefix.
+
+        A leading system message becomes `chat.system`; without one the system prompt is kept.
+        Front ends that own their own history use this to point the chat at another branch.
+        """
+        self._check_idle()
+        nodes, system = [], self.system
+        for i, m in enumerate(messages):
+            role, content = self._validate_message(m, f"messages[{i}]")
+            if role == "system":
+                if i != 0:
+                    raise ValueError(f"messages[{i}]: a system message can only come first")
+                system = content
+            else:
+                nodes.append(_Node(role, content))
+        self._root, self.system = _Node("root", ""), system
+        for node in nodes:
+            self._append(self._leaf(), node)
 
     @property
     def last_reply(self) -> Optional[Reply]:

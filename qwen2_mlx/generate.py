@@ -152,6 +152,9 @@ def generate_step(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
+    for c in cache:  # DCA caches give every prompt key the temperature of the whole prompt
+        if hasattr(c, "length_hint"):
+            c.length_hint = c.offset + prompt.size
     with mx.stream(generation_stream):
         # Prefill all but the last prompt token; the last one goes through the head in `step`.
         done = _prefill(model, prompt[:-1], cache, prefill_step_size, lambda d, _: progress(d, total))
@@ -213,6 +216,9 @@ def prefill_prompt_cache(
     if held + tokens.size > context_limit(model):
         raise ContextOverflowError(f"the prompt ({tokens.size} tokens, {held} more already cached) does not "
                                    f"fit the context window of {context_limit(model)} tokens")
+    for c in cache:  # DCA caches give every prompt key the temperature of the whole prompt
+        if hasattr(c, "length_hint"):
+            c.length_hint = c.offset + tokens.size
     with mx.stream(generation_stream):
         _prefill(model, tokens, cache, prefill_step_size, prompt_progress_callback or (lambda *_: None))
     return cache

@@ -300,3 +300,22 @@ def test_real_model_follow_up_regenerate_and_edit(request):
     # the template's default system block before the edited message stayed cached
     assert edited.prompt_tokens < len(chat._tokens(chat.messages[:1], True)) // 2
     assert_cache_consistent(chat)
+
+
+def test_assigning_messages_keeps_the_cache_for_the_common_prefix(mt):
+    model, tok = mt
+    chat = Chat(model, tok, system="S")
+    chat.send("First question", sampler=say(tok, "First answer."))
+    chat.send("Second question", sampler=say(tok, "Second answer."))
+    before = list(chat._cache_tokens)
+    chat.messages = chat.messages[:3]  # a front end moves to another branch: the first exchange
+    assert chat.system == "S" and len(chat.messages) == 3
+    r = chat.send("Another second question", sampler=say(tok, "Another answer."))
+    ids = render(chat, chat.messages[:4], True)
+    assert r.stats.prompt_tokens == len(ids) - _common_prefix(before, ids) < len(ids) // 2
+    chat.messages = [{"role": "system", "content": "T"}, {"role": "user", "content": "u"}]
+    assert chat.system == "T" and chat.messages[-1] == {"role": "user", "content": "u"}
+    with pytest.raises(ValueError, match="only come first"):
+        chat.messages = [{"role": "user", "content": "u"}, {"role": "system", "content": "s"}]
+    with pytest.raises(ValueError, match="both given"):
+        Chat(model, tok, system="A", messages=[{"role": "system", "content": "B"}])

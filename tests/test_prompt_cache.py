@@ -7,6 +7,7 @@ import json
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 from api_support import tiny_model
 
 from qwen2_mlx import (PromptCacheError, can_trim_prompt_cache, load_prompt_cache, make_prompt_cache,
@@ -138,3 +139,20 @@ def test_bad_files_and_arguments_give_clear_errors(mt, tmp_path):
     with pytest.raises(PromptCacheError, match="metadata"):
         save_prompt_cache(tmp_path / "e.safetensors", prefill_prompt_cache(model, tok, "Hi"), {"a.b": "c"})
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_dca_cache_round_trip_keeps_its_settings(mt, tmp_path):
+    from qwen2_mlx.cache import DCAKVCache
+
+    model, tok = mt
+    dca = variant(model, dual_chunk_attention_config=DCAConfig(chunk_size=16, local_size=4))
+    dca.load_weights(list(tree_flatten(model.parameters())))
+    cache = prefill_prompt_cache(dca, tok, DOCUMENT)  # far past one chunk: the DCA path is active
+    assert isinstance(cache[0], DCAKVCache) and cache[0].offset > 40
+    save_prompt_cache(tmp_path / "dca.safetensors", cache, model=dca)
+    loaded = load_prompt_cache(tmp_path / "dca.safetensors", model=dca)
+    assert isinstance(loaded[0], DCAKVCache) and loaded[0].dca_settings == cache[0].dca_settings == (16, 4, 0)
+    q = mx.array(tok.encode(" Where is the fox?", add_special_tokens=False))[None]
+    assert mx.array_equal(dca(q, cache=cache), dca(q, cache=loaded)).item()
+    with pytest.raises(PromptCacheError, match="dual_chunk_attention_config"):
+        load_prompt_cache(tmp_path / "dca.safetensors", model=model)
