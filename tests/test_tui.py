@@ -287,6 +287,9 @@ async def test_engine_error_keeps_the_prompt_and_app_recovers(tmp_path):
         app.prompt.set_text("")
         await send(pilot, "hello")
         assert texts(app)[-1] == ("assistant", "fine now", "done")
+        # the failed reply is not part of what the model is given
+        assert app.backend.calls[-1]["history"] == [{"role": "user", "content": "please FAIL now"},
+                                                    {"role": "user", "content": "hello"}]
 
 
 async def test_reply_interrupted_by_a_crash_is_kept_and_marked(tmp_path):

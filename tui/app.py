@@ -246,7 +246,9 @@ class ChatApp(App):
         await self.start_reply(user, rerender=editing is not None)
 
     async def start_reply(self, user: Message, rerender: bool = False) -> None:
-        history = [m.as_dict() for m in self.store.path(self.chat_id, user.id)]
+        # Failed and empty replies stay on screen and in the file, but the model never saw them.
+        history = [m.as_dict() for m in self.store.path(self.chat_id, user.id)
+                   if not (m.role == "assistant" and (m.status == "error" or not m.content))]
         reply = self.store.add_message(self.chat_id, user.id, "assistant", "", status="streaming")
         self.reply_id, self.reply_text, self.stopping = reply.id, "", False
         self._last_save = time.monotonic()

@@ -237,10 +237,10 @@ def sampling_kwargs(settings: dict) -> dict:
 class ModelBackend:
     """A converted model on disk, driven through `qwen2_mlx.chat.Chat`.
 
-    The Chat object keeps the KV cache; when the app's conversation (which the store owns, with its
-    branches) is the Chat's history plus one new user message, only that message is prefilled.
-    A regenerate or an edit rebuilds the Chat's history to the branch point and lets it reuse the
-    cached prefix.
+    The store owns the conversation tree; one Chat object mirrors the branch being answered and
+    keeps the KV cache. A new turn, a regenerate and an edit map onto Chat.stream / regenerate /
+    edit, so only the new suffix is prefilled; any other jump (another branch, another chat)
+    rebuilds the Chat's history and Chat's prefix diff reuses what the cache still shares.
     """
 
     def __init__(self, path: Path, dtype: Optional[str] = None, overrides: Optional[dict] = None):
@@ -281,38 +281,55 @@ class ModelBackend:
         self.model, self.tokenizer = model, tokenizer
         self.context_limit = context_limit(model)
 
-    def _new_chat(self, system, messages, settings):
-        from qwen2_mlx.chat import Chat
-
-        return Chat(self.model, self.tokenizer, system=system, messages=messages,
-                    context_policy=settings.get("context_policy") or "refuse")
-
     def generate(self, history, system, settings, cancel):
         prefix, last = history[:-1], history[-1]
         if last["role"] != "user":
             raise ValueError("the conversation must end with a user message")
         kw = sampling_kwargs(settings)
-        chat = self.chat
-        policy = settings.get("context_policy") or "refuse"
-        if chat is None or getattr(chat, "context_policy", policy) != policy:
-            chat = self._new_chat(system, prefix, settings)
-        elif chat.system != system:
-            chat.system = system
-        msgs = [{"role": m["role"], "content": m["content"]} for m in chat.messages]
-        if msgs != prefix:
-            chat = self._rebase(chat, msgs, prefix, system, settings)
-        self.chat = chat
+        chat = self._chat_for(system, settings)
+        have = [m for m in chat.messages if m["role"] != "system"]
+        offset = len(chat.messages) - len(have)
+        n = len(prefix)
+        if have == prefix:
+            replies = chat.stream(last["content"], cancel=cancel, **kw)  # a new turn
+        elif have[:n + 1] == history and len(have) <= n + 2:
+            replies = chat.regenerate(cancel=cancel, **kw)  # a new reply to the same message
+        elif have[:n] == prefix and len(have) > n and have[n]["role"] == "user":
+            chat.edit(n + offset, last["content"])  # an edited message: Chat keeps the cache before it
+            replies = chat.regenerate(cancel=cancel, **kw)
+        else:  # another branch or another chat: rebuild the history, hand over the cache
+            chat = self._rebuild(chat, prefix, system, settings)
+            replies = chat.stream(last["content"], cancel=cancel, **kw)
         self.last_reply = None
-        for r in chat.stream(last["content"], cancel=cancel, **kw):
-            yield r
+        try:
+            for r in replies:
+                yield r
+        finally:
+            replies.close()
         self.context_used = chat.context_used
         final = chat.messages[-1] if chat.messages else None
         if final is not None and final["role"] == "assistant":
             self.last_reply = final["content"]
 
-    def _rebase(self, chat, have: list[dict], want: list[dict], system, settings):
-        """Point the Chat at another branch of the conversation (after a regenerate or an edit)."""
-        return self._new_chat(system, want, settings)
+    def _chat_for(self, system, settings):
+        policy = settings.get("context_policy") or "refuse"
+        if self.chat is None or self.chat.context_policy != policy:
+            self.chat = self._rebuild(self.chat, [], system, settings)
+        if self.chat.system != system:
+            self.chat.system = system
+        return self.chat
+
+    def _rebuild(self, old, messages: list[dict], system, settings):
+        """A Chat holding `messages`; the KV cache moves over, and Chat's prefix diff keeps the part
+        of it that the new history shares (at least the system prompt)."""
+        from qwen2_mlx.chat import Chat
+
+        chat = Chat(self.model, self.tokenizer, system=system, messages=messages,
+                    context_policy=settings.get("context_policy") or "refuse")
+        if old is not None and getattr(old, "_cache", None) is not None:
+            chat._cache, chat._cache_tokens = old._cache, old._cache_tokens
+        self.chat = chat
+        return chat
 
     def count_tokens(self, history, system) -> int:
         msgs = ([{"role": "system", "content": system}] if system else []) + list(history)
