@@ -157,8 +157,10 @@ async def test_edit_an_earlier_message_and_switch_branches(tmp_path):
         await ready(pilot)
         await send(pilot, "one")
         await send(pilot, "two")
+        app.transcript.views[-1].focus()
+        await pilot.press("up", "up", "up")  # from the last reply to the first message
         first = app.transcript.views[0]
-        first.focus()
+        assert app.focused is first
         await pilot.press("e")
         assert app.prompt.text == "one" and app.edit_target is not None
         app.prompt.set_text("uno")
