@@ -63,6 +63,20 @@ async def test_newline_keys_do_not_send(tmp_path):
         assert app.transcript.views[0].content == "a\nb\nc\nd"
 
 
+async def test_text_and_enter_in_one_burst_are_not_lost(tmp_path):
+    # What a terminal delivers for an IME commit or fast typing: the keys arrive before any is handled.
+    from textual import events
+
+    app = make_app(tmp_path, replies=["ok"])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        for ch in "继续写完代码":
+            app.post_message(events.Key(ch, ch))
+        app.post_message(events.Key("enter", "\r"))
+        await wait_until(pilot, lambda: app.job is None and len(app.transcript.views) == 2)
+        assert app.transcript.views[0].content == "继续写完代码" and app.prompt.text == ""
+
+
 async def test_escape_stops_mid_stream_keeps_partial_and_app_stays_usable(tmp_path):
     app = make_app(tmp_path, replies=[LONG, "second answer"], delay=0.02)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -143,8 +157,10 @@ async def test_edit_an_earlier_message_and_switch_branches(tmp_path):
         await ready(pilot)
         await send(pilot, "one")
         await send(pilot, "two")
+        app.transcript.views[-1].focus()
+        await pilot.press("up", "up", "up")  # from the last reply to the first message
         first = app.transcript.views[0]
-        first.focus()
+        assert app.focused is first
         await pilot.press("e")
         assert app.prompt.text == "one" and app.edit_target is not None
         app.prompt.set_text("uno")

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Optional, TextIO
 
+from qwen2_mlx.blas import ensure_openblas
 from qwen2_mlx.cli_args import add_long_context_args, long_context_overrides
 from qwen2_mlx.paths import default_model_path
 
@@ -98,6 +99,7 @@ def run_once(backend, text: str, system: Optional[str], settings: dict, out: Tex
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     piped = None
