@@ -419,3 +419,50 @@ async def test_send_while_loading_waits_for_the_model(tmp_path):
 
 def test_message_view_is_focusable():
     assert MessageView.can_focus
+
+
+async def test_model_command_lists_and_switches_models(tmp_path, data_home):
+    from tiny import DENSE
+
+    from tui.fake import FakeBackend
+    from tui.widgets.model_picker import ModelScreen
+
+    folder = data_home / "qwen2-mlx" / "models" / "tiny-moe"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dict(DENSE, num_experts=4)))
+    (folder / "model.safetensors").write_bytes(b"")
+    app = make_app(tmp_path, replies=["from A"])
+    app.backend_factory = lambda path: FakeBackend([f"from {path.name}"], name=path.name)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await send(pilot, "/model")
+        assert isinstance(app.screen, ModelScreen)
+        assert "tiny-moe  ·  MoE  ·  float32" in str(app.screen.query_one("OptionList").get_option_at_index(0).prompt)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.loaded and app.model_label == "tiny-moe")
+        assert app.sub_title == "tiny-moe"
+        await send(pilot, "hi")
+        assert texts(app)[-1] == ("assistant", "from tiny-moe", "done")
+        await send(pilot, "/model /no/such/folder")
+        assert any("no such model folder" in n.message for n in app._notifications)
+        assert app.model_label == "tiny-moe" and app.loaded
+
+
+async def test_failed_model_switch_keeps_the_old_model(tmp_path, data_home):
+    from tiny import DENSE
+
+    from tui.fake import FakeBackend
+
+    folder = tmp_path / "broken-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(DENSE))
+    (folder / "model.safetensors").write_bytes(b"")
+    app = make_app(tmp_path, replies=["still A"])
+    app.backend_factory = lambda path: FakeBackend(name=path.name, load_error="cannot read weights")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await send(pilot, f"/model {folder}")
+        await wait_until(pilot, lambda: any("Still using fake-model" in n.message for n in app._notifications))
+        assert app.is_running and app.loaded and app.model_label == "fake-model"
+        await send(pilot, "hi")
+        assert texts(app)[-1] == ("assistant", "still A", "done")
