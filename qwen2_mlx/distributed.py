@@ -218,12 +218,13 @@ def main(argv: Optional[list] = None) -> int:
         print(f"[rank {rank}/{size}] loaded: peak memory {mx.get_peak_memory() / 1e9:.2f} GB (MLX), "
               f"{peak_rss_gb():.2f} GB (RSS)", file=sys.stderr, flush=True)
 
-    def reply(messages: list, cache: list) -> str:
-        tokens = _prompt_tokens(tokenizer, messages, args.raw)
-        parts, last = [], None
+    def reply(messages: list, cache: list, tokens: list) -> tuple[str, list]:
+        """Generate the assistant turn; return its text and the token ids now held in `cache`."""
+        parts, ids, last = [], {}, None
         for last in stream_generate(model, tokenizer, tokens, args.max_tokens, temperature=args.temp,
                                     top_p=args.top_p, seed=args.seed, prompt_cache=cache):
             parts.append(last.text)
+            ids[last.generation_tokens] = last.token
             if lead:
                 print(last.text, end="", flush=True)
         if lead:
@@ -231,23 +232,44 @@ def main(argv: Optional[list] = None) -> int:
             if args.verbose and last is not None:
                 say(f"[{last.finish_reason}] prompt {last.prompt_tokens} tok at {last.prompt_tps:.1f} tok/s, "
                     f"generation {last.generation_tokens} tok at {last.generation_tps:.1f} tok/s over {size} ranks")
-        return "".join(parts)
+        return "".join(parts), [ids[n] for n in sorted(ids)]
 
     base = [{"role": "system", "content": args.system}] if args.system else []
     if not args.interactive:
-        reply(base + [{"role": "user", "content": prompt}], model.make_cache())
+        messages = base + [{"role": "user", "content": prompt}]
+        reply(messages, model.make_cache(), _prompt_tokens(tokenizer, messages, args.raw))
         return 0
-    # Every rank reads the same stdin (mlx.launch broadcasts it), so all ranks see the same turns.
-    messages = list(base)
+    # Every rank reads the same stdin (mlx.launch broadcasts it), so all ranks see the same turns and
+    # make the same cache decisions.
+    messages, cache, cached = list(base), model.make_cache(), []
     say("[interactive] type a message per line; an empty line or end of input quits")
     for line in sys.stdin:
         line = line.rstrip("\n")
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        # A fresh cache per turn keeps the ranks trivially in step; the history is re-read each turn.
-        messages.append({"role": "assistant", "content": reply(messages, model.make_cache())})
+        tokens = _prompt_tokens(tokenizer, messages, args.raw)
+        cache, keep = _reuse_cache(model, cache, cached, tokens)
+        text, generated = reply(messages, cache, tokens[keep:])
+        cached = (tokens + generated)[:cache[0].offset]
+        messages.append({"role": "assistant", "content": text})
     return 0
+
+
+def _reuse_cache(model: nn.Module, cache: list, cached: list, tokens: list) -> tuple[list, int]:
+    """Keep the cached prefix the new prompt shares (at least one token must be left to feed)."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    keep = 0
+    for a, b in zip(cached, tokens[:-1]):
+        if a != b:
+            break
+        keep += 1
+    if keep < len(cached):
+        if keep == 0 or not can_trim_prompt_cache(cache):
+            return model.make_cache(), 0
+        trim_prompt_cache(cache, len(cached) - keep)
+    return cache, keep
 
 
 if __name__ == "__main__":

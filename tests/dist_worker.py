@@ -2,7 +2,7 @@
 
 Run under `mlx.launch`. Several models go through one launch because starting the ranks (importing
 mlx-lm, transformers and torch) costs more than the tiny models themselves. For model i rank 0
-writes `out/i.npz`: the logits of every prompt position, the greedy tokens, the rank count, each
+writes `out/i.npz`: the logits of every prompt position, the greedy tokens, every rank's sampled tokens, the rank count, each
 rank's parameter count and peak memory after loading in GB (MLX allocator, process RSS).
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.sample_utils import make_sampler
 
 from qwen2_mlx.distributed import peak_rss_gb, sharded_load
 from qwen2_mlx.generate import generate_step
@@ -25,13 +26,17 @@ def run(path: str, prompt: list, n: int, out: Path, group) -> None:
     tokens = mx.array(prompt, dtype=mx.uint32)
     logits = model(tokens[None])[0]
     greedy = [t for t, _ in generate_step(tokens, model, max_tokens=n)]
+    # Sampling at temperature 1 with the same seed must pick the same tokens on every rank.
+    mx.random.seed(7)
+    sampled = [t for t, _ in generate_step(tokens, model, max_tokens=n, sampler=make_sampler(temp=1.0))]
+    sampled = mx.distributed.all_gather(mx.array([sampled]), group=group)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     params = mx.distributed.all_gather(mx.array([n_params]), group=group)
     peaks = mx.distributed.all_gather(mx.array([[loaded_peak / 1e9, peak_rss_gb()]]), group=group)
-    mx.eval(logits, params, peaks)
+    mx.eval(logits, params, peaks, sampled)
     if group.rank() == 0:
         np.savez(out, logits=np.array(logits), greedy=np.array(greedy), size=group.size(),
-                 params=np.array(params), peaks=np.array(peaks))
+                 params=np.array(params), peaks=np.array(peaks), sampled=np.array(sampled))
 
 
 def main():

@@ -99,6 +99,7 @@ def assert_parity(path: Path, got: dict) -> Model:
     err = np.abs(got["logits"] - ref_logits).max()
     assert err <= 1e-3, f"max abs logit error {err}"
     assert got["greedy"].tolist() == ref_greedy
+    assert got["sampled"][0].tolist() == got["sampled"][1].tolist()  # the ranks stay in step
     # Each rank holds the replicated part plus half of every split matrix.
     whole, split = split_fraction(model)
     assert got["params"].tolist() == [whole + split // 2] * 2
@@ -231,11 +232,7 @@ def test_cli_indivisible_model_fails_with_one_line(tmp_path):
 
 
 @pytest.mark.real_model
-def test_real_model_two_ranks_match_one_process(request, tmp_path):
-    try:
-        real_model_path = request.getfixturevalue("real_model_path")
-    except pytest.FixtureLookupError:
-        pytest.skip("the real_model_path fixture (converter, issue 3) is not on this branch yet")
+def test_real_model_two_ranks_match_one_process(real_model_path, tmp_path):
     _, tok = load(real_model_path, lazy=True)
     messages = [{"role": "user", "content": "Write a Python function that returns the square of a number."}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True)[-30:]
@@ -244,4 +241,36 @@ def test_real_model_two_ranks_match_one_process(request, tmp_path):
     err = np.abs(got["logits"] - ref_logits).max()
     assert err <= 1e-3, f"max abs logit error {err}"
     assert got["greedy"].tolist() == ref_greedy
-    assert tok.decode(got["greedy"].tolist()) == tok.decode(ref_greedy)
+    assert got["sampled"][0].tolist() == got["sampled"][1].tolist()
+    # Each rank keeps the replicated embeddings and head plus half of the layers' matrices.
+    whole, split = split_fraction(load(real_model_path, lazy=True)[0])
+    assert got["params"].tolist() == [whole + split // 2] * 2
+
+
+def test_interactive_chat_reuses_the_cached_history(tmp_path, monkeypatch, capsys):
+    """One process (a group of one): turn two feeds only what the cache does not already hold."""
+    import io
+
+    import qwen2_mlx.distributed as dist
+
+    path, _ = make_checkpoint(tmp_path / "dense", DENSE)
+    model, tok = load(path, dtype=mx.float32)
+    first = [{"role": "user", "content": "hi"}]
+    a1 = generate(model, tok, tok.apply_chat_template(first, add_generation_prompt=True), max_tokens=6)
+    second = first + [{"role": "assistant", "content": a1}, {"role": "user", "content": "more"}]
+    prompt2 = tok.apply_chat_template(second, add_generation_prompt=True)
+    a2 = generate(model, tok, prompt2, max_tokens=6)
+
+    kept = []
+    real = dist._reuse_cache
+
+    def spy(*args):
+        out = real(*args)
+        kept.append(out[1])
+        return out
+
+    monkeypatch.setattr(dist, "_reuse_cache", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nmore\n"))
+    assert dist.main(["--model", str(path), "--interactive", "--max-tokens", "6", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == a1 + "\n" + a2 + "\n"
+    assert kept[0] == 0 and 0 < kept[1] < len(prompt2)

@@ -47,6 +47,7 @@ class Loaded:
 @dataclass
 class LoadFailed:
     error: str
+    initial: bool = True  # the first model failed (the app cannot go on) vs. a switch (the old one stays)
 
 
 @dataclass
@@ -96,6 +97,11 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _Switch:
+    backend: Any
+
+
 class Backend(Protocol):
     """What the generation thread needs from a model; the real one wraps `qwen2_mlx.chat.Chat`."""
 
@@ -116,7 +122,7 @@ class Engine:
     def __init__(self, backend: Backend, post: Callable[[object], None]):
         self.backend = backend
         self.post = post
-        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.jobs: "queue.Queue[Any]" = queue.Queue()  # Job, _Switch, or None to end
         self.current: Optional[Job] = None
         self.loaded = threading.Event()
         self.load_error: Optional[str] = None
@@ -153,23 +159,38 @@ class Engine:
         except Exception:  # the meter is advisory; a template error shows up when generating
             return 0
 
+    def switch(self, backend: Backend) -> None:
+        """Load another model after the queued jobs; on failure the current one stays."""
+        self.jobs.put(_Switch(backend))
+
+    def _load(self, backend: Backend, initial: bool) -> bool:
+        tic = time.perf_counter()
+        try:
+            backend.load(lambda f, t: self.post(Loading(f, t)))
+        except Exception as e:
+            error = str(e) or type(e).__name__
+            if initial:
+                self.load_error = error
+            self.post(LoadFailed(error, initial))
+            return False
+        self.backend = backend
+        self.post(Loaded(backend.name, backend.context_limit, time.perf_counter() - tic))
+        return True
+
     def _run(self) -> None:
         stream = _thread_stream()
         with _use_stream(stream):
-            tic = time.perf_counter()
-            try:
-                self.backend.load(lambda f, t: self.post(Loading(f, t)))
-            except Exception as e:
-                self.load_error = str(e) or type(e).__name__
-                self.loaded.set()
-                self.post(LoadFailed(self.load_error))
-                return
+            ok = self._load(self.backend, initial=True)
             self.loaded.set()
-            self.post(Loaded(self.backend.name, self.backend.context_limit, time.perf_counter() - tic))
+            if not ok:
+                return
             while True:
                 job = self.jobs.get()
                 if job is None:
                     return
+                if isinstance(job, _Switch):
+                    self._load(job.backend, initial=False)
+                    continue
                 self.current = job
                 try:
                     self._generate(job)
@@ -237,10 +258,10 @@ def sampling_kwargs(settings: dict) -> dict:
 class ModelBackend:
     """A converted model on disk, driven through `qwen2_mlx.chat.Chat`.
 
-    The Chat object keeps the KV cache; when the app's conversation (which the store owns, with its
-    branches) is the Chat's history plus one new user message, only that message is prefilled.
-    A regenerate or an edit rebuilds the Chat's history to the branch point and lets it reuse the
-    cached prefix.
+    The store owns the conversation tree; one Chat object mirrors the branch being answered and
+    keeps the KV cache. A new turn, a regenerate and an edit map onto Chat.stream / regenerate /
+    edit, so only the new suffix is prefilled; any other jump (another branch, another chat)
+    rebuilds the Chat's history and Chat's prefix diff reuses what the cache still shares.
     """
 
     def __init__(self, path: Path, dtype: Optional[str] = None, overrides: Optional[dict] = None):
@@ -281,38 +302,55 @@ class ModelBackend:
         self.model, self.tokenizer = model, tokenizer
         self.context_limit = context_limit(model)
 
-    def _new_chat(self, system, messages, settings):
-        from qwen2_mlx.chat import Chat
-
-        return Chat(self.model, self.tokenizer, system=system, messages=messages,
-                    context_policy=settings.get("context_policy") or "refuse")
-
     def generate(self, history, system, settings, cancel):
         prefix, last = history[:-1], history[-1]
         if last["role"] != "user":
             raise ValueError("the conversation must end with a user message")
         kw = sampling_kwargs(settings)
-        chat = self.chat
-        policy = settings.get("context_policy") or "refuse"
-        if chat is None or getattr(chat, "context_policy", policy) != policy:
-            chat = self._new_chat(system, prefix, settings)
-        elif chat.system != system:
-            chat.system = system
-        msgs = [{"role": m["role"], "content": m["content"]} for m in chat.messages]
-        if msgs != prefix:
-            chat = self._rebase(chat, msgs, prefix, system, settings)
-        self.chat = chat
+        chat = self._chat_for(system, settings)
+        have = [m for m in chat.messages if m["role"] != "system"]
+        offset = len(chat.messages) - len(have)
+        n = len(prefix)
+        if have == prefix:
+            replies = chat.stream(last["content"], cancel=cancel, **kw)  # a new turn
+        elif have[:n + 1] == history and len(have) <= n + 2:
+            replies = chat.regenerate(cancel=cancel, **kw)  # a new reply to the same message
+        elif have[:n] == prefix and len(have) > n and have[n]["role"] == "user":
+            chat.edit(n + offset, last["content"])  # an edited message: Chat keeps the cache before it
+            replies = chat.regenerate(cancel=cancel, **kw)
+        else:  # another branch or another chat: rebuild the history, hand over the cache
+            chat = self._rebuild(chat, prefix, system, settings)
+            replies = chat.stream(last["content"], cancel=cancel, **kw)
         self.last_reply = None
-        for r in chat.stream(last["content"], cancel=cancel, **kw):
-            yield r
+        try:
+            for r in replies:
+                yield r
+        finally:
+            replies.close()
         self.context_used = chat.context_used
         final = chat.messages[-1] if chat.messages else None
         if final is not None and final["role"] == "assistant":
             self.last_reply = final["content"]
 
-    def _rebase(self, chat, have: list[dict], want: list[dict], system, settings):
-        """Point the Chat at another branch of the conversation (after a regenerate or an edit)."""
-        return self._new_chat(system, want, settings)
+    def _chat_for(self, system, settings):
+        policy = settings.get("context_policy") or "refuse"
+        if self.chat is None or self.chat.context_policy != policy:
+            self.chat = self._rebuild(self.chat, [], system, settings)
+        if self.chat.system != system:
+            self.chat.system = system
+        return self.chat
+
+    def _rebuild(self, old, messages: list[dict], system, settings):
+        """A Chat holding `messages`; the KV cache moves over, and Chat's prefix diff keeps the part
+        of it that the new history shares (at least the system prompt)."""
+        from qwen2_mlx.chat import Chat
+
+        chat = Chat(self.model, self.tokenizer, system=system, messages=messages,
+                    context_policy=settings.get("context_policy") or "refuse")
+        if old is not None and getattr(old, "_cache", None) is not None:
+            chat._cache, chat._cache_tokens = old._cache, old._cache_tokens
+        self.chat = chat
+        return chat
 
     def count_tokens(self, history, system) -> int:
         msgs = ([{"role": "system", "content": system}] if system else []) + list(history)
