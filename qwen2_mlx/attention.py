@@ -2,6 +2,8 @@
 
 KV heads are never repeated in memory: `mx.fast.scaled_dot_product_attention` takes the
 un-tiled keys and values and handles the GQA group itself (the Metal kernel on a Mac).
+With Dual Chunk Attention configured, the same module keeps the fused path while the sequence
+has at most `chunk_size + 1` tokens (DCA is plain attention there) and hands longer ones to dca.py.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
+from .cache import DCAKVCache
 from .config import ModelArgs
+from .dca import DCAGeometry, dca_attention, dca_temperature, plain_keys, rotate_keys
 from .rope import RoPE
 
 
@@ -27,8 +31,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=True)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
-        self.rope = RoPE(head_dim, args.rope_theta, args.rope_traditional, args.rope_scaling,
-                         args.max_position_embeddings)
+        dca = args.dual_chunk_attention_config
+        self.dca = DCAGeometry.from_config(dca) if dca is not None else None
+        # Under DCA the frequencies are always the plain ones (spec §5.3; Model warns once).
+        scaling = None if dca is not None else args.rope_scaling
+        self.rope = RoPE(head_dim, args.rope_theta, args.rope_traditional, scaling, args.max_position_embeddings)
         self.scale = head_dim**-0.5 * self.rope.attention_scale
 
     def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None) -> mx.array:
@@ -36,6 +43,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+
+        if self.dca is not None:
+            out = self._dual_chunk(q, k, v, mask, cache)
+            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset=offset)
@@ -45,3 +56,32 @@ class Attention(nn.Module):
 
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _dual_chunk(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[Any], cache: Optional[Any]):
+        geom = self.dca
+        if cache is not None and not isinstance(cache, DCAKVCache):
+            raise TypeError(f"Dual Chunk Attention needs DCAKVCache layers (from model.make_cache()), "
+                            f"got {type(cache).__name__}")
+        if cache is not None and cache.chunk_size and cache.dca_settings != (
+                geom.chunk_size, geom.local_size, geom.original_max_position_embeddings):
+            raise ValueError(f"this KV cache was built for DCA settings {cache.dca_settings}, the model uses "
+                             f"{(geom.chunk_size, geom.local_size, geom.original_max_position_embeddings)}")
+        L = q.shape[2]
+        offset = cache.offset if cache is not None else 0
+        total = offset + L
+        # vLLM's temperature: keys keep the factor of their write time, queries use the current one.
+        temp = dca_temperature(max(total, getattr(cache, "length_hint", 0)), geom.original_max_position_embeddings)
+        k = rotate_keys(self.rope, k, offset, geom)
+        if temp != 1.0:
+            k = k * temp
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        scale = self.scale * temp
+        if total <= geom.period or (L > 1 and total <= geom.plain_limit):
+            # DCA equals plain attention here; decode past c is cheaper on the DCA path than re-rotating.
+            q = self.rope(q, offset=offset)
+            return scaled_dot_product_attention(q, plain_keys(self.rope, k, geom), v, cache=None,
+                                                scale=scale, mask=mask)
+        if isinstance(mask, mx.array):
+            raise ValueError("Dual Chunk Attention builds its own causal masks; padded batches are not supported")
+        return dca_attention(q, k, v, offset, self.rope, scale, geom)

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, ModelArgs, parse_dca
+from .config import ConfigError, ModelArgs, _parse_rope_scaling, parse_dca
 from .model import Model
 from .tokenizer import load_tokenizer
 
@@ -85,12 +85,15 @@ def apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> N
 
 
 def load_model(path: Union[str, Path], dca: Optional[dict] = None, lazy: bool = False,
-               dtype: Optional[mx.Dtype] = None, args: Optional[ModelArgs] = None) -> Model:
+               dtype: Optional[mx.Dtype] = None, args: Optional[ModelArgs] = None,
+               rope_scaling: Optional[dict] = None) -> Model:
     path = resolve_path(path)
     if args is None:
         args = ModelArgs.from_file(path / "config.json")
     if dca is not None:
         args.dual_chunk_attention_config = parse_dca(dca, "load(dca=...)")
+    if rope_scaling is not None:
+        args.rope_scaling = _parse_rope_scaling(rope_scaling, "load(rope_scaling=...)")
     model = Model(args)
 
     weights = model.sanitize(read_weights(weight_files(path)))
@@ -121,17 +124,19 @@ def load_model(path: Union[str, Path], dca: Optional[dict] = None, lazy: bool = 
 
 
 def load(path: Union[str, Path], dca: Optional[dict] = None, lazy: bool = False,
-         dtype: Optional[mx.Dtype] = None):
+         dtype: Optional[mx.Dtype] = None, rope_scaling: Optional[dict] = None):
     """Load a model folder. Returns (model, tokenizer).
 
     `dca={"chunk_size", "local_size", "original_max_position_embeddings"}` switches Dual Chunk
     Attention on for any Qwen2 model (overriding `dual_chunk_attention_config` in config.json).
+    `rope_scaling={"rope_type": "yarn", "factor", "original_max_position_embeddings"}` overrides
+    config.json's `rope_scaling` (`{"rope_type": "default"}` switches it off).
     `dtype` casts floating weights (e.g. `mx.float32` for the fast path on a CPU).
     """
     path = resolve_path(path)
     args = ModelArgs.from_file(path / "config.json")
     tokenizer = load_tokenizer(path, _generation_eos(path, _read_json(path / "config.json") or {}))
-    model = load_model(path, dca=dca, lazy=lazy, dtype=dtype, args=args)
+    model = load_model(path, dca=dca, lazy=lazy, dtype=dtype, args=args, rope_scaling=rope_scaling)
     return model, tokenizer
 
 

@@ -14,7 +14,9 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from .attention import Attention
+from .cache import DCAKVCache
 from .config import ModelArgs
+from .dca import effective_rope_scaling
 from .mlp import MLP
 from .moe import SparseMoeBlock
 
@@ -56,6 +58,7 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
+        effective_rope_scaling(args)  # warns when rope_scaling is set but DCA overrides it
         self.model_type = args.model_type
         self.model = Qwen2Model(args)
         if not args.tie_word_embeddings:
@@ -71,7 +74,17 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> "Model":
+        """Split this model in place over `group` for tensor parallelism (see distributed.py)."""
+        from .distributed import shard_model
+
+        return shard_model(self, group)
+
     def make_cache(self):
+        dca = self.args.dual_chunk_attention_config
+        if dca is not None:
+            return [DCAKVCache(dca.chunk_size, dca.local_size, dca.original_max_position_embeddings)
+                    for _ in self.layers]
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: dict) -> dict:

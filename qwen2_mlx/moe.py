@@ -24,6 +24,7 @@ class SparseMoeBlock(nn.Module):
         self.switch_mlp = SwitchGLU(dim, args.moe_intermediate_size, args.num_experts)
         self.shared_expert = MLP(dim, args.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False)
+        self.sharding_group = None  # set by distributed.shard_model: experts hold 1/N of their columns
 
     def route(self, x: mx.array):
         """Top-k expert indices and their weights (float32) for each token."""
@@ -40,4 +41,6 @@ class SparseMoeBlock(nn.Module):
         y = self.switch_mlp(x, inds)
         y = (y * scores.astype(y.dtype)[..., None]).sum(axis=-2)
         shared = mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.sharding_group is not None:
+            return mx.distributed.all_sum(y + shared, group=self.sharding_group)
         return y + shared

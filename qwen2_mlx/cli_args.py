@@ -1,0 +1,108 @@
+"""Long-context switches shared by the command-line tools (chat app, evaluation, benchmarks).
+
+    add_long_context_args(parser)
+    overrides = long_context_overrides(args, parser)   # {"dca": ..., "rope_scaling": ...}
+    model, tokenizer = load(path, **overrides)
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from .config import ConfigError, _parse_rope_scaling, parse_dca
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return v
+
+
+def add_long_context_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add --dca-* and --yarn-* switches (all optional; absent means: as config.json says)."""
+    g = parser.add_argument_group(
+        "long context", "Push a model past its training length with Dual Chunk Attention or YaRN "
+        "(overrides config.json)")
+    g.add_argument("--dca-chunk-size", type=_positive_int, metavar="N",
+                   help="switch Dual Chunk Attention on: the largest relative position used "
+                        "(e.g. the training length, 32768)")
+    g.add_argument("--dca-local-size", type=_positive_int, metavar="N",
+                   help="DCA local window; the chunk period is chunk size minus this (default: chunk size / 8)")
+    g.add_argument("--dca-original-max-position-embeddings", type=_non_negative_int, metavar="N", default=0,
+                   help="length beyond which DCA raises the attention temperature (default 0: never)")
+    g.add_argument("--yarn-factor", type=_positive_float, metavar="F",
+                   help="switch static YaRN on with this context-extension factor (e.g. 4.0)")
+    g.add_argument("--yarn-original-max-position-embeddings", type=_positive_int, metavar="N",
+                   help="training length YaRN scales from (default: the model's max_position_embeddings)")
+    return parser
+
+
+def long_context_overrides(args: argparse.Namespace,
+                           parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    """`dict(dca=..., rope_scaling=...)` for `load(path, **overrides)`; None values change nothing.
+
+    Bad combinations raise ConfigError naming the switch, or exit 2 via `parser.error` if a parser is given.
+    """
+    try:
+        return _overrides(args)
+    except ConfigError as e:
+        if parser is not None:
+            parser.error(str(e))
+        raise
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    chunk = getattr(args, "dca_chunk_size", None)
+    local = getattr(args, "dca_local_size", None)
+    temp_len = getattr(args, "dca_original_max_position_embeddings", 0) or 0
+    dca = None
+    if chunk is None:
+        if local is not None or temp_len:
+            raise ConfigError("command line", "--dca-chunk-size",
+                              "is required with --dca-local-size / --dca-original-max-position-embeddings")
+    else:
+        if local is None:
+            local = max(1, chunk // 8)  # vLLM's default ratio (1024 / 8192)
+        dca = {"chunk_size": chunk, "local_size": local, "original_max_position_embeddings": temp_len}
+        parse_dca(dca, "command line (--dca-*)")
+
+    factor = getattr(args, "yarn_factor", None)
+    orig = getattr(args, "yarn_original_max_position_embeddings", None)
+    rope_scaling = None
+    if factor is None:
+        if orig is not None:
+            raise ConfigError("command line", "--yarn-factor", "is required with --yarn-original-max-position-embeddings")
+    else:
+        if dca is not None:
+            raise ConfigError("command line", "--yarn-factor",
+                              "cannot be combined with --dca-chunk-size (DCA uses plain RoPE frequencies)")
+        rope_scaling = {"rope_type": "yarn", "factor": factor}
+        if orig is not None:
+            rope_scaling["original_max_position_embeddings"] = orig
+        _parse_rope_scaling(rope_scaling, "command line (--yarn-*)")
+    return {"dca": dca, "rope_scaling": rope_scaling}

@@ -1,0 +1,258 @@
+"""Dual Chunk Attention (DCA), vLLM's formulation (long-context spec §2-§4). All DCA math lives here.
+
+With `M = chunk_size`, `w = local_size` and period `c = M - w`, key `j` sits at position `j mod c`
+(rotated once, when it enters the cache) and query `i` looks at key `j` from
+`i mod c` (same chunk), `min(i mod c + c, M)` (previous chunk) or `min(2c - 1, M)` (older chunks).
+Attention is one causal softmax over all keys with those per-pair scores; it is computed per query
+tile that never crosses a chunk edge, over contiguous key ranges, so extra memory is
+O(tile x keys) and never L x L. Sequences of at most `M + 1` tokens are exactly plain attention.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+
+# Score elements (query heads x tile rows x keys) one tile may hold at once; about 128 MB in fp32.
+SCORE_BUDGET = 1 << 25
+TILE_Q = 512
+
+
+@dataclass(frozen=True)
+class DCAGeometry:
+    """The numbers DCA works with: `M`, `w`, `c = M - w` and the temperature length `L0`."""
+
+    chunk_size: int
+    local_size: int
+    original_max_position_embeddings: int = 0
+
+    @property
+    def period(self) -> int:
+        return self.chunk_size - self.local_size
+
+    @property
+    def inter_position(self) -> int:
+        return min(2 * self.period - 1, self.chunk_size)
+
+    def succ_position(self, r: int) -> int:
+        return min(r + self.period, self.chunk_size)
+
+    @property
+    def plain_limit(self) -> int:
+        """Longest sequence for which DCA equals plain causal RoPE attention (spec §2.5)."""
+        return self.chunk_size + 1
+
+    @classmethod
+    def from_config(cls, cfg) -> "DCAGeometry":
+        return cls(cfg.chunk_size, cfg.local_size, cfg.original_max_position_embeddings)
+
+
+def dca_temperature(length: int, original_max_position_embeddings: int) -> float:
+    """vLLM's logit temperature factor `s(L) = max(1, 0.1 ln(L / L0) + 1)`, 1 when `L0 == 0` (§2.4)."""
+    if original_max_position_embeddings <= 0 or length <= original_max_position_embeddings:
+        return 1.0
+    return max(1.0, 0.1 * math.log(length / original_max_position_embeddings) + 1.0)
+
+
+def dca_pair_positions(i, j, chunk_size: int, local_size: int):
+    """Per-pair (query position, key position) of §2.1 for absolute positions `j <= i` (numpy, int64)."""
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    c, m = chunk_size - local_size, chunk_size
+    gap = i // c - j // c
+    pq = np.where(gap == 0, i % c, np.where(gap == 1, np.minimum(i % c + c, m), min(2 * c - 1, m)))
+    return pq, j % c
+
+
+def effective_rope_scaling(args) -> Optional[dict]:
+    """The `rope_scaling` the model really uses: none under DCA (spec §5.3), which says so once."""
+    if getattr(args, "dual_chunk_attention_config", None) is not None and args.rope_scaling:
+        warnings.warn(
+            "both rope_scaling and dual_chunk_attention_config are set: Dual Chunk Attention uses plain "
+            "RoPE frequencies, so rope_scaling is ignored (its temperature comes from "
+            "dual_chunk_attention_config.original_max_position_embeddings)", UserWarning, stacklevel=3)
+        return None
+    return args.rope_scaling
+
+
+def long_context_signature(args) -> dict:
+    """What a KV cache's contents depend on besides the weights; saved prompt caches must match it."""
+    dca = getattr(args, "dual_chunk_attention_config", None)
+    scaling = None if dca is not None else args.rope_scaling
+    return {
+        "rope_theta": float(args.rope_theta),
+        "rope_traditional": bool(getattr(args, "rope_traditional", False)),
+        "rope_scaling": dict(scaling) if scaling else None,
+        "dual_chunk_attention_config": dca.to_dict() if dca is not None else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Rotations
+
+
+def rope_constant(rope, x: mx.array, position: int) -> mx.array:
+    """Rotate every row of `x` (..., T, D) at the same position: T becomes a batch axis."""
+    return rope(x[..., None, :], offset=position).squeeze(-2)
+
+
+def rotate_keys(rope, k: mx.array, offset: int, geom: DCAGeometry) -> mx.array:
+    """Rotate keys at absolute positions `offset + t` to `(offset + t) mod c`, one rope call per chunk."""
+    c, T = geom.period, k.shape[-2]
+    parts, t = [], 0
+    while t < T:
+        r = (offset + t) % c
+        n = min(T - t, c - r)
+        parts.append(rope(k[..., t:t + n, :], offset=r))
+        t += n
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
+
+
+def plain_keys(rope, keys: mx.array, geom: DCAGeometry) -> mx.array:
+    """Cached DCA keys as plain RoPE keys, valid while the sequence has at most `M + 1` tokens.
+
+    Keys of chunk 1 sit at `j - c`; one more rotation by `c` puts them at `j` (R(c)R(j-c) = R(j)).
+    """
+    c = geom.period
+    if keys.shape[-2] <= c:
+        return keys
+    return mx.concatenate([keys[..., :c, :], rope_constant(rope, keys[..., c:, :], c)], axis=-2)
+
+
+def query_copies(rope, q: mx.array, start: int, geom: DCAGeometry):
+    """The intra / succ / inter rotations of queries at `start + t`, all in one chunk (succ/inter None if unused)."""
+    c, T = geom.period, q.shape[-2]
+    n, r0 = divmod(start, c)
+    qi = rope(q, offset=r0)
+    qs = qn = None
+    if n >= 1:
+        exact = min(max(geom.local_size - r0 + 1, 0), T)  # rows with r <= w keep r + c unclamped
+        parts = []
+        if exact:
+            parts.append(rope(q[..., :exact, :], offset=r0 + c))
+        if exact < T:
+            parts.append(rope_constant(rope, q[..., exact:, :], geom.chunk_size))
+        qs = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
+    if n >= 2:
+        qn = rope_constant(rope, q, geom.inter_position)
+    return qi, qs, qn
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+
+
+def _scores(q: mx.array, k: mx.array) -> mx.array:
+    """q (B, Hkv, G*T, D) @ k (B, Hkv, K, D)^T in the input dtype, returned in float32."""
+    return (q @ k.swapaxes(-1, -2)).astype(mx.float32)
+
+
+def _pv(p: mx.array, v: mx.array) -> mx.array:
+    """Probabilities (fp32) times values, the result in float32."""
+    if v.dtype == mx.float32:
+        return p @ v
+    return (p.astype(v.dtype) @ v).astype(mx.float32)
+
+
+def _causal_tail(T: int, K: int) -> mx.array:
+    """Lower-right aligned causal mask of T queries over K keys (the last T keys are the queries')."""
+    return mx.arange(K)[None, :] <= (K - T) + mx.arange(T)[:, None]
+
+
+def _mask_tail(s: mx.array, groups: int, T: int) -> mx.array:
+    """Mask scores (B, Hkv, G*T, K) causally against their own last T keys."""
+    B, H, _, K = s.shape
+    s = s.reshape(B, H, groups, T, K)
+    s = mx.where(_causal_tail(T, K), s, -mx.inf)
+    return s.reshape(B, H, groups * T, K)
+
+
+def _tile_ranges(start: int, e: int, geom: DCAGeometry):
+    """Key ranges of a tile of chunk n ending at e: (which query copy, key start, key end, causal)."""
+    c = geom.period
+    n = start // c
+    ranges = []
+    if n >= 2:
+        ranges.append(("inter", 0, (n - 1) * c, False))
+    if n >= 1:
+        ranges.append(("succ", (n - 1) * c, n * c, False))
+    ranges.append(("intra", n * c, e, True))
+    return ranges
+
+
+def _attend_concat(copies, keys, values, start, e, groups, T, geom):
+    """One softmax over the concatenated scores of all parts (needs Hq*T*e score elements)."""
+    parts = []
+    for name, k0, k1, causal in _tile_ranges(start, e, geom):
+        s = _scores(copies[name], keys[..., k0:k1, :])
+        parts.append(_mask_tail(s, groups, T) if causal and T > 1 else s)
+    s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+    p = mx.softmax(s, axis=-1, precise=True)
+    return _pv(p, values[..., :e, :])
+
+
+def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block):
+    """Each part in key blocks of at most `block` keys; partial softmaxes merged by log-sum-exp (fp32)."""
+    ms, ls, os_ = [], [], []
+    for name, k0, k1, causal in _tile_ranges(start, e, geom):
+        q = copies[name]
+        # Blocks end at k1 so the causal block (the tile's own keys) is always the last one.
+        b1 = k1
+        while b1 > k0:
+            b0 = max(k0, b1 - block)  # block >= T: the tile's own keys share one block
+            s = _scores(q, keys[..., b0:b1, :])
+            if causal and b1 == k1 and T > 1:
+                s = _mask_tail(s, groups, T)
+            m = mx.max(s, axis=-1, keepdims=True)
+            p = mx.exp(s - m)
+            ms.append(m)
+            ls.append(mx.sum(p, axis=-1, keepdims=True))
+            os_.append(_pv(p, values[..., b0:b1, :]))
+            b1 = b0
+    m_all = ms[0]
+    for m in ms[1:]:
+        m_all = mx.maximum(m_all, m)
+    num = den = None
+    for m, l, o in zip(ms, ls, os_):
+        a = mx.exp(m - m_all)
+        num = a * o if num is None else num + a * o
+        den = a * l if den is None else den + a * l
+    return num / den
+
+
+def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, rope, scale: float,
+                  geom: DCAGeometry, tile_q: int = TILE_Q, score_budget: int = SCORE_BUDGET) -> mx.array:
+    """DCA for queries at `offset .. offset+T-1` over cached keys `0 .. offset+T-1`.
+
+    `q` (B, Hq, T, D) is un-rotated; `keys` are rotated at `j mod c` (and carry the key temperature);
+    `values` are raw. `scale` multiplies q·k (1/sqrt(D) times the query temperature). Returns
+    (B, Hq, T, D) in q's dtype. Query head h reads KV head h // G.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = keys.shape[1]
+    groups = Hq // Hkv
+    c = geom.period
+    q = q * scale
+    out = []
+    b = offset
+    while b < offset + T:
+        e = min(offset + T, (b // c + 1) * c, b + tile_q)  # a tile never crosses a chunk edge
+        tq = e - b
+        copies = query_copies(rope, q[..., b - offset:e - offset, :], b, geom)
+        # (B, Hq, tq, D) -> (B, Hkv, G*tq, D): the G query heads of a KV head become rows.
+        copies = {name: x.reshape(B, Hkv, groups * tq, D) for name, x in zip(("intra", "succ", "inter"), copies)
+                  if x is not None}
+        if Hq * tq * e <= score_budget:
+            o = _attend_concat(copies, keys, values, b, e, groups, tq, geom)
+        else:
+            block = max(score_budget // (Hq * tq), tq)
+            o = _attend_blocks(copies, keys, values, b, e, groups, tq, geom, block)
+        out.append(o.reshape(B, Hq, tq, -1))
+        b = e
+    o = out[0] if len(out) == 1 else mx.concatenate(out, axis=-2)
+    return o.astype(q.dtype)

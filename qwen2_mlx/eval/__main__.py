@@ -1,0 +1,190 @@
+"""`python -m qwen2_mlx.eval {passkey,niah,ppl}`: long-context evaluation from the command line.
+
+Progress goes to stderr, results to stdout (and to --json FILE); --results FILE makes a long run
+resumable. User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .common import EvalError, add_model_args, load_for_eval, parse_int_list, progress
+from .results import ResultsError, ResultsFile, write_json
+from ..blas import ensure_openblas
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qwen2_mlx.eval",
+                                     description="Long-context evaluation: passkey retrieval, needle in a "
+                                                 "haystack and sliding-window perplexity.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("passkey", help="retrieve a 5-digit pass key hidden in filler text")
+    p.add_argument("--length", type=int, required=True, metavar="N", help="prompt length in tokens")
+    p.add_argument("--trials", type=int, default=5, metavar="K", help="number of trials (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the keys (default: %(default)s)")
+    add_model_args(p)
+
+    p = sub.add_parser("niah", help="needle-in-a-haystack grid of lengths x depths, drawn as a heatmap")
+    p.add_argument("--lengths", required=True, metavar="N,N,...", help="context lengths in tokens")
+    p.add_argument("--depths", default="0,25,50,75,100", metavar="D,D,...",
+                   help="needle depths in percent (default: %(default)s)")
+    p.add_argument("--trials", type=int, default=1, metavar="K", help="trials per cell (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for needles and filler order (default: %(default)s)")
+    p.add_argument("--haystack", type=Path, default=None, metavar="TEXT",
+                   help="a text file to use as filler instead of the built-in sentences")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.png",
+                   help="the heatmap; the raw grid is written beside it as FILE.json")
+    p.add_argument("--title", default=None, help="figure title (default: model and long-context settings)")
+    add_model_args(p)
+
+    p = sub.add_parser("ppl", help="perplexity of a text file with a sliding window")
+    p.add_argument("--file", type=Path, required=True, metavar="TEXT", help="a UTF-8 text file")
+    p.add_argument("--context", type=int, default=4096, metavar="N", help="window length (default: %(default)s)")
+    p.add_argument("--stride", type=int, default=None, metavar="S",
+                   help="tokens between window starts (default: context / 2)")
+    add_model_args(p)
+    return parser
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise EvalError(f"{path}: no such {what} file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise EvalError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def _check_out(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise EvalError(f"{flag} {path}: is a folder; expected a file")
+    if not path.parent.is_dir():
+        raise EvalError(f"{flag} {path}: folder {path.parent} does not exist")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Check every cheap argument before the model is loaded."""
+    if args.json is not None:
+        _check_out(args.json, "--json")
+    if args.command in ("passkey", "niah") and args.trials <= 0:
+        raise EvalError(f"--trials must be positive, got {args.trials}")
+    if args.command == "passkey" and args.length <= 0:
+        raise EvalError(f"--length must be positive, got {args.length}")
+    if args.command == "niah":
+        args.lengths = parse_int_list(args.lengths, "--lengths", minimum=1)
+        args.depths = parse_int_list(args.depths, "--depths", minimum=0, maximum=100)
+        if args.out.suffix.lower() != ".png":
+            raise EvalError(f"--out {args.out}: the heatmap is a PNG; give a file name ending in .png")
+        _check_out(args.out, "--out")
+    if args.command == "ppl":
+        if args.context < 2:
+            raise EvalError(f"--context must be at least 2, got {args.context}")
+        if args.stride is None:
+            args.stride = max(1, args.context // 2)
+        if not 1 <= args.stride <= args.context:
+            raise EvalError(f"--stride must be within 1..--context ({args.context}), got {args.stride}")
+
+
+def _settings(args: argparse.Namespace, model_settings: dict, extra: dict) -> dict:
+    return {"command": args.command, **model_settings, **extra}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run one subcommand; returns the JSON-ready summary (and prints the report on stdout)."""
+    from . import niah, passkey, ppl
+    from .prompts import split_sentences
+
+    _validate(args)
+    haystack = None
+    text = None
+    if args.command == "niah" and args.haystack is not None:
+        haystack = split_sentences(_read_text(args.haystack, "haystack"))
+        if not haystack:
+            raise EvalError(f"{args.haystack}: the haystack file has no text")
+    if args.command == "ppl":
+        text = _read_text(args.file, "text")
+    lm = load_for_eval(args)
+    _check_lengths(args, lm.tokenizer, haystack)
+
+    if args.command == "passkey":
+        results = ResultsFile(args.results, _settings(args, lm.settings, {"length": args.length, "seed": args.seed}))
+        with progress(args.trials, "passkey") as bar:
+            summary = passkey.run_passkey(lm.model, lm.tokenizer, args.length, args.trials, args.seed, results,
+                                          args.prefill_step_size, bar)
+        report = passkey.format_report(summary)
+        summary = {"command": "passkey", "settings": results.settings, "length": args.length, **summary}
+
+    elif args.command == "niah":
+        extra = {"seed": args.seed, "haystack": _digest(args.haystack) if args.haystack else "built-in"}
+        results = ResultsFile(args.results, _settings(args, lm.settings, extra))
+        with progress(len(args.lengths) * len(args.depths) * args.trials, "niah") as bar:
+            grid = niah.run_niah(lm.model, lm.tokenizer, args.lengths, args.depths, args.trials, args.seed,
+                                 haystack, results, args.prefill_step_size, bar)
+        title = args.title or f"Needle in a haystack: {lm.label}"
+        summary = {"command": "niah", "settings": results.settings, "label": lm.label, "title": title, **grid}
+        niah.plot_heatmap(grid, args.out, title)
+        write_json(args.out.with_suffix(".json"), summary)
+        report = niah.format_report(grid) + f"\nheatmap: {args.out}\ngrid: {args.out.with_suffix('.json')}"
+
+    else:
+        tokens = lm.tokenizer.encode(text, add_special_tokens=False)
+        if len(tokens) < 2:
+            raise EvalError(f"{args.file}: fewer than 2 tokens of text; nothing to score")
+        extra = {"file_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "context": args.context,
+                 "stride": args.stride}
+        results = ResultsFile(args.results, _settings(args, lm.settings, extra))
+        with progress(len(ppl.windows(len(tokens), args.context, args.stride)), "ppl") as bar:
+            summary = ppl.perplexity(lm.model, tokens, args.context, args.stride, results,
+                                     args.prefill_step_size, bar)
+        report = (f"perplexity: {summary['perplexity']:.4f}\ntokens: {summary['tokens']} "
+                  f"(scored {summary['scored_tokens']}, {len(summary['windows'])} windows)")
+        summary = {"command": "ppl", "settings": results.settings, "file": str(args.file), **summary}
+
+    print(report, flush=True)
+    if args.json is not None:
+        write_json(args.json, summary)
+    return summary
+
+
+def _check_lengths(args: argparse.Namespace, tokenizer, haystack) -> None:
+    """Refuse a length too short for the question before any results file is written."""
+    from .prompts import niah_prompt, passkey_prompt
+
+    try:
+        if args.command == "passkey":
+            passkey_prompt(tokenizer, args.length, 0.5, "12345")
+        elif args.command == "niah":
+            niah_prompt(tokenizer, min(args.lengths), 0.5, 0, haystack)
+    except ValueError as e:
+        flag = "--length" if args.command == "passkey" else "--lengths"
+        raise EvalError(f"{flag}: {e}") from None
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (EvalError, ResultsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted" + (f"; finished units are kept in {args.results}" if args.results else ""),
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""What every eval subcommand shares: the model options, loading with long-context settings,
+the settings that identify a run (for resumable results files), and the progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from ..cli_args import add_long_context_args, long_context_overrides
+from ..paths import default_model_path
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+class EvalError(ValueError):
+    """A user error: the CLI prints the message on one line and exits with status 2."""
+
+
+def default_dtype() -> str:
+    """float32 on a Linux CPU (the fast path there); elsewhere keep the checkpoint's dtype."""
+    return "float32" if platform.system() == "Linux" and mx.default_device() == mx.cpu else "auto"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help=f"model folder (default: {default_model_path()})")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default=default_dtype(),
+                        help="compute dtype (default: %(default)s; 'auto' keeps the checkpoint's)")
+    parser.add_argument("--prefill-step-size", type=int, default=512, metavar="N",
+                        help="tokens per prefill step (default: %(default)s)")
+    parser.add_argument("--results", type=Path, default=None, metavar="FILE",
+                        help="resumable results file (JSON lines): finished units are skipped on re-run")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results as JSON")
+    add_long_context_args(parser)
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    path: Path
+    settings: dict  # what identifies the model side of a run: folder, dtype, DCA, YaRN
+
+    @property
+    def label(self) -> str:
+        """A short description for titles: folder name plus the long-context settings."""
+        parts = [self.path.name]
+        dca = self.settings.get("dca")
+        if dca:
+            parts.append(f"DCA chunk {dca['chunk_size']}, local {dca['local_size']}"
+                         + (f", L0 {dca['original_max_position_embeddings']}"
+                            if dca["original_max_position_embeddings"] else ""))
+        rs = self.settings.get("rope_scaling")
+        if rs:
+            parts.append(f"YaRN x{rs['factor']:g}")
+        if not dca and not rs:
+            parts.append("no DCA")
+        return " · ".join(parts)
+
+
+def load_for_eval(args: argparse.Namespace) -> LoadedModel:
+    """Load the model named by --model with the long-context switches; user errors become EvalError."""
+    from ..config import ConfigError
+    from ..loader import ModelLoadError, load, resolve_path
+    from ..tokenizer import TokenizerError
+
+    if args.prefill_step_size <= 0:
+        raise EvalError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
+    try:
+        overrides = long_context_overrides(args)
+        path = resolve_path(args.model or default_model_path()).resolve()
+        dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+        model, tokenizer = load(path, dtype=dtype, **overrides)
+    except (ModelLoadError, ConfigError, TokenizerError) as e:
+        raise EvalError(str(e)) from None
+    settings = {"model": str(path), "dtype": args.dtype, "dca": overrides.get("dca"),
+                "rope_scaling": overrides.get("rope_scaling")}
+    return LoadedModel(model, tokenizer, path, settings)
+
+
+def parse_int_list(text: str, name: str, minimum: int = 0, maximum: Optional[int] = None) -> list[int]:
+    """'1024,2048' -> [1024, 2048]; a clear EvalError for anything else."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"{name}: expected comma-separated integers, got '{text}'") from None
+    if not values:
+        raise EvalError(f"{name}: give at least one value")
+    for v in values:
+        if v < minimum or (maximum is not None and v > maximum):
+            bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+            raise EvalError(f"{name}: {v} is out of range ({bound})")
+    if len(set(values)) != len(values):
+        raise EvalError(f"{name}: duplicate values in '{text}'")
+    return values
+
+
+def progress(total: int, desc: str):
+    """A tqdm bar on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, unit="unit", dynamic_ncols=True, leave=True)

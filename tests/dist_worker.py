@@ -1,0 +1,55 @@
+"""The ranks of the distributed parity tests: load each model sharded, record logits and greedy tokens.
+
+Run under `mlx.launch`. Several models go through one launch because starting the ranks (importing
+mlx-lm, transformers and torch) costs more than the tiny models themselves. For model i rank 0
+writes `out/i.npz`: the logits of every prompt position, the greedy tokens, every rank's sampled tokens, the rank count, each
+rank's parameter count and peak memory after loading in GB (MLX allocator, process RSS).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.sample_utils import make_sampler
+
+from qwen2_mlx.distributed import peak_rss_gb, sharded_load
+from qwen2_mlx.generate import generate_step
+
+
+def run(path: str, prompt: list, n: int, out: Path, group) -> None:
+    mx.reset_peak_memory()
+    model, _ = sharded_load(path, group, dtype=mx.float32)
+    loaded_peak = mx.get_peak_memory()
+    tokens = mx.array(prompt, dtype=mx.uint32)
+    logits = model(tokens[None])[0]
+    greedy = [t for t, _ in generate_step(tokens, model, max_tokens=n)]
+    # Sampling at temperature 1 with the same seed must pick the same tokens on every rank.
+    mx.random.seed(7)
+    sampled = [t for t, _ in generate_step(tokens, model, max_tokens=n, sampler=make_sampler(temp=1.0))]
+    sampled = mx.distributed.all_gather(mx.array([sampled]), group=group)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    params = mx.distributed.all_gather(mx.array([n_params]), group=group)
+    peaks = mx.distributed.all_gather(mx.array([[loaded_peak / 1e9, peak_rss_gb()]]), group=group)
+    mx.eval(logits, params, peaks, sampled)
+    if group.rank() == 0:
+        np.savez(out, logits=np.array(logits), greedy=np.array(greedy), size=group.size(),
+                 params=np.array(params), peaks=np.array(peaks), sampled=np.array(sampled))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out", help="folder for the results")
+    p.add_argument("prompt", help="JSON list of prompt token ids")
+    p.add_argument("n", type=int, help="greedy tokens to generate")
+    p.add_argument("models", nargs="+")
+    a = p.parse_args()
+    group = mx.distributed.init(backend="ring", strict=True)
+    for i, path in enumerate(a.models):
+        run(path, json.loads(a.prompt), a.n, Path(a.out) / f"{i}.npz", group)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Tensor parallelism on mx.distributed: two local ring-backend ranks (started by `mlx.launch`)
+must reproduce one process's logits and greedy text, each rank holding 1/N of the split weights."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from qwen2_mlx.config import ModelArgs
+from qwen2_mlx.distributed import ShardingError, check_shardable
+from qwen2_mlx.generate import generate, generate_step
+from qwen2_mlx.loader import load
+from qwen2_mlx.model import Model
+from tiny import DENSE, MOE, make_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+PROMPT = list(range(5, 40))
+
+
+def _free_ports(n: int) -> int:
+    """A first port p with p..p+n-1 free (the ring backend listens on consecutive ports)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            start = s.getsockname()[1]
+        if start + n > 65535:
+            continue
+        try:
+            socks = []
+            for p in range(start, start + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return start
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")
+
+
+def mlx_launch(n: int, *command: str, input: str = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `command` on n local ranks with `mlx.launch --backend ring`."""
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    head = [str(launcher)] if launcher.exists() else [
+        sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OPENBLAS_NUM_THREADS="1")  # two ranks share the two cores of a CI machine
+    cmd = head + ["-n", str(n), "--backend", "ring", "--starting-port", str(_free_ports(n)), "--",
+                  sys.executable, *command]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, input=input,
+                          timeout=timeout)
+
+
+def run_sharded(paths: list, tmp: Path, n_tokens: int = 8, prompt=PROMPT) -> list[dict]:
+    """Each model's rank-0 results from one two-rank launch."""
+    r = mlx_launch(2, str(WORKER), str(tmp), json.dumps(prompt), str(n_tokens), *map(str, paths))
+    outs = [tmp / f"{i}.npz" for i in range(len(paths))]
+    assert all(o.exists() for o in outs), f"the ranks failed:\n{r.stdout}\n{r.stderr}"
+    return [dict(np.load(o)) for o in outs]
+
+
+def reference(path: Path, n_tokens: int = 8, prompt=PROMPT):
+    model, _ = load(path, dtype=mx.float32)
+    tokens = mx.array(prompt, dtype=mx.uint32)
+    logits = np.array(model(tokens[None])[0])
+    greedy = [t for t, _ in generate_step(tokens, model, max_tokens=n_tokens)]
+    return model, logits, greedy
+
+
+def split_fraction(model: Model) -> tuple[int, int]:
+    """(parameters every rank keeps whole, parameters that tensor parallelism splits)."""
+    split = 0
+    for layer in model.layers:
+        mods = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj]
+        mlp = layer.mlp
+        experts = [mlp] if not hasattr(mlp, "switch_mlp") else [mlp.switch_mlp, mlp.shared_expert]
+        for e in experts:
+            mods += [e.gate_proj, e.up_proj, e.down_proj]
+        split += sum(v.size for m in mods for _, v in tree_flatten(m.parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    return total - split, split
+
+
+def assert_parity(path: Path, got: dict) -> Model:
+    model, ref_logits, ref_greedy = reference(path)
+    assert int(got["size"]) == 2
+    err = np.abs(got["logits"] - ref_logits).max()
+    assert err <= 1e-3, f"max abs logit error {err}"
+    assert got["greedy"].tolist() == ref_greedy
+    assert got["sampled"][0].tolist() == got["sampled"][1].tolist()  # the ranks stay in step
+    # Each rank holds the replicated part plus half of every split matrix.
+    whole, split = split_fraction(model)
+    assert got["params"].tolist() == [whole + split // 2] * 2
+    return model
+
+
+def quantize_folder(src: Path, dst: Path, group_size: int = 32, bits: int = 4) -> Path:
+    """An mlx-lm-style quantized copy of a tiny checkpoint."""
+    model, _ = load(src)
+    nn.quantize(model, group_size=group_size, bits=bits)
+    dst.mkdir()
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization"] = {"group_size": group_size, "bits": bits}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Dense, MoE, 4-bit MoE and DCA checkpoints, and their results on two ranks (one launch for all)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    dense, _ = make_checkpoint(tmp / "dense", DENSE)
+    # Layer 1 is a dense MLP inside a MoE model: both kinds of block get sharded.
+    moe, _ = make_checkpoint(tmp / "moe", MOE, mlp_only_layers=[1])
+    src, _ = make_checkpoint(tmp / "moe-src", MOE, intermediate_size=128, moe_intermediate_size=64,
+                             shared_expert_intermediate_size=128, mlp_only_layers=[1])
+    q4 = quantize_folder(src, tmp / "moe-4bit")
+    # Dual Chunk Attention with chunks shorter than the prompt: the DCA path runs on sharded heads.
+    dca, _ = make_checkpoint(tmp / "dca", DENSE, dual_chunk_attention_config={"chunk_size": 16, "local_size": 4})
+    paths = {"dense": dense, "moe": moe, "moe-4bit": q4, "dca": dca}
+    results = run_sharded(list(paths.values()), tmp)
+    return {k: (p, r) for (k, p), r in zip(paths.items(), results)}
+
+
+def test_dense_two_ranks_match_one_process(tiny_runs):
+    assert_parity(*tiny_runs["dense"])
+
+
+def test_moe_two_ranks_match_one_process(tiny_runs):
+    model = assert_parity(*tiny_runs["moe"])
+    assert hasattr(model.layers[0].mlp, "switch_mlp") and not hasattr(model.layers[1].mlp, "switch_mlp")
+
+
+def test_dca_two_ranks_match_one_process(tiny_runs):
+    model = assert_parity(*tiny_runs["dca"])
+    assert model.layers[0].self_attn.dca is not None
+
+
+def test_quantized_moe_two_ranks_match_one_process(tiny_runs):
+    model = assert_parity(*tiny_runs["moe-4bit"])
+    assert hasattr(model.layers[0].mlp.switch_mlp.down_proj, "scales")
+    assert hasattr(model.layers[1].mlp.down_proj, "scales")
+
+
+class FakeGroup:
+    """Enough of mx.distributed.Group for the checks that run before any communication."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def size(self) -> int:
+        return self.n
+
+    def rank(self) -> int:
+        return 0
+
+
+def test_indivisible_heads_give_one_clear_line():
+    model = Model(ModelArgs.from_dict(dict(DENSE, num_attention_heads=6, num_key_value_heads=3, hidden_size=96)))
+    with pytest.raises(ShardingError) as e:
+        model.shard(FakeGroup(2))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "num_key_value_heads (3) does not divide by 2 ranks" in msg
+    assert "num_attention_heads" not in msg  # 6 heads do divide by 2
+
+
+def test_indivisible_moe_sizes_are_named():
+    model = Model(ModelArgs.from_dict(dict(MOE, moe_intermediate_size=50, shared_expert_intermediate_size=96)))
+    with pytest.raises(ShardingError, match=r"moe_intermediate_size \(50\) does not divide by 4 ranks"):
+        check_shardable(model, 4)
+    with pytest.raises(ShardingError, match=r"shared_expert_intermediate_size \(96\) does not divide by 5 ranks"):
+        check_shardable(model, 5)
+
+
+def test_quantization_groups_must_not_be_cut():
+    model = Model(ModelArgs.from_dict(dict(DENSE, intermediate_size=160)))
+    nn.quantize(model, group_size=32, bits=4)
+    with pytest.raises(ShardingError, match=r"intermediate_size \(160\) split over 2 ranks gives 80 columns, "
+                                            r"not a multiple of the quantization group size 32"):
+        check_shardable(model, 2)
+    fine = Model(ModelArgs.from_dict(dict(DENSE, intermediate_size=128)))
+    nn.quantize(fine, group_size=32, bits=4)
+    check_shardable(fine, 2)  # 64 columns per rank, two whole groups
+
+
+def test_cli_generates_on_two_ranks_and_rank0_prints(tmp_path):
+    path, _ = make_checkpoint(tmp_path / "dense", DENSE)
+    model, tok = load(path, dtype=mx.float32)
+    want = generate(model, tok, "hello world", max_tokens=8)
+    r = mlx_launch(2, "-m", "qwen2_mlx.distributed", "--model", str(path), "--prompt", "hello world",
+                   "--raw", "--max-tokens", "8", "--dtype", "float32")
+    assert r.stdout == want + "\n", r.stderr
+
+
+def test_cli_interactive_reads_turns_from_stdin(tmp_path):
+    path, _ = make_checkpoint(tmp_path / "dense", DENSE)
+    model, tok = load(path, dtype=mx.float32)
+    first = [{"role": "user", "content": "hi"}]
+    a1 = generate(model, tok, tok.apply_chat_template(first, add_generation_prompt=True), max_tokens=6)
+    second = first + [{"role": "assistant", "content": a1}, {"role": "user", "content": "more"}]
+    a2 = generate(model, tok, tok.apply_chat_template(second, add_generation_prompt=True), max_tokens=6)
+    r = mlx_launch(2, "-m", "qwen2_mlx.distributed", "--model", str(path), "--interactive",
+                   "--max-tokens", "6", "--dtype", "float32", input="hi\nmore\n\n")
+    assert r.stdout == a1 + "\n" + a2 + "\n", r.stderr
+
+
+def test_cli_indivisible_model_fails_with_one_line(tmp_path):
+    path, _ = make_checkpoint(tmp_path / "odd", DENSE, num_attention_heads=6, num_key_value_heads=3,
+                              hidden_size=96)
+    r = mlx_launch(2, "-m", "qwen2_mlx.distributed", "--model", str(path), "--prompt", "hi")
+    assert "error: cannot shard qwen2 over 2 ranks: num_key_value_heads (3) does not divide by 2 ranks" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert "exited with code 2" in r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.real_model
+def test_real_model_two_ranks_match_one_process(real_model_path, tmp_path):
+    _, tok = load(real_model_path, lazy=True)
+    messages = [{"role": "user", "content": "Write a Python function that returns the square of a number."}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)[-30:]
+    _, ref_logits, ref_greedy = reference(real_model_path, prompt=prompt)
+    got = run_sharded([real_model_path], tmp_path, prompt=prompt)[0]
+    err = np.abs(got["logits"] - ref_logits).max()
+    assert err <= 1e-3, f"max abs logit error {err}"
+    assert got["greedy"].tolist() == ref_greedy
+    assert got["sampled"][0].tolist() == got["sampled"][1].tolist()
+    # Each rank keeps the replicated embeddings and head plus half of the layers' matrices.
+    whole, split = split_fraction(load(real_model_path, lazy=True)[0])
+    assert got["params"].tolist() == [whole + split // 2] * 2
+
+
+def test_interactive_chat_reuses_the_cached_history(tmp_path, monkeypatch, capsys):
+    """One process (a group of one): turn two feeds only what the cache does not already hold."""
+    import io
+
+    import qwen2_mlx.distributed as dist
+
+    path, _ = make_checkpoint(tmp_path / "dense", DENSE)
+    model, tok = load(path, dtype=mx.float32)
+    first = [{"role": "user", "content": "hi"}]
+    a1 = generate(model, tok, tok.apply_chat_template(first, add_generation_prompt=True), max_tokens=6)
+    second = first + [{"role": "assistant", "content": a1}, {"role": "user", "content": "more"}]
+    prompt2 = tok.apply_chat_template(second, add_generation_prompt=True)
+    a2 = generate(model, tok, prompt2, max_tokens=6)
+
+    kept = []
+    real = dist._reuse_cache
+
+    def spy(*args):
+        out = real(*args)
+        kept.append(out[1])
+        return out
+
+    monkeypatch.setattr(dist, "_reuse_cache", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nmore\n"))
+    assert dist.main(["--model", str(path), "--interactive", "--max-tokens", "6", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == a1 + "\n" + a2 + "\n"
+    assert kept[0] == 0 and 0 < kept[1] < len(prompt2)

@@ -1,0 +1,51 @@
+"""Shared pieces of the chat-app tests: an app over the scripted FakeBackend, and waiting helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from tui.app import ChatApp
+from tui.fake import FakeBackend
+from tui.store import Store
+
+CJK_REPLY = ("量子计算利用**叠加**和纠缠来处理信息。日本語では「量子コンピュータ」と言います。🙂\n\n"
+             "```python\nprint('你好，世界')\n```\n")
+
+
+def make_app(tmp_path: Path, replies=None, delay: float = 0.0, **backend_kw) -> ChatApp:
+    backend = FakeBackend(replies or [CJK_REPLY], delay=delay, **backend_kw)
+    return ChatApp(backend, Store(tmp_path / "chats.sqlite3"), animate=False)
+
+
+async def wait_until(pilot, cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the app")
+        await pilot.pause(0.02)
+
+
+async def ready(pilot) -> None:
+    await wait_until(pilot, lambda: pilot.app.loaded)
+
+
+async def send(pilot, text: str, wait: bool = True) -> None:
+    app = pilot.app
+    app.prompt.set_text(text)
+    app.prompt.focus()
+    await pilot.press("enter")
+    if wait:
+        await wait_until(pilot, lambda: app.job is None and (
+            not app.transcript.views or app.transcript.views[-1].status not in ("streaming", "waiting")))
+        await pilot.pause()
+
+
+def texts(app) -> list[tuple[str, str, str]]:
+    return [(v.role, v.content, v.status) for v in app.transcript.views]
+
+
+async def settle(pilot, seconds: float = 0.05) -> None:
+    await pilot.pause(seconds)
+    await asyncio.sleep(0)

@@ -1,0 +1,134 @@
+"""`qwen2-chat`: the terminal chat app, or one reply for `--prompt "…"` / text piped on stdin."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+from typing import Optional, TextIO
+
+from qwen2_mlx.blas import ensure_openblas
+from qwen2_mlx.cli_args import add_long_context_args, long_context_overrides
+from qwen2_mlx.paths import default_model_path
+
+from .models import check_model
+
+HINT = "hint: run `python convert.py` to create the default model, or pass --model PATH"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qwen2-chat",
+        description="Chat with a Qwen2 model in the terminal (MLX, in-process). "
+                    "With --prompt or piped stdin, print one reply and exit.")
+    p.add_argument("--model", type=Path, default=None,
+                   help=f"converted model folder (default: {default_model_path()})")
+    p.add_argument("--prompt", "-p", default=None, help="print one reply to this prompt on stdout and exit")
+    p.add_argument("--system", "-s", default=None, help="system prompt for new chats")
+    p.add_argument("--temp", type=float, default=None, help="sampling temperature (default 0.7)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default 20)")
+    p.add_argument("--max-tokens", type=int, default=None, help="longest reply in tokens (default 1024)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable replies")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="cast the weights (float32 is the fast choice on a CPU)")
+    p.add_argument("--inline", "-i", action="store_true", help="run under the prompt instead of full screen")
+    p.add_argument("--chat", type=int, default=None, metavar="ID", help="reopen a saved chat by id")
+    p.add_argument("--last", action="store_true", help="reopen the most recent chat")
+    p.add_argument("--db", type=Path, default=None, help="chat database (default: in the qwen2-mlx data folder)")
+    add_long_context_args(p)
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> dict:
+    pairs = {"temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k,
+             "max_tokens": args.max_tokens, "seed": args.seed}
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def run_once(backend, text: str, system: Optional[str], settings: dict, out: TextIO = sys.stdout,
+             err: TextIO = sys.stderr) -> int:
+    """Load, answer `text` once on `out` (progress and notes on `err`); returns the exit status."""
+    from .engine import DEFAULT_SETTINGS
+
+    def progress(fraction: float, what: str) -> None:
+        err.write(f"\rloading model {fraction:4.0%} {what[:60]:<60}")
+        err.flush()
+
+    try:
+        backend.load(progress)
+    except Exception as e:
+        err.write(f"\nqwen2-chat: cannot load the model: {e}\n{HINT}\n")
+        return 2
+    err.write("\n")
+    cancel = threading.Event()
+    reason = None
+    try:
+        for r in backend.generate([{"role": "user", "content": text}], system,
+                                  {**DEFAULT_SETTINGS, **settings}, cancel):
+            if r.text:
+                out.write(r.text)
+                out.flush()
+            reason = r.finish_reason or reason
+    except KeyboardInterrupt:
+        out.write("\n")
+        err.write("[stopped]\n")
+        return 130
+    except Exception as e:
+        err.write(f"\nqwen2-chat: generation failed: {e}\n")
+        return 1
+    out.write("\n")
+    if reason == "length":
+        err.write("[reply cut at --max-tokens]\n")
+    elif reason == "context":
+        err.write("[reply cut: the context window is full]\n")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    piped = None
+    if args.prompt is None and not sys.stdin.isatty():
+        piped = sys.stdin.read()
+    one_shot = args.prompt is not None or piped is not None
+    text = "\n\n".join(t for t in (args.prompt, piped) if t and t.strip())
+    if one_shot and not text.strip():
+        print("qwen2-chat: error: the prompt is empty", file=sys.stderr)
+        return 2
+    model_path = args.model or default_model_path()
+    problem = check_model(model_path)
+    if problem:
+        print(f"qwen2-chat: error: {problem}\n{HINT}", file=sys.stderr)
+        return 2
+
+    from .engine import ModelBackend
+
+    backend = ModelBackend(model_path, dtype=args.dtype, overrides=long_context_overrides(args, parser))
+    settings = settings_from(args)
+    if one_shot:
+        return run_once(backend, text, args.system, settings)
+
+    from .app import ChatApp
+    from .store import Store
+
+    try:
+        store = Store(args.db)
+    except Exception as e:  # sqlite3.Error or a folder we may not write
+        print(f"qwen2-chat: error: cannot open the chat database {args.db or ''}: {e}", file=sys.stderr)
+        return 2
+    chat_id = args.chat
+    if args.last and chat_id is None:
+        chats = store.chats()
+        chat_id = chats[0].id if chats else None
+    app = ChatApp(backend, store, chat_id=chat_id, default_system=args.system, default_settings=settings,
+                  backend_factory=lambda path: ModelBackend(path, dtype=args.dtype, overrides=backend.overrides))
+    code = app.run(inline=args.inline)
+    store.close()
+    return code if isinstance(code, int) else (app.return_code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

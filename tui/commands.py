@@ -1,0 +1,125 @@
+"""Slash commands typed into the prompt: parsing and validation (the app carries them out).
+
+Names follow ollama / lms / llama-cli (`/set temp 0.7`, `/system`, `/regen`, `/clear`), so users
+coming from those tools find them where they expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+HELP = [
+    ("/system [text]", "show or set this chat's system prompt (/system off removes it)"),
+    ("/set KEY VALUE", "temp, top_p, top_k, min_p, rep (repetition penalty), seed, max, context"),
+    ("/max N", "longest reply in tokens (/max none: until done or the context is full)"),
+    ("/regen", "regenerate the last reply (keeps the old one as a branch)"),
+    ("/clear", "start a new, empty chat with the same settings (the old one stays in the list)"),
+    ("/new", "start a new chat with default settings"),
+    ("/chats", "open the chat list (reopen, rename, delete)"),
+    ("/rename TITLE", "rename this chat"),
+    ("/export [md|jsonl] [PATH]", "write this chat to a file (default: Markdown in the current folder)"),
+    ("/copy [code]", "copy the last reply (or its code blocks) to the clipboard"),
+    ("/settings", "open the settings panel (system prompt and sampling)"),
+    ("/model [NAME|PATH]", "pick a converted model from a list, or load this one (the chats stay)"),
+    ("/help", "this list, with the keys"),
+    ("/quit", "leave the app"),
+]
+
+# Accepted spellings of each setting, and how to read its value.
+ALIASES = {
+    "temp": "temperature", "temperature": "temperature", "t": "temperature",
+    "top_p": "top_p", "topp": "top_p", "top-p": "top_p",
+    "top_k": "top_k", "topk": "top_k", "top-k": "top_k",
+    "min_p": "min_p", "minp": "min_p", "min-p": "min_p",
+    "rep": "repetition_penalty", "repeat_penalty": "repetition_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "seed": "seed",
+    "max": "max_tokens", "max_tokens": "max_tokens", "num_predict": "max_tokens",
+    "context": "context_policy", "context_policy": "context_policy",
+}
+POLICIES = ("refuse", "drop_oldest")
+COMMANDS = {"system", "set", "max", "regen", "clear", "new", "chats", "rename", "export", "copy",
+            "settings", "model", "help", "quit", "exit"}
+
+
+class CommandError(ValueError):
+    """A slash command that cannot be carried out; the message says why, for the user."""
+
+
+@dataclass
+class Command:
+    name: str
+    arg: str = ""
+    key: Optional[str] = None
+    value: Any = None
+
+
+def parse_setting(key: str, raw: str) -> tuple[str, Any]:
+    """Validate one sampling setting; returns (canonical key, value)."""
+    name = ALIASES.get(key.lower())
+    if name is None:
+        raise CommandError(f"unknown setting {key!r}: use temp, top_p, top_k, min_p, rep, seed, max or context")
+    raw = raw.strip()
+    if name == "context_policy":
+        if raw not in POLICIES:
+            raise CommandError(f"context must be one of {', '.join(POLICIES)}, not {raw!r}")
+        return name, raw
+    if raw.lower() in ("none", "off", "default", "") and name in ("seed", "max_tokens", "repetition_penalty"):
+        return name, None
+    try:
+        value: Any = int(raw) if name in ("top_k", "seed", "max_tokens") else float(raw)
+    except ValueError:
+        kind = "a whole number" if name in ("top_k", "seed", "max_tokens") else "a number"
+        raise CommandError(f"{key} needs {kind}, not {raw!r}") from None
+    ranges = {"temperature": (0.0, 10.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
+              "top_k": (0, 1 << 20), "repetition_penalty": (0.01, 10.0), "max_tokens": (1, 1 << 30),
+              "seed": (0, 2**63 - 1)}
+    lo, hi = ranges[name]
+    if not lo <= value <= hi:
+        raise CommandError(f"{key} must be between {lo:g} and {hi:g}, not {raw}")
+    return name, value
+
+
+def parse(text: str) -> Optional[Command]:
+    """A Command for text starting with '/', None for an ordinary message.
+
+    A leading '//' sends the rest as a message starting with '/' (returns None; see `unescape`).
+    """
+    if not text.startswith("/") or text.startswith("//"):
+        return None
+    head, _, rest = text[1:].partition(" ")
+    name = head.strip().lower()
+    rest = rest.strip()
+    if name not in COMMANDS:
+        raise CommandError(f"unknown command /{name}: type /help for the list (start with // to send a '/')")
+    if name == "exit":
+        name = "quit"
+    if name == "set":
+        key, _, raw = rest.partition(" ")
+        if not key or not raw.strip():
+            raise CommandError("usage: /set KEY VALUE, e.g. /set temp 0.7")
+        k, v = parse_setting(key, raw)
+        return Command("set", rest, k, v)
+    if name == "max":
+        if not rest:
+            raise CommandError("usage: /max N (or /max none)")
+        k, v = parse_setting("max", rest)
+        return Command("set", rest, k, v)
+    if name == "export":
+        parts = rest.split(maxsplit=1)
+        fmt = "md"
+        if parts and parts[0].lower() in ("md", "markdown", "jsonl", "json"):
+            fmt = "jsonl" if parts[0].lower().startswith("json") else "md"
+            parts = parts[1:]
+        return Command("export", parts[0] if parts else "", "format", fmt)
+    if name == "rename" and not rest:
+        raise CommandError("usage: /rename TITLE")
+    if name == "copy" and rest not in ("", "code"):
+        raise CommandError("usage: /copy or /copy code")
+    return Command(name, rest)
+
+
+def unescape(text: str) -> str:
+    """'//text' is sent as '/text'."""
+    return text[1:] if text.startswith("//") else text

@@ -1,0 +1,358 @@
+"""The model side of the chat app: one long-lived generation thread and the backends it drives.
+
+MLX streams belong to the thread that made them, so the model is loaded and every reply is
+generated on the same dedicated thread, under a thread-local stream (`mx.new_thread_local_stream`).
+The UI never blocks on it: it queues jobs and receives events through `post`, a thread-safe
+callback (the app wraps `App.post_message`). A job is stopped by setting its cancel flag, which the
+generation loop checks after every token.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol
+
+# Sampling settings a chat may carry, with the defaults a new chat starts from.
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "temperature": 0.7,
+    "top_p": 0.8,
+    "top_k": 20,
+    "min_p": 0.0,
+    "repetition_penalty": 1.05,
+    "max_tokens": 1024,
+    "seed": None,
+    "context_policy": "refuse",
+}
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+
+
+# Events sent from the generation thread to the UI.
+@dataclass
+class Loading:
+    fraction: float
+    text: str
+
+
+@dataclass
+class Loaded:
+    name: str
+    context_limit: int
+    seconds: float
+
+
+@dataclass
+class LoadFailed:
+    error: str
+    initial: bool = True  # the first model failed (the app cannot go on) vs. a switch (the old one stays)
+
+
+@dataclass
+class Stats:
+    time_to_first_token: float = 0.0
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+    context_used: int = 0
+    context_limit: int = 0
+
+    @classmethod
+    def from_response(cls, r: Any, context_used: int, context_limit: int) -> "Stats":
+        return cls(getattr(r, "time_to_first_token", 0.0) or 0.0, r.prompt_tokens, r.prompt_tps,
+                   r.generation_tokens, r.generation_tps, r.peak_memory, context_used, context_limit)
+
+
+@dataclass
+class Token:
+    job: int
+    text: str
+    stats: Stats
+
+
+@dataclass
+class Finished:
+    job: int
+    reason: str  # "stop" | "length" | "context" | "cancelled"
+    text: str  # the whole reply as the backend recorded it
+    stats: Stats
+
+
+@dataclass
+class Failed:
+    job: int
+    error: str
+
+
+@dataclass
+class Job:
+    id: int
+    history: list[dict]  # the conversation so far, ending with the user's message
+    system: Optional[str]
+    settings: dict
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Switch:
+    backend: Any
+
+
+class Backend(Protocol):
+    """What the generation thread needs from a model; the real one wraps `qwen2_mlx.chat.Chat`."""
+
+    name: str
+    context_limit: int
+
+    def load(self, progress: Callable[[float, str], None]) -> None: ...
+
+    def generate(self, history: list[dict], system: Optional[str], settings: dict,
+                 cancel: threading.Event) -> Iterator[Any]: ...
+
+    def count_tokens(self, history: list[dict], system: Optional[str]) -> int: ...
+
+
+class Engine:
+    """Runs a backend on one thread: first the load, then queued generation jobs, one at a time."""
+
+    def __init__(self, backend: Backend, post: Callable[[object], None]):
+        self.backend = backend
+        self.post = post
+        self.jobs: "queue.Queue[Any]" = queue.Queue()  # Job, _Switch, or None to end
+        self.current: Optional[Job] = None
+        self.loaded = threading.Event()
+        self.load_error: Optional[str] = None
+        self._next_id = 0
+        self._thread = threading.Thread(target=self._run, name="qwen2-generation", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, history: list[dict], system: Optional[str], settings: dict) -> Job:
+        self._next_id += 1
+        job = Job(self._next_id, [dict(m) for m in history], system, dict(settings))
+        self.jobs.put(job)
+        return job
+
+    def cancel(self, job: Optional[Job] = None) -> None:
+        """Stop `job` (default: the one running); queued jobs are dropped when cancelled too."""
+        job = job or self.current
+        if job is not None:
+            job.cancel.set()
+
+    def shutdown(self, timeout: float = 2.0) -> None:
+        if self.current is not None:
+            self.current.cancel.set()
+        self.jobs.put(None)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def count_tokens(self, history: list[dict], system: Optional[str]) -> int:
+        if not self.loaded.is_set() or self.load_error:
+            return 0
+        try:
+            return self.backend.count_tokens(history, system)
+        except Exception:  # the meter is advisory; a template error shows up when generating
+            return 0
+
+    def switch(self, backend: Backend) -> None:
+        """Load another model after the queued jobs; on failure the current one stays."""
+        self.jobs.put(_Switch(backend))
+
+    def _load(self, backend: Backend, initial: bool) -> bool:
+        tic = time.perf_counter()
+        try:
+            backend.load(lambda f, t: self.post(Loading(f, t)))
+        except Exception as e:
+            error = str(e) or type(e).__name__
+            if initial:
+                self.load_error = error
+            self.post(LoadFailed(error, initial))
+            return False
+        self.backend = backend
+        self.post(Loaded(backend.name, backend.context_limit, time.perf_counter() - tic))
+        return True
+
+    def _run(self) -> None:
+        stream = _thread_stream()
+        with _use_stream(stream):
+            ok = self._load(self.backend, initial=True)
+            self.loaded.set()
+            if not ok:
+                return
+            while True:
+                job = self.jobs.get()
+                if job is None:
+                    return
+                if isinstance(job, _Switch):
+                    self._load(job.backend, initial=False)
+                    continue
+                self.current = job
+                try:
+                    self._generate(job)
+                finally:
+                    self.current = None
+
+    def _generate(self, job: Job) -> None:
+        limit = self.backend.context_limit
+        parts: list[str] = []
+        last = None
+        try:
+            if job.cancel.is_set():
+                self.post(Finished(job.id, "cancelled", "", Stats(context_limit=limit)))
+                return
+            for r in self.backend.generate(job.history, job.system, job.settings, job.cancel):
+                last = r
+                if r.text:
+                    parts.append(r.text)
+                    used = getattr(self.backend, "context_used", 0) or 0
+                    self.post(Token(job.id, r.text, Stats.from_response(r, used, limit)))
+            text = getattr(self.backend, "last_reply", None)
+            text = "".join(parts) if text is None else text
+            reason = (last.finish_reason if last is not None else None) or (
+                "cancelled" if job.cancel.is_set() else "stop")
+            used = getattr(self.backend, "context_used", 0) or 0
+            stats = Stats.from_response(last, used, limit) if last is not None else Stats(context_limit=limit)
+            self.post(Finished(job.id, reason, text, stats))
+        except Exception as e:  # any model error ends this reply, never the app
+            self.post(Failed(job.id, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
+
+
+def _thread_stream():
+    try:
+        import mlx.core as mx
+    except ImportError:  # the fake backend in tests needs no MLX
+        return None
+    return mx.new_thread_local_stream(mx.default_device())
+
+
+class _use_stream:
+    def __init__(self, stream):
+        self.stream = stream
+        self.ctx = None
+
+    def __enter__(self):
+        if self.stream is not None:
+            import mlx.core as mx
+            self.ctx = mx.stream(self.stream)
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+def sampling_kwargs(settings: dict) -> dict:
+    """The keyword arguments `Chat.stream` takes, from a chat's settings (None means default)."""
+    kw = {k: settings[k] for k in SAMPLING_KEYS if settings.get(k) is not None}
+    if "max_tokens" in settings:
+        kw["max_tokens"] = settings["max_tokens"]
+    return kw
+
+
+class ModelBackend:
+    """A converted model on disk, driven through `qwen2_mlx.chat.Chat`.
+
+    The store owns the conversation tree; one Chat object mirrors the branch being answered and
+    keeps the KV cache. A new turn, a regenerate and an edit map onto Chat.stream / regenerate /
+    edit, so only the new suffix is prefilled; any other jump (another branch, another chat)
+    rebuilds the Chat's history and Chat's prefix diff reuses what the cache still shares.
+    """
+
+    def __init__(self, path: Path, dtype: Optional[str] = None, overrides: Optional[dict] = None):
+        self.path = Path(path)
+        self.name = self.path.name if self.path.name != "default" else f"{self.path.parent.name}/default"
+        self.dtype = dtype
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # dca=, rope_scaling=
+        self.context_limit = 0
+        self.context_used = 0
+        self.last_reply: Optional[str] = None
+        self.model = self.tokenizer = None
+        self.chat = None
+
+    def load(self, progress: Callable[[float, str], None]) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        from qwen2_mlx import load
+        from qwen2_mlx.generate import context_limit
+
+        progress(0.0, f"reading {self.path}")
+        dtype = getattr(mx, self.dtype) if self.dtype else None
+        model, tokenizer = load(self.path, dtype=dtype, lazy=True, **self.overrides)
+        params = [v for _, v in tree_flatten(model.parameters())]
+        total = sum(p.nbytes for p in params) or 1
+        done, batch, batch_bytes = 0, [], 0
+        # Evaluate the lazily loaded weights in ~64 MB batches so the bar moves as they are read.
+        for p in params:
+            batch.append(p)
+            batch_bytes += p.nbytes
+            if batch_bytes >= 64 << 20:
+                mx.eval(batch)
+                done += batch_bytes
+                batch, batch_bytes = [], 0
+                progress(done / total, f"loading weights {done / 1e9:.2f}/{total / 1e9:.2f} GB")
+        mx.eval(batch)
+        progress(1.0, f"loaded {total / 1e9:.2f} GB")
+        self.model, self.tokenizer = model, tokenizer
+        self.context_limit = context_limit(model)
+
+    def generate(self, history, system, settings, cancel):
+        prefix, last = history[:-1], history[-1]
+        if last["role"] != "user":
+            raise ValueError("the conversation must end with a user message")
+        kw = sampling_kwargs(settings)
+        chat = self._chat_for(system, settings)
+        have = [m for m in chat.messages if m["role"] != "system"]
+        offset = len(chat.messages) - len(have)
+        n = len(prefix)
+        if have == prefix:
+            replies = chat.stream(last["content"], cancel=cancel, **kw)  # a new turn
+        elif have[:n + 1] == history and len(have) <= n + 2:
+            replies = chat.regenerate(cancel=cancel, **kw)  # a new reply to the same message
+        elif have[:n] == prefix and len(have) > n and have[n]["role"] == "user":
+            chat.edit(n + offset, last["content"])  # an edited message: Chat keeps the cache before it
+            replies = chat.regenerate(cancel=cancel, **kw)
+        else:  # another branch or another chat: rebuild the history, hand over the cache
+            chat = self._rebuild(chat, prefix, system, settings)
+            replies = chat.stream(last["content"], cancel=cancel, **kw)
+        self.last_reply = None
+        try:
+            for r in replies:
+                yield r
+        finally:
+            replies.close()
+        self.context_used = chat.context_used
+        final = chat.messages[-1] if chat.messages else None
+        if final is not None and final["role"] == "assistant":
+            self.last_reply = final["content"]
+
+    def _chat_for(self, system, settings):
+        policy = settings.get("context_policy") or "refuse"
+        if self.chat is None or self.chat.context_policy != policy:
+            self.chat = self._rebuild(self.chat, [], system, settings)
+        if self.chat.system != system:
+            self.chat.system = system
+        return self.chat
+
+    def _rebuild(self, old, messages: list[dict], system, settings):
+        """A Chat holding `messages`; the KV cache moves over, and Chat's prefix diff keeps the part
+        of it that the new history shares (at least the system prompt)."""
+        from qwen2_mlx.chat import Chat
+
+        chat = Chat(self.model, self.tokenizer, system=system, messages=messages,
+                    context_policy=settings.get("context_policy") or "refuse")
+        if old is not None and getattr(old, "_cache", None) is not None:
+            chat._cache, chat._cache_tokens = old._cache, old._cache_tokens
+        self.chat = chat
+        return chat
+
+    def count_tokens(self, history, system) -> int:
+        msgs = ([{"role": "system", "content": system}] if system else []) + list(history)
+        ids = self.tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=False)
+        return len(ids)

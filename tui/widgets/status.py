@@ -1,0 +1,46 @@
+"""The status bar: model state or load progress, the last reply's speed, and the context meter."""
+
+from __future__ import annotations
+
+from textual.containers import Horizontal
+from textual.widgets import Label
+
+WARN_AT = 0.8  # context share at which the meter turns to a warning
+
+
+def bar(fraction: float, width: int = 12) -> str:
+    fraction = min(max(fraction, 0.0), 1.0)
+    full = int(fraction * width)
+    return "█" * full + "░" * (width - full)
+
+
+class StatusBar(Horizontal):
+    def compose(self):
+        yield Label("starting…", id="status-state")
+        yield Label("", id="status-stats")
+        yield Label("", id="status-context")
+
+    def set_state(self, text: str) -> None:
+        self.query_one("#status-state", Label).update(text)
+
+    def set_loading(self, fraction: float, text: str) -> None:
+        self.set_state(f"Loading model {bar(fraction)} {fraction:4.0%}  {text}")
+
+    def set_stats(self, stats) -> None:
+        """Time to first token, prompt and generation speed, peak memory (fields of engine.Stats)."""
+        if stats is None or not stats.generation_tokens:
+            self.query_one("#status-stats", Label).update("")
+            return
+        self.query_one("#status-stats", Label).update(
+            f"TTFT {stats.time_to_first_token:.2f}s · prompt {stats.prompt_tps:.0f} t/s · "
+            f"gen {stats.generation_tps:.1f} t/s · {stats.peak_memory:.2f} GB")
+
+    def set_context(self, used: int, limit: int) -> None:
+        label = self.query_one("#status-context", Label)
+        if not limit:
+            label.update("")
+            return
+        share = used / limit
+        label.update(f"ctx {used:,}/{limit:,} {share:.0%}" + (" ⚠" if share >= WARN_AT else ""))
+        label.set_class(share >= WARN_AT, "-warn")
+        label.set_class(share >= 1.0, "-full")
