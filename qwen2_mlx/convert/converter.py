@@ -100,8 +100,8 @@ def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: 
         parts += [f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]})"] if unexpected else []
         raise ConvertError(f"{source.path}: weights do not match the config: " + "; ".join(parts))
     for n in weights:
-        layer = n.rsplit(".", 1)[0]
-        if layer not in quantized_layers and tuple(source.shape(n)) != tuple(expected[n].shape):
+        layer, kind = n.rsplit(".", 1)
+        if not (kind == "weight" and layer in quantized_layers) and tuple(source.shape(n)) != tuple(expected[n].shape):
             raise ConvertError(f"{source.path}: tensor {n} has shape {tuple(source.shape(n))}, "
                                f"the config implies {tuple(expected[n].shape)}")
 
@@ -112,7 +112,7 @@ def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: 
         layer, kind = n.rsplit(".", 1)
         shape = tuple(expected[n].shape)
         size = (out_dtype.size if out_dtype is not None else source.dtype(n).size)
-        if layer in quantized_layers:
+        if kind == "weight" and layer in quantized_layers:
             action = ("dequantize", src_layer_params(layer)) if dequantize else ("copy", None)
             needed += _numel(shape) * size if dequantize else sum(
                 _numel(source.shape(f"{layer}.{s}")) * source.dtype(f"{layer}.{s}").size

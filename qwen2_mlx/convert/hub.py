@@ -25,6 +25,10 @@ WHAT_TO_DO = "use --gguf FILE or --hf-path LOCAL_FOLDER, or retry when the hub c
 class HubUnreachable(ConvertError):
     """The hub cannot be reached (no network, DNS failure, timeout): callers may fall back."""
 
+    def __init__(self, repo: str, reason: str):
+        super().__init__(f"{repo}: cannot reach the Hugging Face hub ({reason}); {WHAT_TO_DO}")
+        self.reason = reason
+
 
 def looks_like_repo_id(name: str) -> bool:
     parts = name.split("/")
@@ -54,8 +58,10 @@ def resolve(hf_path: str, revision: Optional[str] = None, log: Callable[[str], N
     try:
         if not offline():
             _probe(hf_path, revision, token)
-        log(f"Fetching {hf_path}{rev} (config, tokenizer and safetensors files) into the hub cache")
+            log(f"Fetching {hf_path}{rev} (config, tokenizer and safetensors files) into the hub cache")
         path = snapshot_download(hf_path, revision=revision, allow_patterns=ALLOW_PATTERNS, token=token)
+        if offline():
+            log(f"Using {hf_path}{rev} from the hub cache (HF_HUB_OFFLINE is set): {path}")
     except GatedRepoError:
         raise ConvertError(f"{hf_path}: the repo is gated; accept its license on huggingface.co and set HF_TOKEN "
                            f"to a token with access (or {WHAT_TO_DO})") from None
@@ -68,11 +74,11 @@ def resolve(hf_path: str, revision: Optional[str] = None, log: Callable[[str], N
         if offline():
             raise ConvertError(f"{hf_path}{rev}: not in the local hub cache and HF_HUB_OFFLINE is set "
                                f"(unset it to download, or {WHAT_TO_DO})") from None
-        raise HubUnreachable(f"{hf_path}: cannot reach the Hugging Face hub; {WHAT_TO_DO}") from None
+        raise HubUnreachable(hf_path, "file not found in the cache and no connection") from None
     except HubUnreachable:
         raise
     except OSError as e:  # connection errors are OSErrors (httpx wraps them too)
-        raise HubUnreachable(f"{hf_path}: cannot reach the Hugging Face hub ({_short(e)}); {WHAT_TO_DO}") from None
+        raise HubUnreachable(hf_path, _short(e)) from None
     return Path(path)
 
 
@@ -86,12 +92,12 @@ def _probe(repo: str, revision: Optional[str], token: Optional[str]) -> None:
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status is None or status >= 500:
-            raise HubUnreachable(f"{repo}: the Hugging Face hub did not answer ({_short(e)}); {WHAT_TO_DO}") from None
+            raise HubUnreachable(repo, f"the hub answered {_short(e)}") from None
         raise
     except Exception as e:  # httpx.ConnectError / timeouts / DNS failures
         if type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
             raise
-        raise HubUnreachable(f"{repo}: cannot reach the Hugging Face hub ({_short(e)}); {WHAT_TO_DO}") from None
+        raise HubUnreachable(repo, _short(e)) from None
 
 
 def _short(e: BaseException) -> str:
