@@ -63,6 +63,20 @@ async def test_newline_keys_do_not_send(tmp_path):
         assert app.transcript.views[0].content == "a\nb\nc\nd"
 
 
+async def test_text_and_enter_in_one_burst_are_not_lost(tmp_path):
+    # What a terminal delivers for an IME commit or fast typing: the keys arrive before any is handled.
+    from textual import events
+
+    app = make_app(tmp_path, replies=["ok"])
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        for ch in "继续写完代码":
+            app.post_message(events.Key(ch, ch))
+        app.post_message(events.Key("enter", "\r"))
+        await wait_until(pilot, lambda: app.job is None and len(app.transcript.views) == 2)
+        assert app.transcript.views[0].content == "继续写完代码" and app.prompt.text == ""
+
+
 async def test_escape_stops_mid_stream_keeps_partial_and_app_stays_usable(tmp_path):
     app = make_app(tmp_path, replies=[LONG, "second answer"], delay=0.02)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -143,8 +157,10 @@ async def test_edit_an_earlier_message_and_switch_branches(tmp_path):
         await ready(pilot)
         await send(pilot, "one")
         await send(pilot, "two")
+        app.transcript.views[-1].focus()
+        await pilot.press("up", "up", "up")  # from the last reply to the first message
         first = app.transcript.views[0]
-        first.focus()
+        assert app.focused is first
         await pilot.press("e")
         assert app.prompt.text == "one" and app.edit_target is not None
         app.prompt.set_text("uno")
@@ -403,3 +419,50 @@ async def test_send_while_loading_waits_for_the_model(tmp_path):
 
 def test_message_view_is_focusable():
     assert MessageView.can_focus
+
+
+async def test_model_command_lists_and_switches_models(tmp_path, data_home):
+    from tiny import DENSE
+
+    from tui.fake import FakeBackend
+    from tui.widgets.model_picker import ModelScreen
+
+    folder = data_home / "qwen2-mlx" / "models" / "tiny-moe"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dict(DENSE, num_experts=4)))
+    (folder / "model.safetensors").write_bytes(b"")
+    app = make_app(tmp_path, replies=["from A"])
+    app.backend_factory = lambda path: FakeBackend([f"from {path.name}"], name=path.name)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await send(pilot, "/model")
+        assert isinstance(app.screen, ModelScreen)
+        assert "tiny-moe  ·  MoE  ·  float32" in str(app.screen.query_one("OptionList").get_option_at_index(0).prompt)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.loaded and app.model_label == "tiny-moe")
+        assert app.sub_title == "tiny-moe"
+        await send(pilot, "hi")
+        assert texts(app)[-1] == ("assistant", "from tiny-moe", "done")
+        await send(pilot, "/model /no/such/folder")
+        assert any("no such model folder" in n.message for n in app._notifications)
+        assert app.model_label == "tiny-moe" and app.loaded
+
+
+async def test_failed_model_switch_keeps_the_old_model(tmp_path, data_home):
+    from tiny import DENSE
+
+    from tui.fake import FakeBackend
+
+    folder = tmp_path / "broken-weights"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(DENSE))
+    (folder / "model.safetensors").write_bytes(b"")
+    app = make_app(tmp_path, replies=["still A"])
+    app.backend_factory = lambda path: FakeBackend(name=path.name, load_error="cannot read weights")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await send(pilot, f"/model {folder}")
+        await wait_until(pilot, lambda: any("Still using fake-model" in n.message for n in app._notifications))
+        assert app.is_running and app.loaded and app.model_label == "fake-model"
+        await send(pilot, "hi")
+        assert texts(app)[-1] == ("assistant", "still A", "done")

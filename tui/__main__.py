@@ -8,8 +8,11 @@ import threading
 from pathlib import Path
 from typing import Optional, TextIO
 
+from qwen2_mlx.blas import ensure_openblas
 from qwen2_mlx.cli_args import add_long_context_args, long_context_overrides
 from qwen2_mlx.paths import default_model_path
+
+from .models import check_model
 
 HINT = "hint: run `python convert.py` to create the default model, or pass --model PATH"
 
@@ -36,20 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", type=Path, default=None, help="chat database (default: in the qwen2-mlx data folder)")
     add_long_context_args(p)
     return p
-
-
-def check_model(path: Path) -> Optional[str]:
-    """A one-line reason the folder cannot be a model, or None; reads only config.json."""
-    from qwen2_mlx import ConfigError, ModelArgs, ModelLoadError
-    from qwen2_mlx.loader import resolve_path, weight_files
-
-    try:
-        folder = resolve_path(path)
-        ModelArgs.from_file(folder / "config.json")
-        weight_files(folder)
-    except (ModelLoadError, ConfigError, OSError, ValueError) as e:
-        return str(e)
-    return None
 
 
 def settings_from(args: argparse.Namespace) -> dict:
@@ -98,6 +87,7 @@ def run_once(backend, text: str, system: Optional[str], settings: dict, out: Tex
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     piped = None
@@ -133,7 +123,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.last and chat_id is None:
         chats = store.chats()
         chat_id = chats[0].id if chats else None
-    app = ChatApp(backend, store, chat_id=chat_id, default_system=args.system, default_settings=settings)
+    app = ChatApp(backend, store, chat_id=chat_id, default_system=args.system, default_settings=settings,
+                  backend_factory=lambda path: ModelBackend(path, dtype=args.dtype, overrides=backend.overrides))
     code = app.run(inline=args.inline)
     store.close()
     return code if isinstance(code, int) else (app.return_code or 0)

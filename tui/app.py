@@ -22,14 +22,17 @@ from textual.binding import Binding
 from textual.message import Message as TMessage
 from textual.widgets import Footer, Header, Static
 
-from qwen2_mlx.paths import data_dir
+from qwen2_mlx.paths import data_dir, models_dir
 
 from . import cjk_wrap, commands
 from .engine import DEFAULT_SETTINGS, Engine, Failed, Finished, Job, Loaded, LoadFailed, Loading, Stats, Token
 from .export import export_chat
+from .models import check_model, list_models
+from .models import resolve as resolve_model
 from .store import FINISHED, Message, Store
 from .widgets.chat_list import ChatListScreen
 from .widgets.dialogs import ConfirmScreen, HelpScreen
+from .widgets.model_picker import ModelScreen
 from .widgets.prompt import PromptInput
 from .widgets.settings import SettingsScreen
 from .widgets.status import StatusBar
@@ -72,13 +75,14 @@ class ChatApp(App):
 
     def __init__(self, backend, store: Optional[Store] = None, chat_id: Optional[int] = None,
                  default_system: Optional[str] = None, default_settings: Optional[dict] = None,
-                 model_label: str = "", animate: bool = True):
+                 model_label: str = "", animate: bool = True, backend_factory=None):
         super().__init__()
         cjk_wrap.install()
         self.backend = backend
         self.store = store or Store()
         self.engine = Engine(backend, lambda ev: self.post_message(EngineEvent(ev)))
         self.default_system = default_system
+        self.backend_factory = backend_factory  # path -> backend, for /model; None: no switching
         self.default_settings = {**DEFAULT_SETTINGS, **(default_settings or {})}
         self.model_label = model_label or getattr(backend, "name", "")
         self.chat_id: Optional[int] = chat_id
@@ -274,6 +278,10 @@ class ChatApp(App):
         if isinstance(ev, Loading):
             self.status.set_loading(ev.fraction, ev.text)
         elif isinstance(ev, Loaded):
+            if ev.name != self.model_label and self.model_label:
+                self.notify(f"Now using {ev.name}.", timeout=3)
+            self.model_label = ev.name
+            self.sub_title = ev.name
             self.loaded = True
             self.context_limit = ev.context_limit
             self.load_seconds = ev.seconds
@@ -282,6 +290,11 @@ class ChatApp(App):
             if self.reply_view is not None and self.reply_view.status == "waiting":
                 self.reply_view.set_status("streaming")
             self.update_context()
+        elif isinstance(ev, LoadFailed) and not ev.initial:
+            self.loaded = True  # the previous model is still loaded and answers
+            self.status.set_state("ready")
+            self.notify(f"Cannot load that model: {ev.error}. Still using {self.model_label}.",
+                        severity="error", timeout=8)
         elif isinstance(ev, LoadFailed):
             self.exit(return_code=2, message=f"qwen2-chat: cannot load the model: {ev.error}\n"
                                              "hint: run `python convert.py` to create the default model")
@@ -471,9 +484,38 @@ class ChatApp(App):
         elif name == "settings":
             self.action_settings()
         elif name == "model":
-            self.notify(f"Model: {self.model_label} · context {self.context_limit:,} tokens"
-                        + (f", loaded in {self.load_seconds:.1f}s" if self.loaded else " (loading)") +
-                        ". To use another model, restart with --model PATH.")
+            if cmd.arg:
+                self.switch_model(cmd.arg)
+                return
+            info = (f"Model: {self.model_label} · context {self.context_limit:,} tokens"
+                    + (f", loaded in {self.load_seconds:.1f}s" if self.loaded else " (loading)"))
+            if self.backend_factory is None:
+                self.notify(info)
+                return
+
+            def chosen(path: Optional[str]) -> None:
+                if path:
+                    self.switch_model(path)
+
+            self.push_screen(ModelScreen(list_models(), self.model_label, str(models_dir())), chosen)
+
+    def switch_model(self, target: str) -> None:
+        """Load another converted model in place of this one (the chats stay as they are)."""
+        if self.backend_factory is None:
+            self.notify("This app was started without a model loader; restart with --model PATH.",
+                        severity="warning")
+            return
+        if self.job is not None or not self.loaded:
+            self.notify("Wait for the reply (or the load) to finish first.", severity="warning")
+            return
+        path = resolve_model(target)
+        problem = check_model(path)
+        if problem:
+            self.notify(problem, severity="error", timeout=8)
+            return
+        self.loaded = False
+        self.status.set_loading(0.0, str(path))
+        self.engine.switch(self.backend_factory(path))
 
     def _save_chat_settings(self) -> None:
         if self.chat_id is not None:

@@ -21,7 +21,7 @@ HELP = [
     ("/export [md|jsonl] [PATH]", "write this chat to a file (default: Markdown in the current folder)"),
     ("/copy [code]", "copy the last reply (or its code blocks) to the clipboard"),
     ("/settings", "open the settings panel (system prompt and sampling)"),
-    ("/model [PATH]", "show the model, or switch to another converted model folder"),
+    ("/model [NAME|PATH]", "pick a converted model from a list, or load this one (the chats stay)"),
     ("/help", "this list, with the keys"),
     ("/quit", "leave the app"),
 ]

@@ -47,6 +47,7 @@ class Loaded:
 @dataclass
 class LoadFailed:
     error: str
+    initial: bool = True  # the first model failed (the app cannot go on) vs. a switch (the old one stays)
 
 
 @dataclass
@@ -96,6 +97,11 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _Switch:
+    backend: Any
+
+
 class Backend(Protocol):
     """What the generation thread needs from a model; the real one wraps `qwen2_mlx.chat.Chat`."""
 
@@ -116,7 +122,7 @@ class Engine:
     def __init__(self, backend: Backend, post: Callable[[object], None]):
         self.backend = backend
         self.post = post
-        self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self.jobs: "queue.Queue[Any]" = queue.Queue()  # Job, _Switch, or None to end
         self.current: Optional[Job] = None
         self.loaded = threading.Event()
         self.load_error: Optional[str] = None
@@ -153,23 +159,38 @@ class Engine:
         except Exception:  # the meter is advisory; a template error shows up when generating
             return 0
 
+    def switch(self, backend: Backend) -> None:
+        """Load another model after the queued jobs; on failure the current one stays."""
+        self.jobs.put(_Switch(backend))
+
+    def _load(self, backend: Backend, initial: bool) -> bool:
+        tic = time.perf_counter()
+        try:
+            backend.load(lambda f, t: self.post(Loading(f, t)))
+        except Exception as e:
+            error = str(e) or type(e).__name__
+            if initial:
+                self.load_error = error
+            self.post(LoadFailed(error, initial))
+            return False
+        self.backend = backend
+        self.post(Loaded(backend.name, backend.context_limit, time.perf_counter() - tic))
+        return True
+
     def _run(self) -> None:
         stream = _thread_stream()
         with _use_stream(stream):
-            tic = time.perf_counter()
-            try:
-                self.backend.load(lambda f, t: self.post(Loading(f, t)))
-            except Exception as e:
-                self.load_error = str(e) or type(e).__name__
-                self.loaded.set()
-                self.post(LoadFailed(self.load_error))
-                return
+            ok = self._load(self.backend, initial=True)
             self.loaded.set()
-            self.post(Loaded(self.backend.name, self.backend.context_limit, time.perf_counter() - tic))
+            if not ok:
+                return
             while True:
                 job = self.jobs.get()
                 if job is None:
                     return
+                if isinstance(job, _Switch):
+                    self._load(job.backend, initial=False)
+                    continue
                 self.current = job
                 try:
                     self._generate(job)

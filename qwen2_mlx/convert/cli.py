@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..blas import ensure_openblas
+
 DEFAULT_REPO = "Qwen/Qwen2-0.5B-Instruct"
 QUANT_RECIPES = ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]  # mlx_lm.convert.QUANT_RECIPES
 DTYPES = ["float16", "bfloat16", "float32"]  # mlx_lm.convert.MODEL_CONVERSION_DTYPES
@@ -162,6 +164,7 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     sys.exit(run(argv))
 
 

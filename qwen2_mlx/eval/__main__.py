@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from .common import EvalError, add_model_args, load_for_eval, parse_int_list, progress
 from .results import ResultsError, ResultsFile, write_json
+from ..blas import ensure_openblas
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +172,7 @@ def _digest(path: Path) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     args = build_parser().parse_args(argv)
     try:
         run(args)

@@ -14,6 +14,7 @@ KEYS = [
     ("Up / Down (first / last line)", "earlier / later prompts"), ("Ctrl+G", "edit the prompt in $EDITOR"),
     ("Esc · Ctrl+C (while answering)", "stop the reply"), ("Ctrl+R", "regenerate the last reply"),
     ("Shift+Tab / Tab", "move between messages and the prompt"),
+    ("on a message: ↑ ↓", "previous / next message (↓ after the last returns to the prompt)"),
     ("on a message: y · c", "copy the message · copy its code blocks (click a block copies it too)"),
     ("on a message: e · r · ← →", "edit and resend · regenerate · switch between alternative replies"),
     ("Ctrl+L", "chat list"), ("Ctrl+N", "new chat"), ("Ctrl+S", "settings (system prompt, sampling)"),

@@ -20,11 +20,14 @@ from textual.widgets import TextArea
 
 class PromptInput(TextArea):
     BINDINGS = [
-        Binding("enter", "submit", "Send", priority=True, id="prompt.submit"),
-        Binding("shift+enter,alt+enter,ctrl+j", "newline", "New line", show=False, priority=True,
-                id="prompt.newline"),
+        Binding("enter", "submit", "Send", id="prompt.submit"),
+        Binding("shift+enter,alt+enter,ctrl+j", "newline", "New line", show=False, id="prompt.newline"),
         Binding("ctrl+g", "external_editor", "Editor", show=False, id="prompt.editor"),
     ]
+    # These run from the widget's own key handler, in order with the typed characters: as app-level
+    # (priority) bindings, an Enter that arrives in the same read as the text would run before the
+    # text is inserted and send an empty prompt.
+    OWN_ACTIONS = ("submit", "newline", "external_editor")
 
     class Submitted(Message):
         def __init__(self, prompt: "PromptInput", text: str):
@@ -41,6 +44,25 @@ class PromptInput(TextArea):
         self.prompt_history: list[str] = list(history or [])
         self.history_index = len(self.prompt_history)
         self._draft = ""
+
+    def _own_action(self, key: str) -> str | None:
+        bindings = self._bindings.copy()
+        keymap = getattr(self.app, "_keymap", None)
+        if keymap:
+            bindings.apply_keymap(keymap)
+        for binding in bindings.key_to_bindings.get(key, []):
+            if binding.action in self.OWN_ACTIONS:
+                return binding.action
+        return None
+
+    async def _on_key(self, event) -> None:
+        action = self._own_action(event.key)
+        if action is not None:
+            event.stop()
+            event.prevent_default()
+            getattr(self, f"action_{action}")()
+            return
+        await super()._on_key(event)
 
     def remember(self, text: str) -> None:
         if text.strip() and (not self.prompt_history or self.prompt_history[-1] != text):

@@ -44,6 +44,8 @@ class MessageView(Vertical, can_focus=True):
         Binding("r", "regenerate", "Regenerate", id="message.regenerate"),
         Binding("left,h", "branch(-1)", "◀ Branch", id="message.branch_previous"),
         Binding("right,l", "branch(1)", "Branch ▶", id="message.branch_next"),
+        Binding("up,k", "move(-1)", "Previous message", show=False, id="message.previous"),
+        Binding("down,j", "move(1)", "Next message", show=False, id="message.next"),
     ]
 
     class Action(TMessage):
@@ -146,6 +148,16 @@ class MessageView(Vertical, can_focus=True):
 
     def action_branch(self, step: int) -> None:
         self.post_message(self.Action(self, "branch", step))
+
+    def action_move(self, step: int) -> None:
+        """Up/Down walk the messages; Down past the last one returns to the prompt."""
+        views = list(self.parent.query(MessageView)) if self.parent is not None else []
+        k = views.index(self) + step if self in views else -1
+        if 0 <= k < len(views):
+            views[k].focus()
+            views[k].scroll_visible(animate=False)
+        elif step > 0:
+            self.app.query_one("#prompt").focus()
 
     def on_click(self, event) -> None:
         # A click on a code block copies it, as in oterm.

@@ -1,0 +1,108 @@
+"""The compiled decode step (decode.py): same greedy tokens as the plain path, and clean fallbacks."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+
+import qwen2_mlx
+from qwen2_mlx.cache import make_prompt_cache
+from qwen2_mlx.decode import DISABLE_ENV, FastDecoder, decode_step, fast_decode_applies
+from qwen2_mlx.generate import generate_step
+from tiny import DENSE, MOE, make_checkpoint
+
+PROMPT = mx.array([5, 17, 33, 2, 9, 100, 200, 7, 64], dtype=mx.uint32)
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def tiny_model(request, tmp_path_factory):
+    path, _ = make_checkpoint(tmp_path_factory.mktemp(request.param), DENSE if request.param == "dense" else MOE)
+    model, _ = qwen2_mlx.load(path)
+    return model
+
+
+def _generate(model, monkeypatch, fast: bool, n: int, prompt=PROMPT, cache=None):
+    monkeypatch.setenv(DISABLE_ENV, "0" if fast else "1")
+    out = [(t, lp) for t, lp in generate_step(prompt, model, max_tokens=n, prompt_cache=cache)]
+    return [t for t, _ in out], mx.stack([lp for _, lp in out])
+
+
+def test_greedy_tokens_identical_across_cache_growth(tiny_model, monkeypatch):
+    # 300 tokens cross KVCache's 256-position growth, where the compiled step is retraced.
+    plain_tokens, plain_lp = _generate(tiny_model, monkeypatch, False, 300)
+    fast_tokens, fast_lp = _generate(tiny_model, monkeypatch, True, 300)
+    assert fast_tokens == plain_tokens
+    assert len(set(plain_tokens)) > 5  # a degenerate repetition would prove little
+    assert mx.allclose(fast_lp, plain_lp, atol=1e-4, rtol=1e-4).item()
+
+
+def test_fast_path_is_taken_and_keeps_the_cache_consistent(tiny_model, monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    cache = make_prompt_cache(tiny_model)
+    tiny_model(PROMPT[None], cache=cache)
+    calls = []
+    orig = FastDecoder.__call__
+    monkeypatch.setattr(FastDecoder, "__call__", lambda self, t, c: calls.append(1) or orig(self, t, c))
+    logits = decode_step(tiny_model, mx.array([3], dtype=mx.uint32), cache)
+    assert calls and logits.shape == (1, tiny_model.args.vocab_size)
+    assert all(c.offset == PROMPT.size + 1 for c in cache)
+    # The plain forward on a copy of the prompt + token gives the same last logits.
+    ref = tiny_model(mx.concatenate([PROMPT, mx.array([3], dtype=mx.uint32)])[None])[:, -1, :]
+    assert mx.allclose(logits, ref, atol=1e-4, rtol=1e-4).item()
+
+
+def test_multi_turn_prompt_cache_and_trim(tiny_model, monkeypatch):
+    """A reused, trimmed cache (chat turns) gives the same tokens on both paths."""
+    def turns(fast):
+        monkeypatch.setenv(DISABLE_ENV, "0" if fast else "1")
+        cache = make_prompt_cache(tiny_model)
+        first = [t for t, _ in generate_step(PROMPT, tiny_model, max_tokens=20, prompt_cache=cache)]
+        for c in cache:
+            c.trim(7)  # drop the tail, as prompt-cache reuse does; stale positions must stay masked
+        second = [t for t, _ in generate_step(mx.array([11, 12], dtype=mx.uint32), tiny_model, max_tokens=20,
+                                              prompt_cache=cache)]
+        return first, second, cache[0].offset
+    assert turns(True) == turns(False)
+
+
+def test_falls_back_for_quantized_kv_cache_and_dca(tmp_path, monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    # head_dim 32: the smallest group size mx.quantize takes.
+    path, _ = make_checkpoint(tmp_path / "m", DENSE, num_attention_heads=2, num_key_value_heads=1)
+    model, _ = qwen2_mlx.load(path)
+    cache = make_prompt_cache(model)
+    assert not fast_decode_applies(model, cache)  # empty cache: the plain step fills it first
+    model(PROMPT[None], cache=cache)
+    assert fast_decode_applies(model, cache)
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    assert not fast_decode_applies(model, cache)
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    quantized = [QuantizedKVCache(group_size=32, bits=8) for _ in model.layers]
+    model(PROMPT[None], cache=quantized)
+    assert decode_step(model, mx.array([1], dtype=mx.uint32), quantized) is None
+    dca_model, _ = qwen2_mlx.load(path, dca={"chunk_size": 16, "local_size": 4})
+    dca_cache = make_prompt_cache(dca_model)
+    dca_model(PROMPT[None], cache=dca_cache)
+    assert type(dca_cache[0]) is not KVCache
+    assert decode_step(dca_model, mx.array([1], dtype=mx.uint32), dca_cache) is None
+    # A plain KVCache given to a DCA model still takes the model's own (DCA) forward.
+    assert not fast_decode_applies(dca_model, cache)
+
+
+def test_batch_of_two_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    path, _ = make_checkpoint(tmp_path / "m", DENSE)
+    model, _ = qwen2_mlx.load(path)
+    cache = make_prompt_cache(model)
+    model(mx.stack([PROMPT, PROMPT]), cache=cache)
+    assert not fast_decode_applies(model, cache)
+
+
+@pytest.mark.real_model
+def test_real_model_greedy_tokens_identical(real_model, monkeypatch):
+    model, tokenizer = real_model
+    prompt = mx.array(tokenizer.encode("def quicksort(xs):\n    ", add_special_tokens=False), dtype=mx.uint32)
+    plain_tokens, _ = _generate(model, monkeypatch, False, 16, prompt=prompt)
+    fast_tokens, _ = _generate(model, monkeypatch, True, 16, prompt=prompt)
+    assert fast_tokens == plain_tokens
