@@ -86,6 +86,7 @@ class Finished:
 class Failed:
     job: int
     error: str
+    context: bool = False  # the conversation no longer fits the context window (policy "refuse")
 
 
 @dataclass
@@ -219,7 +220,10 @@ class Engine:
             stats = Stats.from_response(last, used, limit) if last is not None else Stats(context_limit=limit)
             self.post(Finished(job.id, reason, text, stats))
         except Exception as e:  # any model error ends this reply, never the app
-            self.post(Failed(job.id, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
+            if type(e).__name__ == "ContextOverflowError":
+                self.post(Failed(job.id, str(e), context=True))
+            else:
+                self.post(Failed(job.id, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
 
 
 def _thread_stream():
