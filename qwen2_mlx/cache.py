@@ -1,14 +1,33 @@
-"""KV caches for generation.
+"""KV caches for generation: make, trim, save and load.
 
 The model decides which cache each layer gets (`model.make_cache()`); callers only ask for one here.
+Saved caches use mlx-lm's file layout (safetensors, cache classes and scalars in the metadata) and
+add the model's shape and long-context settings, so a cache is never loaded into a model that
+would read its keys differently (another RoPE base, YaRN factor or DCA chunking).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
 
+import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
+from mlx.utils import tree_unflatten
+from mlx_lm.models import cache as mlx_cache
+from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
+
+from .dca import long_context_signature
+
+SIGNATURE_KEY = "qwen2_mlx_signature"
+META_STATE_KEY = "qwen2_mlx_meta_state"  # per layer; mlx-lm's layout no longer saves it
+
+
+class PromptCacheError(ValueError):
+    """A prompt cache file that cannot be used; the message names the file."""
 
 
 class DCAKVCache(KVCache):
@@ -59,3 +78,128 @@ class DCAKVCache(KVCache):
 def make_prompt_cache(model: nn.Module) -> list:
     """One KV cache per layer, as the model wants them."""
     return model.make_cache()
+
+
+def model_signature(model: nn.Module) -> dict:
+    """What a saved cache must agree on with the model it is loaded into: shapes and RoPE/DCA settings."""
+    args = model.args
+    sig = {"model_type": args.model_type, "num_hidden_layers": args.num_hidden_layers,
+           "num_key_value_heads": args.num_key_value_heads, "head_dim": args.head_dim}
+    sig.update(long_context_signature(args))
+    return json.loads(json.dumps(sig))  # the form it takes after a round trip through the file
+
+
+def _compact(c: Any) -> Any:
+    """A KVCache keeps spare capacity (and trimmed tokens) past `offset`: save only what it holds."""
+    if isinstance(c, KVCache) and c.keys is not None and c.keys.shape[2] > c.offset:
+        out = copy.copy(c)
+        out.keys, out.values = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
+        return out
+    return c
+
+
+def _atomic_target(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
+
+
+def save_prompt_cache(file_name: Union[str, Path], cache: list, metadata: Optional[dict] = None,
+                      model: Optional[nn.Module] = None) -> None:
+    """Save a prompt cache as safetensors (mlx-lm's layout); with `model`, record its signature.
+
+    `metadata` maps strings to strings (no dots in keys, as in mlx-lm). The file is written to a
+    temporary name first, so an interrupted save never leaves a half-written cache behind.
+    """
+    path = Path(file_name)
+    if path.suffix != ".safetensors":
+        raise PromptCacheError(f"{path}: a prompt cache file name must end in .safetensors")
+    if not cache or any(getattr(c, "keys", True) is None for c in cache):
+        raise PromptCacheError(f"{path}: the prompt cache is empty; prefill it before saving")
+    meta = dict(metadata or {})
+    for k, v in meta.items():
+        if not isinstance(k, str) or not isinstance(v, str) or "." in k:
+            raise PromptCacheError(f"{path}: metadata must map strings without dots to strings (key {k!r})")
+    if model is not None:
+        meta[SIGNATURE_KEY] = json.dumps(model_signature(model), sort_keys=True)
+    meta_states = [list(getattr(c, "meta_state", None) or []) for c in cache]
+    if any(meta_states):
+        meta[META_STATE_KEY] = json.dumps(meta_states)
+    tmp = _atomic_target(path)
+    try:
+        mlx_cache.save_prompt_cache(str(tmp), [_compact(c) for c in cache], meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cache_class(name: str, path: Path):
+    cls = globals().get(name)  # cache classes of this package (the DCA cache) first, then mlx-lm's
+    if not (isinstance(cls, type) and hasattr(cls, "from_state")):
+        cls = getattr(mlx_cache, name, None)
+    if not (isinstance(cls, type) and hasattr(cls, "from_state")):
+        raise PromptCacheError(f"{path}: unknown cache class {name!r}")
+    return cls
+
+
+def _check_signature(path: Path, saved: dict, model: nn.Module) -> None:
+    current = model_signature(model)
+    diffs = [f"{k}={saved.get(k)!r} in the file, {current.get(k)!r} in the model"
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise PromptCacheError(f"{path}: this prompt cache was made for a differently configured model: "
+                               + "; ".join(diffs))
+
+
+def _check_shapes(path: Path, cache: list, model: nn.Module) -> None:
+    args = model.args
+    if len(cache) != args.num_hidden_layers:
+        raise PromptCacheError(f"{path}: the cache has {len(cache)} layers, the model {args.num_hidden_layers}")
+    for c in cache:
+        keys = getattr(c, "keys", None)
+        if isinstance(keys, mx.array) and (keys.shape[1], keys.shape[3]) != (args.num_key_value_heads, args.head_dim):
+            raise PromptCacheError(
+                f"{path}: cached keys have {keys.shape[1]} heads of size {keys.shape[3]}, the model "
+                f"{args.num_key_value_heads} of size {args.head_dim}")
+
+
+def load_prompt_cache(file_name: Union[str, Path], return_metadata: bool = False,
+                      model: Optional[nn.Module] = None):
+    """Load a prompt cache saved by `save_prompt_cache` (or mlx-lm's).
+
+    With `model`, refuse (PromptCacheError naming the file and the differing settings) a cache
+    made for a model with another shape or other long-context settings.
+    """
+    path = Path(file_name)
+    if not path.is_file():
+        raise PromptCacheError(f"{path}: no such prompt cache file")
+    try:
+        arrays, flat_meta = mx.load(str(path), return_metadata=True)
+        metadata, classes, scalars = tree_unflatten(list(flat_meta.items()))
+    except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
+        raise PromptCacheError(f"{path}: not a prompt cache file ({e})") from None
+    metadata = dict(metadata) if isinstance(metadata, dict) else {}
+    signature = metadata.pop(SIGNATURE_KEY, None)
+    meta_states = json.loads(metadata.pop(META_STATE_KEY, "[]"))
+    if model is not None and signature is not None:
+        _check_signature(path, json.loads(signature), model)
+    for pos, kind in scalars[1:]:
+        value = arrays[pos]
+        if kind == "scalar":
+            arrays[pos] = value.item()
+        elif kind == "string":
+            arrays[pos] = "".join(chr(i) for i in value.tolist())
+        elif kind == "none":
+            arrays[pos] = None
+        else:
+            raise PromptCacheError(f"{path}: unknown scalar kind {kind!r}")
+    states = tree_unflatten(list(arrays.items()))
+    cache = [_cache_class(name, path).from_state(state) for name, state in zip(classes, states)]
+    for c, meta_state in zip(cache, meta_states):
+        if meta_state:
+            c.meta_state = tuple(meta_state)
+    if model is not None:
+        _check_shapes(path, cache, model)
+    return (cache, metadata) if return_metadata else cache
+
+
+__all__ = ["make_prompt_cache", "save_prompt_cache", "load_prompt_cache", "trim_prompt_cache",
+           "can_trim_prompt_cache", "model_signature", "PromptCacheError"]

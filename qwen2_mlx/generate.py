@@ -4,13 +4,14 @@ The loop follows mlx-lm's: a dedicated stream, chunked prefill that evaluates on
 last prompt token held back so the head runs on one position, and double-buffered decoding
 (`mx.async_eval` of token n+1 before token n is read). On top of it: stop strings that never leak
 into the text, a `finish_reason` that always says why it ended ("stop", "length", "context",
-"cancelled"), cancellation through a `threading.Event`, and `max_tokens=None` for "until done".
+"cancelled"), cancellation through a `threading.Event` or by closing the generator, and
+`max_tokens=None` for "until the end of the turn or the context window".
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Generator, Iterable, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -22,11 +23,16 @@ from .decode import decode_step
 
 generation_stream = mx.new_thread_local_stream(mx.default_device())
 DEFAULT_PREFILL_STEP_SIZE = 2048
+FINISH_REASONS = ("stop", "length", "context", "cancelled")
+
+
+class ContextOverflowError(ValueError):
+    """The prompt does not fit the model's context window (nothing is truncated silently)."""
 
 
 @dataclass
 class GenerationResponse:
-    """One streamed step; the fields of mlx-lm's GenerationResponse."""
+    """One streamed step; the fields of mlx-lm's GenerationResponse plus time to first token."""
 
     text: str
     token: int
@@ -41,6 +47,58 @@ class GenerationResponse:
     time_to_first_token: float = 0.0
 
 
+@dataclass
+class GenerationStats:
+    """The figures of a finished generation (those mlx-lm prints, plus time to first token)."""
+
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+    time_to_first_token: float = 0.0
+
+    @classmethod
+    def from_response(cls, r: Optional[GenerationResponse]) -> "GenerationStats":
+        if r is None:
+            return cls()
+        return cls(**{f.name: getattr(r, f.name) for f in fields(cls)})
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "GenerationStats":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Reply(str):
+    """A finished reply: the text itself (a `str`), with `.finish_reason` and `.stats`.
+
+    Jupyter renders it as Markdown; a reply that did not end by itself says why below the text.
+    """
+
+    finish_reason: Optional[str]
+    stats: GenerationStats
+
+    def __new__(cls, text: str, finish_reason: Optional[str] = None, stats: Optional[GenerationStats] = None):
+        obj = super().__new__(cls, text)
+        obj.finish_reason = finish_reason
+        obj.stats = stats or GenerationStats()
+        return obj
+
+    _NOTES = {
+        "length": "stopped at max_tokens",
+        "context": "stopped: the context window is full",
+        "cancelled": "cancelled",
+    }
+
+    def _repr_markdown_(self) -> str:
+        note = self._NOTES.get(self.finish_reason)
+        return str(self) + (f"\n\n*[{note}]*" if note else "")
+
+
 def context_limit(model: nn.Module) -> int:
     """The longest sequence the model is configured for (DCA lifts the trained limit)."""
     args = model.args
@@ -52,7 +110,7 @@ def context_limit(model: nn.Module) -> int:
 def build_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                   repetition_penalty: Optional[float] = None, repetition_context_size: int = 20,
                   logit_bias: Optional[dict] = None, sampler=None, logits_processors=None):
-    """mlx-lm's samplers and logits processors from plain keyword settings."""
+    """mlx-lm's sampler and logits processors from plain keyword settings."""
     if sampler is None:
         sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     procs = list(logits_processors or [])
@@ -72,13 +130,18 @@ def generate_step(
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[tuple[int, mx.array], None, None]:
-    """Yield (token, logprobs) pairs. `max_tokens=None` never stops by count."""
+    """Yield (token, logprobs) pairs. `max_tokens=None` never stops by count.
+
+    The cache ends up holding the prompt and every token yielded so far (never a token the caller
+    has not seen), which is what lets a chat trim it back exactly.
+    """
     if prompt.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     progress = prompt_progress_callback or (lambda *_: None)
-    history = prompt if logits_processors else None
+    total = prompt.size
+    history = None  # tokens the logits processors see: prompt and generated tokens so far
 
     def step(tokens: mx.array):
         nonlocal history
@@ -87,8 +150,7 @@ def generate_step(
         if logits is None:
             logits = model(tokens[None], cache=cache)[:, -1, :]
         if logits_processors:
-            if history is not tokens:
-                history = mx.concatenate([history, tokens])
+            history = tokens if history is None else mx.concatenate([history, tokens])
             for proc in logits_processors:
                 logits = proc(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -98,17 +160,14 @@ def generate_step(
         if hasattr(c, "length_hint"):
             c.length_hint = c.offset + prompt.size
     with mx.stream(generation_stream):
-        total, done = prompt.size, 0
-        progress(0, total)
-        while total - done > 1:
-            n = min(prefill_step_size, total - done - 1)
-            model(prompt[done:done + n][None], cache=cache)
-            mx.eval([c.state for c in cache])
-            done += n
-            progress(done, total)
-            mx.clear_cache()
+        # Prefill all but the last prompt token; the last one goes through the head in `step`.
+        done = _prefill(model, prompt[:-1], cache, prefill_step_size, lambda d, _: progress(d, total))
+        if logits_processors and done:
+            history = prompt[:done]
         y, logprobs = step(prompt[done:])
         mx.async_eval(y, logprobs)
+
+        # Decode: queue token n+1 before reading token n, so the device never waits on Python.
         n = 0
         while True:
             if max_tokens is None or n + 1 < max_tokens:
@@ -126,6 +185,49 @@ def generate_step(
             y, logprobs = next_y, next_logprobs
 
 
+def _prefill(model: nn.Module, tokens: mx.array, cache: list, step_size: int,
+             progress: Callable[[int, int], None]) -> int:
+    """Run `tokens` into the cache in chunks, evaluating only the cache (no head). Returns the count."""
+    total, done = tokens.size, 0
+    progress(0, total)
+    while done < total:
+        n = min(step_size, total - done)
+        model(tokens[done:done + n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        progress(done, total)
+        mx.clear_cache()
+    return done
+
+
+def prefill_prompt_cache(
+    model: nn.Module,
+    tokenizer,
+    prompt: Union[str, Sequence[int], mx.array],
+    prompt_cache: Optional[list] = None,
+    *,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+) -> list:
+    """Process a prompt (e.g. a long document) into a KV cache once, to reuse for many questions.
+
+    Appends to `prompt_cache` when given (else a new cache) and returns it; it then holds every
+    prompt token, so later calls pass only the new tokens with `prompt_cache=`.
+    """
+    tokens = encode_prompt(tokenizer, prompt)
+    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    held = getattr(cache[0], "offset", 0) if cache else 0
+    if held + tokens.size > context_limit(model):
+        raise ContextOverflowError(f"the prompt ({tokens.size} tokens, {held} more already cached) does not "
+                                   f"fit the context window of {context_limit(model)} tokens")
+    for c in cache:  # DCA caches give every prompt key the temperature of the whole prompt
+        if hasattr(c, "length_hint"):
+            c.length_hint = c.offset + tokens.size
+    with mx.stream(generation_stream):
+        _prefill(model, tokens, cache, prefill_step_size, prompt_progress_callback or (lambda *_: None))
+    return cache
+
+
 def _held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of `text` that could still grow into a stop string."""
     best = 0
@@ -137,12 +239,73 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+class StopStringFilter:
+    """Detokenizes a token stream and releases only text that cannot be part of a stop string.
+
+    `add(token)` and `finish()` return the newly released text; once a stop string appears,
+    `stopped` is set and the text ends right before it.
+    """
+
+    def __init__(self, detokenizer, stop: Optional[Iterable[str]] = None):
+        self.detokenizer = detokenizer
+        if isinstance(stop, str):
+            stop = [stop]
+        self.stops = [s for s in (stop or []) if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.emitted = 0
+        self.stopped = False
+
+    def _release(self, final: bool) -> str:
+        text = self.detokenizer.text
+        if self.stops:
+            start = max(self.emitted - self.longest, 0)
+            hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.stopped = True
+                end = max(min(hits), self.emitted)
+                chunk, self.emitted = text[self.emitted:end], end
+                return chunk
+            safe = len(text) if final else len(text) - _held_back(text, self.stops)
+        else:
+            safe = len(text)
+        if safe <= self.emitted:
+            return ""
+        chunk, self.emitted = text[self.emitted:safe], safe
+        return chunk
+
+    def add(self, token: int) -> str:
+        self.detokenizer.add_token(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        self.detokenizer.finalize()
+        return self._release(final=True)
+
+
 def encode_prompt(tokenizer, prompt: Union[str, Sequence[int], mx.array]) -> mx.array:
+    """Token ids of a prompt: a string is encoded as is (no special tokens are added)."""
     if isinstance(prompt, mx.array):
-        return prompt
+        return prompt.reshape(-1)
     if isinstance(prompt, str):
         return mx.array(tokenizer.encode(prompt, add_special_tokens=False), dtype=mx.uint32)
     return mx.array(list(prompt), dtype=mx.uint32)
+
+
+def as_wrapper(tokenizer):
+    """mlx-lm's TokenizerWrapper around `tokenizer` (it brings the streaming detokenizer)."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
+
+
+def fresh_detokenizer(tokenizer):
+    detok = as_wrapper(tokenizer).detokenizer
+    detok.reset()
+    return detok
+
+
+class _Cancelled(Exception):
+    """Raised from the prefill progress callback to stop a long prefill early."""
 
 
 def stream_generate(
@@ -166,15 +329,22 @@ def stream_generate(
     prompt_cache: Optional[list] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    max_context: Optional[int] = None,
     temp: Optional[float] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion as GenerationResponse segments; the last one carries `finish_reason`.
 
-    `prompt` is a string (encoded as is, no special tokens added) or token ids. `stop` strings end
-    generation and never appear in the text. `cancel` is anything with `is_set()` (a
-    `threading.Event`); setting it from another thread ends the stream with "cancelled".
+    `prompt` is a string (encoded as is, no special tokens added) or token ids; with a
+    `prompt_cache`, only the tokens the cache does not hold yet. `stop` strings end generation
+    and never appear in the text. `cancel` is anything with `is_set()` (a `threading.Event`);
+    setting it from another thread ends the stream with "cancelled" (checked after every token
+    and between prefill chunks). `max_tokens=None` (or a negative value, as in mlx-lm) runs until
+    the end of the turn or the context window ("context"); `max_context` narrows that window
+    below the model's. Raises ContextOverflowError when the prompt itself does not fit.
     """
-    if max_tokens is not None and max_tokens <= 0:
+    if max_tokens is not None and max_tokens < 0:
+        max_tokens = None
+    if max_tokens is not None and max_tokens == 0:
         raise ValueError("max_tokens must be positive (or None for no limit)")
     if temp is not None:  # mlx-lm's spelling
         temperature = temp
@@ -183,81 +353,73 @@ def stream_generate(
     sampler, procs = build_sampler(temperature, top_p, top_k, min_p, repetition_penalty,
                                    repetition_context_size, logit_bias, sampler, logits_processors)
     prompt = encode_prompt(tokenizer, prompt)
-    stops = [s for s in (stop or []) if s]
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    text_filter = StopStringFilter(fresh_detokenizer(tokenizer), stop)
+    eos = set(getattr(as_wrapper(tokenizer), "eos_token_ids", None) or [])
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
-    start_offset = cache[0].offset if cache and hasattr(cache[0], "offset") else 0
-    room = context_limit(model) - start_offset - prompt.size
+    start_offset = getattr(cache[0], "offset", 0) if cache else 0
+    window = min(max_context, context_limit(model)) if max_context else context_limit(model)
+    room = window - start_offset - prompt.size
     if room <= 0:
-        raise ValueError(f"the prompt ({prompt.size} tokens) does not fit the context window "
-                         f"({context_limit(model)} tokens, {start_offset} already cached)")
+        raise ContextOverflowError(
+            f"the prompt ({prompt.size} tokens, {start_offset} more already cached) does not fit "
+            f"the context window of {window} tokens")
     limit = room if max_tokens is None else min(max_tokens, room)
     length_reason = "length" if max_tokens is not None and max_tokens <= room else "context"
 
-    detok = tokenizer.detokenizer
-    emitted = 0
     tic = time.perf_counter()
     prompt_tps = ttft = 0.0
     token, logprobs, n = -1, None, 0
 
-    def response(text, reason=None):
+    def response(text: str, reason: Optional[str] = None) -> GenerationResponse:
         elapsed = time.perf_counter() - tic
         return GenerationResponse(
             text=text, token=token, logprobs=logprobs, prompt_tokens=prompt.size, prompt_tps=prompt_tps,
-            generation_tokens=n, generation_tps=n / elapsed if elapsed > 0 else 0.0,
+            generation_tokens=n, generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason, time_to_first_token=ttft)
+
+    def progress(done: int, total: int) -> None:
+        if cancel is not None and done < total and cancel.is_set():
+            raise _Cancelled
+        if prompt_progress_callback is not None:
+            prompt_progress_callback(done, total)
 
     steps = generate_step(prompt, model, max_tokens=limit, sampler=sampler, logits_processors=procs,
                           prompt_cache=cache, prefill_step_size=prefill_step_size,
-                          prompt_progress_callback=prompt_progress_callback)
-    reason = None
+                          prompt_progress_callback=progress)
+    reason, pending = None, ""
     try:
         for token, logprobs in steps:
             if n == 0:
                 ttft = time.perf_counter() - tic
-                prompt_tps = prompt.size / ttft
+                prompt_tps = prompt.size / ttft if ttft > 0 else 0.0
                 tic = time.perf_counter()
             n += 1
             if token in eos:
                 reason = "stop"
                 break
-            detok.add_token(token)
-            text = detok.text
-            if stops:
-                hits = [i for i in (text.find(s, max(emitted - len(s), 0)) for s in stops) if i >= 0]
-                if hits:
-                    yield response(text[emitted:min(hits)], "stop")
-                    return
-                safe = len(text) - _held_back(text, stops)
-            else:
-                safe = len(text)
-            if n >= limit:
-                reason = length_reason
+            chunk = text_filter.add(token)
+            if text_filter.stopped:
+                yield response(chunk, "stop")
+                return
+            if n >= limit or (cancel is not None and cancel.is_set()):
+                reason, pending = (length_reason if n >= limit else "cancelled"), chunk
                 break
-            if cancel is not None and cancel.is_set():
-                reason = "cancelled"
-                break
-            if safe > emitted:
-                chunk, emitted = text[emitted:safe], safe
-                yield response(chunk)
-            else:
-                yield response("")
-        else:
-            reason = reason or length_reason
+            yield response(chunk)
+    except _Cancelled:
+        reason = "cancelled"
     finally:
         steps.close()
-    detok.finalize()
-    text = detok.text
-    if stops:
-        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        if hits:
-            text, reason = text[:min(hits)], "stop"
-    yield response(text[emitted:], reason)
+    chunk = pending + text_filter.finish()
+    if text_filter.stopped:
+        reason = "stop"
+    yield response(chunk, reason or length_reason)
 
 
 def generate(model: nn.Module, tokenizer, prompt, max_tokens: Optional[int] = 256, verbose: bool = False,
-             **kwargs) -> str:
-    """Generate a whole completion and return its text."""
+             **kwargs) -> Reply:
+    """Generate a whole completion; returns a `Reply` (a str with `.finish_reason` and `.stats`)."""
     parts = []
     last = None
     for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
@@ -268,4 +430,4 @@ def generate(model: nn.Module, tokenizer, prompt, max_tokens: Optional[int] = 25
         print(f"\n[{last.finish_reason}] prompt: {last.prompt_tokens} tok, {last.prompt_tps:.1f} tok/s; "
               f"generation: {last.generation_tokens} tok, {last.generation_tps:.1f} tok/s; "
               f"peak memory {last.peak_memory:.2f} GB")
-    return "".join(parts)
+    return Reply("".join(parts), last.finish_reason if last else None, GenerationStats.from_response(last))

@@ -1,0 +1,237 @@
+"""`batch_generate`: many prompts decoded together, for evaluation loops.
+
+Prompts are sorted by length and run in groups of `batch_size`, left-padded into one batch over
+mlx-lm's `BatchKVCache`: its per-row offsets start each real token at position 0 and its mask hides
+the padding, so every row computes what it would alone (greedy results equal one-by-one results).
+A row that finishes leaves the batch (`BatchKVCache.filter`), so short answers cost nothing later.
+Each row has its own stop strings filter and finish reason, exactly as `stream_generate`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import BatchKVCache
+
+from .generate import (DEFAULT_PREFILL_STEP_SIZE, ContextOverflowError, GenerationStats, Reply,
+                       StopStringFilter, as_wrapper, build_sampler, context_limit, fresh_detokenizer,
+                       generation_stream)
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+@dataclass
+class BatchStats:
+    """Totals over the whole call; rates are tokens over wall time of that phase."""
+
+    prompt_tokens: int = 0
+    prompt_time: float = 0.0
+    generation_tokens: int = 0
+    generation_time: float = 0.0
+    peak_memory: float = 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_time if self.prompt_time else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_time if self.generation_time else 0.0
+
+
+@dataclass
+class BatchResponse:
+    """`texts[i]` answers `prompts[i]`: a `Reply` (a str with `.finish_reason` and `.stats`)."""
+
+    texts: list
+    stats: BatchStats
+    token_ids: list = field(default_factory=list)
+
+    @property
+    def finish_reasons(self) -> list:
+        return [t.finish_reason for t in self.texts]
+
+
+def _encode(tokenizer, prompt: Prompt, i: int) -> list[int]:
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+    elif prompt and all(isinstance(m, dict) for m in prompt):
+        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    elif all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise TypeError(f"prompts[{i}]: a prompt is a string, a list of token ids or a list of messages")
+    if not ids:
+        raise ValueError(f"prompts[{i}] is empty")
+    return list(ids)
+
+
+class _Row:
+    """One prompt's progress: its generated ids, text filter and limits."""
+
+    def __init__(self, index: int, prompt: list[int], limit: int, length_reason: str, detok, stop):
+        self.index, self.prompt, self.limit, self.length_reason = index, prompt, limit, length_reason
+        self.filter = StopStringFilter(detok, stop)
+        self.tokens: list[int] = []
+        self.parts: list[str] = []
+        self.reason: Optional[str] = None
+        self.history = mx.array(prompt, dtype=mx.uint32)  # for logits processors only
+
+    def add(self, token: int, eos: set) -> bool:
+        """Take one generated token; True when the row is finished."""
+        self.tokens.append(token)
+        if token in eos:
+            self.reason = "stop"
+        else:
+            self.parts.append(self.filter.add(token))
+            if self.filter.stopped:
+                self.reason = "stop"
+            elif len(self.tokens) >= self.limit:
+                self.reason = self.length_reason
+        if self.reason is None:
+            return False
+        if not self.filter.stopped:
+            self.parts.append(self.filter.finish())
+        return True
+
+
+def batch_generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    max_tokens: Union[int, Sequence[int], None] = 256,
+    *,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+    logit_bias: Optional[dict] = None,
+    seed: Optional[int] = None,
+    sampler: Optional[Callable] = None,
+    logits_processors: Optional[Sequence[Callable]] = None,
+    stop: Optional[Iterable[str]] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    verbose: bool = False,
+) -> BatchResponse:
+    """Generate a completion for every prompt, decoding up to `batch_size` of them together.
+
+    A prompt is a string (encoded as is), token ids, or a list of chat messages (the chat
+    template is applied). `max_tokens` is one limit or one per prompt (None: until the end of
+    the turn or the context window). Sampling settings are `stream_generate`'s.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if getattr(model.args, "dual_chunk_attention_config", None) is not None:
+        raise ValueError("batch_generate does not support Dual Chunk Attention models; use stream_generate")
+    tokenizer = as_wrapper(tokenizer)
+    encoded = [_encode(tokenizer, p, i) for i, p in enumerate(prompts)]
+    limits = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(encoded)
+    if len(limits) != len(encoded):
+        raise ValueError(f"max_tokens has {len(limits)} entries for {len(encoded)} prompts")
+    limits = [None if m is not None and m < 0 else m for m in limits]
+    if any(m == 0 for m in limits):
+        raise ValueError("max_tokens must be positive (or None for no limit)")
+    window = context_limit(model)
+    for i, ids in enumerate(encoded):
+        if len(ids) >= window:
+            raise ContextOverflowError(f"prompts[{i}] ({len(ids)} tokens) does not fit the context window "
+                                       f"of {window} tokens")
+    if seed is not None:
+        mx.random.seed(seed)
+    sample, procs = build_sampler(temperature, top_p, top_k, min_p, repetition_penalty,
+                                  repetition_context_size, logit_bias, sampler, logits_processors)
+    eos = set(tokenizer.eos_token_ids or [])
+    stats = BatchStats()
+    results: list[Optional[_Row]] = [None] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        rows = []
+        for i in order[start:start + batch_size]:
+            room = window - len(encoded[i])
+            m = limits[i]
+            rows.append(_Row(i, encoded[i], room if m is None else min(m, room),
+                             "length" if m is not None and m <= room else "context",
+                             fresh_detokenizer(tokenizer), stop))
+        with mx.stream(generation_stream):
+            _run_group(model, rows, sample, procs, eos, prefill_step_size, stats)
+        for r in rows:
+            results[r.index] = r
+        if verbose:
+            print(f"[batch_generate] {min(start + batch_size, len(order))}/{len(order)} prompts done", flush=True)
+    stats.peak_memory = mx.get_peak_memory() / 1e9
+    texts = [Reply("".join(r.parts), r.reason, GenerationStats(prompt_tokens=len(r.prompt),
+                                                               generation_tokens=len(r.tokens)))
+             for r in results]
+    if verbose:
+        print(f"[batch_generate] prompt: {stats.prompt_tokens} tok, {stats.prompt_tps:.1f} tok/s; "
+              f"generation: {stats.generation_tokens} tok, {stats.generation_tps:.1f} tok/s; "
+              f"peak memory {stats.peak_memory:.2f} GB")
+    return BatchResponse(texts, stats, [r.tokens for r in results])
+
+
+def _run_group(model: nn.Module, rows: list[_Row], sample: Callable, procs: list, eos: set,
+               prefill_step_size: int, stats: BatchStats) -> None:
+    tic = time.perf_counter()
+    width = max(len(r.prompt) for r in rows)
+    padding = [width - len(r.prompt) for r in rows]
+    tokens = mx.array([[0] * p + r.prompt for p, r in zip(padding, rows)], dtype=mx.uint32)
+    cache = [BatchKVCache(padding) for _ in model.layers]
+
+    # Prefill all but the last column, evaluating only the cache; the last goes through the head.
+    for a in range(0, width - 1, prefill_step_size):
+        model(tokens[:, a:min(a + prefill_step_size, width - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+
+    live = list(rows)
+
+    def step(inputs: mx.array, generated: bool):
+        logits = model(inputs, cache=cache)[:, -1, :]
+        if procs:
+            rows_logits = []
+            for k, r in enumerate(live):
+                if generated:
+                    r.history = mx.concatenate([r.history, inputs[k]])
+                row = logits[k:k + 1]
+                for proc in procs:
+                    row = proc(r.history, row)
+                rows_logits.append(row)
+            logits = mx.concatenate(rows_logits, axis=0)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sample(logprobs)
+
+    y = step(tokens[:, -1:], generated=False)
+    mx.eval(y)
+    stats.prompt_time += time.perf_counter() - tic
+    stats.prompt_tokens += sum(len(r.prompt) for r in rows)
+
+    tic = time.perf_counter()
+    n = 0
+    while live:
+        # Queue the next step before reading this one (the step of a finishing row is dropped below).
+        next_y = step(y[:, None], generated=True) if any(len(r.tokens) + 1 < r.limit for r in live) else None
+        if next_y is not None:
+            mx.async_eval(next_y)
+        keep = [k for k, (r, t) in enumerate(zip(live, y.tolist())) if not r.add(t, eos)]
+        stats.generation_tokens += len(live)
+        if next_y is None or not keep:
+            break
+        if len(keep) < len(live):
+            for c in cache:
+                c.filter(keep)
+            idx = mx.array(keep)
+            next_y = next_y[idx]
+            live = [live[k] for k in keep]
+        y = next_y
+        n += 1
+        if n % 256 == 0:
+            mx.clear_cache()
+    stats.generation_time += time.perf_counter() - tic
