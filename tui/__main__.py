@@ -47,10 +47,13 @@ def settings_from(args: argparse.Namespace) -> dict:
     return {k: v for k, v in pairs.items() if v is not None}
 
 
-def run_once(backend, text: str, system: Optional[str], settings: dict, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> int:
+def run_once(backend, text: str, system: Optional[str], settings: dict, out: Optional[TextIO] = None,
+             err: Optional[TextIO] = None) -> int:
     """Load, answer `text` once on `out` (progress and notes on `err`); returns the exit status."""
     from .engine import DEFAULT_SETTINGS
+
+    out = out or sys.stdout
+    err = err or sys.stderr
 
     live = hasattr(err, "isatty") and err.isatty()
 
