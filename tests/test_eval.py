@@ -8,10 +8,12 @@ import math
 import random
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from qwen2_mlx import load
 from qwen2_mlx.eval.__main__ import main
+from qwen2_mlx.eval.passkey import run_passkey
 from qwen2_mlx.eval.ppl import perplexity, windows
 from qwen2_mlx.eval.prompts import passkey_prompt, random_key
 from qwen2_mlx.eval.results import ResultsError, ResultsFile
@@ -199,3 +201,43 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, argv, message)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "a.png").exists()
+
+
+# --- the real model -------------------------------------------------------------------------
+
+MULTILINGUAL = (
+    "The river flows quietly through the old town, past the market square and under the stone bridge. "
+    "In the morning, fishermen prepare their boats while the bakers open their shops. "
+    "河流静静地穿过古老的小镇，经过集市广场，从石桥下流过。早晨，渔民们准备他们的船，面包师打开他们的店铺。"
+    "Der Fluss fließt ruhig durch die Altstadt, vorbei am Marktplatz und unter der Steinbrücke hindurch. "
+    "Le fleuve traverse tranquillement la vieille ville, passe devant la place du marché et sous le pont de pierre. "
+    "El río fluye tranquilamente por el casco antiguo, junto a la plaza del mercado y bajo el puente de piedra. "
+    "川は旧市街を静かに流れ、市場の広場を過ぎて石橋の下をくぐります。"
+)
+
+
+@pytest.mark.real_model
+def test_real_model_passkey_with_dca_at_2500_tokens(real_model_path):
+    model, tok = load(real_model_path, dtype=mx.float32,
+                      dca={"chunk_size": 1024, "local_size": 256, "original_max_position_embeddings": 0})
+    results = ResultsFile(None, {})
+    for trials in (1, 2, 3):  # resumes each time; a third trial only when the first two disagree
+        summary = run_passkey(model, tok, length=2500, trials=trials, seed=0, results=results)
+        found = sum(t["ok"] for t in summary["trials"])
+        if found >= 2 or trials - found >= 2:
+            break
+    assert all(2400 < t["tokens"] <= 2500 for t in summary["trials"])
+    assert found >= 2, summary["trials"]
+
+
+@pytest.mark.real_model
+def test_real_model_perplexity_beats_shuffled_tokens(real_model_path):
+    model, tok = load(real_model_path, dtype=mx.float32)
+    ids = tok.encode(MULTILINGUAL, add_special_tokens=False)
+    shuffled = list(ids)
+    random.Random(0).shuffle(shuffled)
+    real = perplexity(model, ids, context=256, stride=128)
+    control = perplexity(model, shuffled, context=256, stride=128)
+    assert np.isfinite(real["perplexity"]) and real["perplexity"] > 1.0
+    assert real["scored_tokens"] == len(ids) - 1
+    assert real["perplexity"] < control["perplexity"] / 4, (real["perplexity"], control["perplexity"])

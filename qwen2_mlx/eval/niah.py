@@ -41,7 +41,7 @@ def run_niah(model, tokenizer, lengths: Sequence[int], depths: Sequence[int], tr
                 if record is None:
                     prompt = niah_prompt(tokenizer, length, depth / 100, cell_seed(seed, length, depth, t), haystack)
                     record = results.add({"id": unit, "length": length, "depth": depth, "trial": t,
-                                          **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size)})
+                                          **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar)})
                 cells.append(record)
                 found += bool(record["ok"])
                 if bar is not None:

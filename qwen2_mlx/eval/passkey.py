@@ -28,7 +28,7 @@ def run_passkey(model, tokenizer, length: int, trials: int, seed: int = 0,
             depth = spread_depth(i)
             prompt = passkey_prompt(tokenizer, length, depth, random_key(seed, i))
             record = results.add({"id": unit, "trial": i, "depth": depth,
-                                  **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size)})
+                                  **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar)})
         records.append(record)
         if bar is not None:
             bar.update(1)
