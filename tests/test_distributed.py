@@ -262,3 +262,31 @@ def test_interactive_chat_in_one_process(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nmore\n"))
     assert main(["--model", str(path), "--interactive", "--max-tokens", "6", "--dtype", "float32"]) == 0
     assert capsys.readouterr().out == a1 + "\n" + a2 + "\n"
+
+
+# Qwen2-72B's shapes with one layer (the checks are per layer shape).
+Q72 = dict(model_type="qwen2", hidden_size=8192, num_hidden_layers=1, intermediate_size=29568,
+           num_attention_heads=64, num_key_value_heads=8, vocab_size=152064)
+
+
+@pytest.mark.parametrize("cfg,bits_group,ok,bad", [
+    # 29568 / 4 = 7392 columns per rank: 115.5 groups of 64, 231 groups of 32.
+    (Q72, None, [2, 4, 8], [3]),
+    (Q72, 64, [2], [4, 8]),
+    (Q72, 32, [2, 4], [8]),
+    # Qwen2-57B-A14B: 4 KV heads.
+    (dict(model_type="qwen2_moe", hidden_size=3584, num_hidden_layers=1, intermediate_size=18944,
+          num_attention_heads=28, num_key_value_heads=4, vocab_size=151936, num_experts=64,
+          num_experts_per_tok=8, moe_intermediate_size=2560, shared_expert_intermediate_size=20480), 64,
+     [2, 4], [3, 8]),
+])
+def test_rank_counts_in_the_readme(cfg, bits_group, ok, bad):
+    """The README's table of legal rank counts; the weights stay lazy, so nothing big is allocated."""
+    model = Model(ModelArgs.from_dict(cfg))
+    if bits_group:
+        nn.quantize(model, group_size=bits_group, bits=4)
+    for n in ok:
+        check_shardable(model, n)
+    for n in bad:
+        with pytest.raises(ShardingError, match=f"over {n} ranks"):
+            check_shardable(model, n)
