@@ -18,9 +18,9 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-# Score elements (query heads x tile rows x keys) one tile may hold at once; about 128 MB in fp32.
-SCORE_BUDGET = 1 << 25
-TILE_Q = 512
+# Score elements (query heads x tile rows x keys) one tile may hold at once; about 32 MB in fp32.
+SCORE_BUDGET = 1 << 23
+TILE_Q = 256
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,32 @@ def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block):
     return num / den
 
 
+def _decode_step(q, keys, values, offset, rope, geom, groups):
+    """One new token (batch 1) in a handful of kernels: the query's three rotations in one rope call
+    (positions as a batch of offsets), one matmul against all keys, and each key range takes its
+    scores from the matching rotation; then one softmax over them all (spec §3.2)."""
+    _, Hq, _, D = q.shape
+    Hkv = keys.shape[1]
+    c = geom.period
+    n, r = divmod(offset, c)
+    positions = [geom.inter_position, geom.succ_position(r), r][max(0, 2 - n):]  # key order: inter, succ, intra
+    k = len(positions)
+    if k == 1:
+        qs = rope(q, offset=r)
+    else:
+        qs = rope(mx.broadcast_to(q, (k, Hq, 1, D)), offset=mx.array(positions))
+    # (k, Hq, 1, D) -> (1, Hkv, k*G, D): rows [copy0 heads of this KV head, copy1 ..., ...]
+    qs = qs.reshape(k, Hkv, groups, D).transpose(1, 0, 2, 3).reshape(1, Hkv, k * groups, D)
+    s = _scores(qs, keys)  # (1, Hkv, k*G, p+1)
+    edges = [0, (n - 1) * c, n * c, offset + 1][3 - k:]
+    edges[0] = 0
+    parts = [s[:, :, i * groups:(i + 1) * groups, edges[i]:edges[i + 1]] for i in range(k)]
+    s = parts[0] if k == 1 else mx.concatenate(parts, axis=-1)
+    p = mx.softmax(s, axis=-1, precise=True)
+    o = _pv(p, values)  # (1, Hkv, G, D)
+    return o.reshape(1, Hq, 1, -1).astype(q.dtype)
+
+
 def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, rope, scale: float,
                   geom: DCAGeometry, tile_q: int = TILE_Q, score_budget: int = SCORE_BUDGET) -> mx.array:
     """DCA for queries at `offset .. offset+T-1` over cached keys `0 .. offset+T-1`.
@@ -238,6 +264,8 @@ def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, ro
     groups = Hq // Hkv
     c = geom.period
     q = q * scale
+    if T == 1 and B == 1 and Hq * (offset + 1) <= score_budget:
+        return _decode_step(q, keys, values, offset, rope, geom, groups)
     out = []
     b = offset
     while b < offset + T:

@@ -369,6 +369,12 @@ async def test_context_meter_warns_and_cut_by_context_is_shown(tmp_path):
         assert reply.status == "context" and "context window is full" in str(reply.query_one(".message-note").render())
         ctx = app.status.query_one("#status-context")
         assert ctx.has_class("-warn") and "⚠" in str(ctx.render())
+        # the next turn does not fit at all: refused, said so, the message kept
+        await send(pilot, "and more")
+        reply = app.transcript.views[-1]
+        assert reply.status == "context" and "context window is full" in str(reply.query_one(".message-note").render())
+        assert [m.content for m in app.store.path(app.chat_id)][-2] == "and more"
+        assert any("more than the context window" in n.message for n in app._notifications)
 
 
 async def test_settings_panel_saves_per_chat(tmp_path):
