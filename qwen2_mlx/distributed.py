@@ -163,9 +163,9 @@ def _parser() -> argparse.ArgumentParser:
                     "Every rank runs this same command; rank 0 prints.",
         epilog="example: mlx.launch -n 2 --backend ring -- python -m qwen2_mlx.distributed --model PATH --prompt hi")
     p.add_argument("--model", help="model folder (default: the folder `python convert.py` writes)")
-    p.add_argument("--prompt", help="the user message ('-' reads stdin); with --interactive: none")
+    p.add_argument("--prompt", help="the user message")
     p.add_argument("--system", help="system message for the chat template")
-    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--raw", action="store_true", help="send --prompt as is, without the chat template")
     p.add_argument("--interactive", action="store_true",
                    help="line-based chat: each line of stdin is a user turn (mlx.launch forwards stdin to every rank)")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -185,16 +185,21 @@ def _prompt_tokens(tokenizer, messages: list, raw: bool) -> list[int]:
 
 
 def main(argv: Optional[list] = None) -> int:
+    from .blas import ensure_openblas
+    from .chat import Chat
     from .config import ConfigError
     from .generate import stream_generate
     from .loader import ModelLoadError
     from .paths import default_model_path
     from .tokenizer import TokenizerError
 
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     parser = _parser()
     args = parser.parse_args(argv)
-    if not args.interactive and args.prompt is None:
-        parser.error("give --prompt (or --interactive)")
+    if args.interactive == (args.prompt is not None):
+        parser.error("give either --prompt or --interactive")
+    if args.raw and args.interactive:
+        parser.error("--raw applies to --prompt only (the interactive chat uses the chat template)")
     if args.max_tokens <= 0:
         parser.error("--max-tokens must be positive")
     overrides = long_context_overrides(args, parser)
@@ -206,7 +211,6 @@ def main(argv: Optional[list] = None) -> int:
         if lead:
             print(msg, file=sys.stderr, flush=True)
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     path = Path(args.model).expanduser() if args.model else default_model_path()
     say(f"[rank 0/{size}] loading {path}")
     try:
@@ -218,13 +222,9 @@ def main(argv: Optional[list] = None) -> int:
         print(f"[rank {rank}/{size}] loaded: peak memory {mx.get_peak_memory() / 1e9:.2f} GB (MLX), "
               f"{peak_rss_gb():.2f} GB (RSS)", file=sys.stderr, flush=True)
 
-    def reply(messages: list, cache: list, tokens: list) -> tuple[str, list]:
-        """Generate the assistant turn; return its text and the token ids now held in `cache`."""
-        parts, ids, last = [], {}, None
-        for last in stream_generate(model, tokenizer, tokens, args.max_tokens, temperature=args.temp,
-                                    top_p=args.top_p, seed=args.seed, prompt_cache=cache):
-            parts.append(last.text)
-            ids[last.generation_tokens] = last.token
+    def show(responses) -> None:
+        last = None
+        for last in responses:
             if lead:
                 print(last.text, end="", flush=True)
         if lead:
@@ -232,44 +232,32 @@ def main(argv: Optional[list] = None) -> int:
             if args.verbose and last is not None:
                 say(f"[{last.finish_reason}] prompt {last.prompt_tokens} tok at {last.prompt_tps:.1f} tok/s, "
                     f"generation {last.generation_tokens} tok at {last.generation_tps:.1f} tok/s over {size} ranks")
-        return "".join(parts), [ids[n] for n in sorted(ids)]
 
-    base = [{"role": "system", "content": args.system}] if args.system else []
+    sampling = dict(temperature=args.temp, top_p=args.top_p, seed=args.seed)
     if not args.interactive:
-        messages = base + [{"role": "user", "content": prompt}]
-        reply(messages, model.make_cache(), _prompt_tokens(tokenizer, messages, args.raw))
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        try:
+            show(stream_generate(model, tokenizer, _prompt_tokens(tokenizer, messages, args.raw),
+                                 args.max_tokens, **sampling))
+        except ValueError as e:  # the prompt does not fit the context window
+            say(f"error: {e}")
+            return 2
         return 0
-    # Every rank reads the same stdin (mlx.launch broadcasts it), so all ranks see the same turns and
-    # make the same cache decisions.
-    messages, cache, cached = list(base), model.make_cache(), []
+    # Every rank reads the same stdin (mlx.launch forwards it to all), so every rank's Chat sees the
+    # same turns, reuses the same cached prefix and stays in step with the others.
+    chat = Chat(model, tokenizer, system=args.system, context_policy="drop_oldest",
+                max_tokens=args.max_tokens, **sampling)
     say("[interactive] type a message per line; an empty line or end of input quits")
     for line in sys.stdin:
         line = line.rstrip("\n")
         if not line.strip():
             break
-        messages.append({"role": "user", "content": line})
-        tokens = _prompt_tokens(tokenizer, messages, args.raw)
-        cache, keep = _reuse_cache(model, cache, cached, tokens)
-        text, generated = reply(messages, cache, tokens[keep:])
-        cached = (tokens + generated)[:cache[0].offset]
-        messages.append({"role": "assistant", "content": text})
+        try:
+            show(chat.stream(line))
+        except ValueError as e:  # a single message longer than the context window
+            say(f"error: {e}")
     return 0
-
-
-def _reuse_cache(model: nn.Module, cache: list, cached: list, tokens: list) -> tuple[list, int]:
-    """Keep the cached prefix the new prompt shares (at least one token must be left to feed)."""
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-    keep = 0
-    for a, b in zip(cached, tokens[:-1]):
-        if a != b:
-            break
-        keep += 1
-    if keep < len(cached):
-        if keep == 0 or not can_trim_prompt_cache(cache):
-            return model.make_cache(), 0
-        trim_prompt_cache(cache, len(cached) - keep)
-    return cache, keep
 
 
 if __name__ == "__main__":
