@@ -145,7 +145,7 @@ def generate_step(
 
     def step(tokens: mx.array):
         nonlocal history
-        # Single tokens go through the compiled decode step when it applies (decode.py).
+        # Single tokens go through the fast decode step when it applies (decode.py).
         logits = decode_step(model, tokens, cache)
         if logits is None:
             logits = model(tokens[None], cache=cache)[:, -1, :]

@@ -332,16 +332,21 @@ class ChatApp(App):
             if status in ("length", "context"):
                 self.notify(view.note_text() if view is not None else status, severity="warning")
         elif isinstance(ev, Failed):
-            self.store.update_message(self.reply_id, content=self.reply_text, status="error",
+            status = "context" if ev.context else "error"
+            self.store.update_message(self.reply_id, content=self.reply_text, status=status,
                                       stats={"error": ev.error})
             try:
                 if view is not None and view.is_attached:
-                    await view.finish(self.reply_text, "error", ev.error)
+                    await view.finish(self.reply_text, status, ev.error)
             finally:
                 self._end_job()
-            self.status.set_state("error · Ctrl+R retries")
-            self.notify(f"The model failed: {ev.error}. Your message is saved; Ctrl+R retries.",
-                        severity="error", timeout=8)
+            if ev.context:
+                self.status.set_state("context full")
+                self.notify(f"{ev.error}. Your message is saved.", severity="warning", timeout=10)
+            else:
+                self.status.set_state("error · Ctrl+R retries")
+                self.notify(f"The model failed: {ev.error}. Your message is saved; Ctrl+R retries.",
+                            severity="error", timeout=8)
 
     def _end_job(self) -> None:
         self.job = None
