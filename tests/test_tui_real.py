@@ -1,6 +1,6 @@
 """The chat app end to end with the real Qwen2.5-Coder-0.5B-Instruct (float32): a Chinese question
-gets a Chinese answer, in the app and from `qwen2-chat --prompt`; regenerate and edit reuse the
-KV cache up to the branch point."""
+gets a Chinese answer, in the app and from `qwen2-chat --prompt`; regenerate, edit and a jump
+to another branch reuse the KV cache up to the branch point."""
 
 from __future__ import annotations
 
@@ -79,3 +79,8 @@ def test_backend_reuses_the_cache_for_new_turns_regenerate_and_edit(real_model_p
     _, edit = run(edited)
     assert edit < full // 2
     assert [m["content"] for m in backend.chat.messages if m["role"] == "user"] == [QUESTION, "那草呢？"]
+    # back to the first branch and on from there: only what the cache does not share is prefilled
+    jump = turn + [{"role": "assistant", "content": b}, {"role": "user", "content": "好的"}]
+    _, jumped = run(jump)
+    assert jumped < backend.count_tokens(jump, None) - 10
+    assert [m["content"] for m in backend.chat.messages if m["role"] == "user"] == [QUESTION, "为什么？", "好的"]

@@ -47,13 +47,21 @@ def settings_from(args: argparse.Namespace) -> dict:
     return {k: v for k, v in pairs.items() if v is not None}
 
 
-def run_once(backend, text: str, system: Optional[str], settings: dict, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> int:
+def run_once(backend, text: str, system: Optional[str], settings: dict, out: Optional[TextIO] = None,
+             err: Optional[TextIO] = None) -> int:
     """Load, answer `text` once on `out` (progress and notes on `err`); returns the exit status."""
     from .engine import DEFAULT_SETTINGS
 
+    out = out or sys.stdout
+    err = err or sys.stderr
+
+    live = hasattr(err, "isatty") and err.isatty()
+
     def progress(fraction: float, what: str) -> None:
-        err.write(f"\rloading model {fraction:4.0%} {what[:60]:<60}")
+        if live:  # one line redrawn in place; a log file gets only the first and last step
+            err.write(f"\rloading model {fraction:4.0%} {what[:60]:<60}")
+        elif fraction in (0.0, 1.0):
+            err.write(f"loading model {fraction:4.0%} {what}\n")
         err.flush()
 
     try:
@@ -61,7 +69,8 @@ def run_once(backend, text: str, system: Optional[str], settings: dict, out: Tex
     except Exception as e:
         err.write(f"\nqwen2-chat: cannot load the model: {e}\n{HINT}\n")
         return 2
-    err.write("\n")
+    if live:
+        err.write("\n")
     cancel = threading.Event()
     reason = None
     try:

@@ -86,6 +86,7 @@ class Finished:
 class Failed:
     job: int
     error: str
+    context: bool = False  # the conversation no longer fits the context window (policy "refuse")
 
 
 @dataclass
@@ -219,7 +220,10 @@ class Engine:
             stats = Stats.from_response(last, used, limit) if last is not None else Stats(context_limit=limit)
             self.post(Finished(job.id, reason, text, stats))
         except Exception as e:  # any model error ends this reply, never the app
-            self.post(Failed(job.id, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
+            if type(e).__name__ == "ContextOverflowError":
+                self.post(Failed(job.id, str(e), context=True))
+            else:
+                self.post(Failed(job.id, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
 
 
 def _thread_stream():
@@ -333,23 +337,19 @@ class ModelBackend:
             self.last_reply = final["content"]
 
     def _chat_for(self, system, settings):
-        policy = settings.get("context_policy") or "refuse"
-        if self.chat is None or self.chat.context_policy != policy:
-            self.chat = self._rebuild(self.chat, [], system, settings)
-        if self.chat.system != system:
-            self.chat.system = system
-        return self.chat
-
-    def _rebuild(self, old, messages: list[dict], system, settings):
-        """A Chat holding `messages`; the KV cache moves over, and Chat's prefix diff keeps the part
-        of it that the new history shares (at least the system prompt)."""
         from qwen2_mlx.chat import Chat
 
-        chat = Chat(self.model, self.tokenizer, system=system, messages=messages,
-                    context_policy=settings.get("context_policy") or "refuse")
-        if old is not None and getattr(old, "_cache", None) is not None:
-            chat._cache, chat._cache_tokens = old._cache, old._cache_tokens
-        self.chat = chat
+        policy = settings.get("context_policy") or "refuse"
+        if self.chat is None:
+            self.chat = Chat(self.model, self.tokenizer, system=system, context_policy=policy)
+        self.chat.context_policy = policy
+        self.chat.system = system
+        return self.chat
+
+    def _rebuild(self, chat, messages: list[dict], system, settings):
+        """Point the Chat at another branch; its prefix diff keeps the cached tokens they share."""
+        chat.messages = list(messages)
+        chat.system = system
         return chat
 
     def count_tokens(self, history, system) -> int:

@@ -37,6 +37,10 @@ def split_tokens(text: str) -> list[str]:
 Reply = Union[str, Callable[[str], str]]
 
 
+class ContextOverflowError(ValueError):
+    """Raised like qwen2_mlx's: the conversation does not fit and the policy is "refuse"."""
+
+
 class FakeBackend:
     """Replies from a script: `replies` is a list used in turn (then the last repeats), or a function
     of the user's text. A reply containing `fail_marker` in the prompt raises instead."""
@@ -85,6 +89,9 @@ class FakeBackend:
         prompt = self.count_tokens(history, system)
         max_tokens = settings.get("max_tokens")
         room = self.context_limit - prompt
+        if room <= 0 and settings.get("context_policy", "refuse") == "refuse":
+            raise ContextOverflowError(f"the conversation needs {prompt} tokens, more than the context "
+                                       f"window of {self.context_limit} tokens allows")
         n, out, reason = 0, [], "stop"
 
         def resp(text, reason=None):
