@@ -186,6 +186,7 @@ def versions() -> dict:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     from . import load as load_ours
     from .generate import generate_step as ours_step
@@ -217,9 +218,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         from mlx_lm.generate import generate_step as theirs_step
 
         log(f"loading {path} with mlx_lm ...")
-        theirs, _ = mlx_lm.load(str(path))
-        if dtype is not None:
-            theirs.set_dtype(dtype)
+        theirs, _ = mlx_lm.load(str(path), lazy=True)
+        try:  # the same tensors as ours (identical names): one copy of the weights in memory, not two
+            theirs.load_weights(list(tree_flatten(ours.parameters())), strict=True)
+        except ValueError:  # a layout mlx-lm names differently: its own copy
+            if dtype is not None:
+                theirs.set_dtype(dtype)
         mx.eval(theirs.parameters())
         libs.append(("mlx_lm", theirs, theirs_step))
     weights = {name: weight_bytes(m, ours.args)[0] for name, m, _ in libs}
