@@ -69,6 +69,7 @@ def test_bench_end_to_end_against_mlx_lm(tmp_path, monkeypatch, capsys):
     assert res["greedy_tokens_match_mlx_lm"] is True  # same float32 weights, same greedy tokens
     assert res["ratio_ours_over_mlx_lm"]["decode_tps"] == pytest.approx(
         res["median"]["qwen2_mlx"]["decode_tps"] / res["median"]["mlx_lm"]["decode_tps"])
+    assert set(res["paired_ratio_median"]) == {"prefill_tps", "decode_tps"}
     roof = res["roofline"]
     assert roof["copy_bandwidth_gbs"] > 0 and roof["matvec_bandwidth_gbs"] > 0
     assert roof["bandwidth_gbs"] == max(roof["copy_bandwidth_gbs"], roof["matvec_bandwidth_gbs"])
