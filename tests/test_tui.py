@@ -61,7 +61,7 @@ async def test_newline_keys_do_not_send(tmp_path):
         assert app.prompt.text == "a\nb\nc\nd"
         assert app.transcript.views == [] and app.job is None
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.job is None and len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1][2] == "done")
         assert app.transcript.views[0].content == "a\nb\nc\nd"
 
 
@@ -75,7 +75,7 @@ async def test_text_and_enter_in_one_burst_are_not_lost(tmp_path):
         for ch in "继续写完代码":
             app.post_message(events.Key(ch, ch))
         app.post_message(events.Key("enter", "\r"))
-        await wait_until(pilot, lambda: app.job is None and len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1] == ("assistant", "ok", "done"))
         assert app.transcript.views[0].content == "继续写完代码" and app.prompt.text == ""
 
 
@@ -428,9 +428,8 @@ async def test_send_while_loading_waits_for_the_model(tmp_path):
     app = make_app(tmp_path, replies=["late but here"], load_gate=gate)
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "early", wait=False)
-        await wait_until(pilot, lambda: len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: app.job is not None and app.transcript.views[-1].status == "waiting")
         await wait_until(pilot, lambda: "100%" in str(app.status.query_one("#status-state").render()))
-        assert app.transcript.views[-1].status == "waiting"
         assert "Loading model" in str(app.status.query_one("#status-state").render())
         assert app.store.path(app.chat_id)[0].content == "early"  # saved before the model is even there
         gate.set()
