@@ -10,7 +10,9 @@ from contextlib import nullcontext
 import pytest
 
 from tui.store import Store
-from tui.widgets.dialogs import ConfirmScreen, HelpScreen
+from tui.widgets.chat_list import ChatListScreen
+from tui.widgets.dialogs import AskScreen, ConfirmScreen, HelpScreen
+from tui.widgets.settings import SettingsScreen
 from tui.widgets.transcript import MessageView
 
 from tui_helpers import CJK_REPLY, make_app, ready, send, texts, wait_until
@@ -108,15 +110,14 @@ async def test_ctrl_c_stops_while_generating_and_asks_before_quitting(tmp_path):
         assert app.transcript.views[-1].status == "stopped"
         assert app.is_running
         await pilot.press("ctrl+c")
-        await pilot.pause()
-        assert isinstance(app.screen, ConfirmScreen)
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("n")
-        await pilot.pause()
-        assert not isinstance(app.screen, ConfirmScreen) and app.is_running
+        await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+        assert app.is_running
         await pilot.press("ctrl+c")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("ctrl+c")
-        await pilot.pause()
+        await wait_until(pilot, lambda: not app.is_running)
     assert app.return_code == 0
 
 
@@ -200,14 +201,13 @@ async def test_slash_commands(tmp_path):
         # a bad command is reported and the text stays in the prompt
         app.prompt.set_text("/set temp hot")
         await pilot.press("enter")
-        await pilot.pause()
+        await wait_until(pilot, lambda: any("temp needs a number" in n.message for n in app._notifications))
         assert app.prompt.text == "/set temp hot"
-        assert any("temp needs a number" in n.message for n in app._notifications)
         app.prompt.set_text("")
         await send(pilot, "/help")
-        assert isinstance(app.screen, HelpScreen)
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
         await pilot.press("escape")
-        await pilot.pause()
+        await wait_until(pilot, lambda: not isinstance(app.screen, HelpScreen))
         await send(pilot, "/clear")
         assert app.chat_id is None and app.transcript.views == []
         assert app.settings["temperature"] == 0.2  # /clear keeps this chat's settings
@@ -247,24 +247,24 @@ async def test_reopen_chat_from_the_list_and_rename_delete(tmp_path):
         await send(pilot, "beta")
         assert app.chat_id != alpha
         await pilot.press("ctrl+l")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         await pilot.press("down")  # newest first: beta, then alpha
         await pilot.press("r")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, AskScreen))
         app.screen.query_one("Input").value = "阿尔法"
         await pilot.press("enter")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         assert app.store.chat(alpha).title == "阿尔法"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.chat_id == alpha)
+        await wait_until(pilot, lambda: app.chat_id == alpha and len(app.transcript.views) == 2)
         assert [v.content for v in app.transcript.views] == ["alpha", "re: alpha"]
         assert app.title == "阿尔法"
         await pilot.press("ctrl+l")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         await pilot.press("d")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         await pilot.press("escape")
         await wait_until(pilot, lambda: app.chat_id is None)
         assert app.store.chat(alpha) is None and len(app.store.chats()) == 1
@@ -341,8 +341,7 @@ async def test_ctrl_g_edits_the_prompt_in_editor(tmp_path, monkeypatch):
         await ready(pilot)
         monkeypatch.setattr(app, "suspend", nullcontext)  # headless: nothing to hand the terminal to
         await pilot.press("x", "ctrl+g")
-        await pilot.pause()
-        assert app.prompt.text == "edited 編集\nline two"
+        await wait_until(pilot, lambda: app.prompt.text == "edited 編集\nline two")
 
 
 async def test_copy_message_and_code_block(tmp_path):
@@ -383,22 +382,21 @@ async def test_settings_panel_saves_per_chat(tmp_path):
         await ready(pilot)
         await send(pilot, "hi")
         await pilot.press("ctrl+s")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
         screen = app.screen
         screen.query_one("#system").text = "Be brief."
         screen.query_one("#set-temperature").value = "0.3"
         screen.query_one("#set-max_tokens").value = ""
         await pilot.press("ctrl+s")
-        await pilot.pause()
+        await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
         rec = app.store.chat(app.chat_id)
         assert rec.system == "Be brief." and rec.settings["temperature"] == 0.3
         assert rec.settings["max_tokens"] is None
         await pilot.press("ctrl+s")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
         app.screen.query_one("#set-top_p").value = "2"
         await pilot.press("ctrl+s")
-        await pilot.pause()
-        assert "top_p must be between" in str(app.screen.query_one("#settings-error").render())
+        await wait_until(pilot, lambda: "top_p must be between" in str(app.screen.query_one("#settings-error").render()))
 
 
 async def test_load_failure_exits_with_status_2(tmp_path):
@@ -442,7 +440,7 @@ async def test_model_command_lists_and_switches_models(tmp_path, data_home):
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot)
         await send(pilot, "/model")
-        assert isinstance(app.screen, ModelScreen)
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelScreen))
         assert "tiny-moe  ·  MoE  ·  float32" in str(app.screen.query_one("OptionList").get_option_at_index(0).prompt)
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.loaded and app.model_label == "tiny-moe")
