@@ -266,6 +266,10 @@ def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, ro
     q = q * scale
     if T == 1 and B == 1 and Hq * (offset + 1) <= score_budget:
         return _decode_step(q, keys, values, offset, rope, geom, groups)
+    # A lazy graph of many tiles may keep all their score buffers alive at once (a GPU frees them when
+    # the command buffer completes), which would bring back the L x L term; past the budget, evaluate
+    # tile by tile.
+    bounded = Hq * T * (offset + T) > 2 * score_budget
     out = []
     b = offset
     while b < offset + T:
@@ -280,6 +284,8 @@ def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, ro
         else:
             block = max(score_budget // (Hq * tq), tq)
             o = _attend_blocks(copies, keys, values, b, e, groups, tq, geom, block)
+        if bounded:
+            mx.eval(o)  # frees this tile's scores before the next tile allocates its own
         out.append(o.reshape(B, Hq, tq, -1))
         b = e
     o = out[0] if len(out) == 1 else mx.concatenate(out, axis=-2)

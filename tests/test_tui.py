@@ -357,6 +357,23 @@ async def test_copy_message_and_code_block(tmp_path):
         assert app.clipboard == "print('你好，世界')\n"
         await send(pilot, "/copy")
         assert app.clipboard == CJK_REPLY
+        # Ctrl+C copies text selected with the mouse (and then does not stop or quit)
+        app.prompt.focus()
+        app.screen.get_selected_text = lambda: "量子计算"
+        await pilot.press("ctrl+c")
+        assert app.clipboard == "量子计算" and not isinstance(app.screen, ConfirmScreen)
+
+
+async def test_theme_is_remembered(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        app.theme = "nord"
+        await pilot.pause()
+    app2 = make_app(tmp_path)
+    async with app2.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        assert app2.theme == "nord"
 
 
 async def test_context_meter_warns_and_cut_by_context_is_shown(tmp_path):
