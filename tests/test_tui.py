@@ -323,12 +323,18 @@ async def test_reply_interrupted_by_a_crash_is_kept_and_marked(tmp_path):
 
 async def test_keymap_file_rebinds_keys(tmp_path, data_home):
     (data_home / "qwen2-mlx").mkdir(parents=True)
-    (data_home / "qwen2-mlx" / "keymap.json").write_text(json.dumps({"prompt.newline": "ctrl+o"}))
-    app = make_app(tmp_path)
+    (data_home / "qwen2-mlx" / "keymap.json").write_text(json.dumps(
+        {"prompt.submit": "ctrl+j", "prompt.newline": "enter,shift+enter", "app.regenerate": "f5"}))
+    app = make_app(tmp_path, replies=["one", "two"])
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
-        await pilot.press("a", "ctrl+o", "b")
-        assert app.prompt.text == "a\nb"
+        await pilot.press("a", "enter", "b")
+        assert app.prompt.text == "a\nb" and app.transcript.views == []
+        await pilot.press("ctrl+j")
+        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1] == ("assistant", "one", "done"))
+        assert app.transcript.views[0].content == "a\nb"
+        await pilot.press("f5")
+        await wait_until(pilot, lambda: texts(app)[-1] == ("assistant", "two", "done"))
 
 
 async def test_ctrl_g_edits_the_prompt_in_editor(tmp_path, monkeypatch):
