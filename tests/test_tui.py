@@ -492,3 +492,23 @@ async def test_failed_model_switch_keeps_the_old_model(tmp_path, data_home):
         assert app.is_running and app.loaded and app.model_label == "fake-model"
         await send(pilot, "hi")
         assert texts(app)[-1] == ("assistant", "still A", "done")
+
+
+async def test_view_follows_the_stream_until_the_user_scrolls_up(tmp_path):
+    long = "\n\n".join(f"段落 {i}：这是一个用来测试自动滚动的长段落。" for i in range(60))
+    app = make_app(tmp_path, replies=[long], delay=0.01)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        await send(pilot, "long", wait=False)
+        await wait_until(pilot, lambda: app.reply_text.count("段落") > 15)
+        t = app.transcript
+        await pilot.pause()
+        assert t.max_scroll_y > 0 and t.scroll_y == t.max_scroll_y  # following
+        t.focus()
+        await pilot.press("pageup")
+        y = t.scroll_y
+        await wait_until(pilot, lambda: app.reply_text.count("段落") > 25)
+        await pilot.pause()
+        assert t.scroll_y == y < t.max_scroll_y  # left where the reader put it
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.job is None)
