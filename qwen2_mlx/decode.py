@@ -1,8 +1,8 @@
 """The fast single-token decode step: fewer kernels per token, same arithmetic as the model.
 
 At batch 1 a small model's decode step is bound by the number of kernels it runs, not by bandwidth
-(mlx-lm reaches about 8 % of the H100's bandwidth roofline on Qwen2-0.5B). This step runs 13 kernels
-per layer where the plain forward runs 17:
+(mlx-lm reaches about 8 % of the H100's bandwidth roofline on Qwen2-0.5B). This step builds about 30 %
+fewer graph nodes per token than the plain forward:
 - q, k and v come from one matmul over the rows of the three weights stacked, and the MLP's gate and
   up projections from one matmul likewise. Each output row is still the same dot product, so the
   results are the same; the module weights become views into the stacked arrays (no extra memory),
@@ -123,7 +123,8 @@ class FastDecoder:
             v = attn.v_proj(x).reshape(1, 1, nkv, -1).transpose(0, 2, 1, 3)
         k, v = cache.update_and_fetch(k, v)
         o = scaled_dot_product_attention(q, k, v, cache=cache, scale=attn.scale, mask=None)
-        h = h + attn.o_proj(o.transpose(0, 2, 1, 3).reshape(1, 1, -1))
+        # (1, heads, 1, dim) holds its values in (1, 1, heads * dim) order already: no transpose copy.
+        h = h + attn.o_proj(o.reshape(1, 1, -1))
         x = layer.post_attention_layernorm(h)
         if fused.gate_up is not None:
             gu = fused.gate_up(x)

@@ -100,6 +100,19 @@ def test_falls_back_for_quantized_kv_cache_and_dca(tmp_path, monkeypatch):
     assert not fast_decode_applies(dca_model, cache)
 
 
+def test_quantized_weights_are_stacked_too(tmp_path, monkeypatch):
+    import mlx.nn as nn
+
+    path, _ = make_checkpoint(tmp_path / "m", DENSE)
+    model, _ = qwen2_mlx.load(path)
+    nn.quantize(model, group_size=32, bits=4)
+    plain_tokens, plain_lp = _generate(model, monkeypatch, False, 40)
+    fast_tokens, fast_lp = _generate(model, monkeypatch, True, 40)
+    assert isinstance(fast_decoder(model).layers[0].qkv, nn.QuantizedLinear)
+    assert fast_tokens == plain_tokens
+    assert same(fast_lp, plain_lp)
+
+
 def test_batch_of_two_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv(DISABLE_ENV, "0")
     path, _ = make_checkpoint(tmp_path / "m", DENSE)

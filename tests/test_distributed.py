@@ -4,6 +4,7 @@ must reproduce one process's logits and greedy text, each rank holding 1/N of th
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -59,8 +60,18 @@ def mlx_launch(n: int, *command: str, input: str = None, timeout: int = 600) -> 
                OPENBLAS_NUM_THREADS="1")  # two ranks share the two cores of a CI machine
     cmd = head + ["-n", str(n), "--backend", "ring", "--starting-port", str(_free_ports(n)), "--",
                   sys.executable, *command]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, input=input,
-                          timeout=timeout)
+    # The launcher forwards its stdin to every rank: give it the input, or nothing (never pytest's).
+    # Its own process group, so a hung run is killed with all its ranks.
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, start_new_session=True,
+                          stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        try:
+            out, err = p.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            pytest.fail(f"mlx.launch ran past {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def run_sharded(paths: list, tmp: Path, n_tokens: int = 8, prompt=PROMPT) -> list[dict]:

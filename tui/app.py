@@ -58,6 +58,11 @@ def keymap_path() -> Path:
     return data_dir() / "keymap.json"
 
 
+def ui_state_path() -> Path:
+    """Remembered look (the theme picked in the command palette)."""
+    return data_dir() / "ui.json"
+
+
 class ChatApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "qwen2-chat"
@@ -126,6 +131,7 @@ class ChatApp(App):
     async def on_mount(self) -> None:
         self.sub_title = self.model_label
         self._load_keymap()
+        self._load_theme()
         recovered = self.store.recover_interrupted()
         if recovered:
             self.notify(f"{recovered} reply(s) were cut off when the app last closed; they are kept and marked.",
@@ -151,6 +157,25 @@ class ChatApp(App):
             self.notify(f"{path}: ignored ({e})", severity="warning")
             return
         self.set_keymap(keymap)
+
+    def _load_theme(self) -> None:
+        try:
+            theme = json.loads(ui_state_path().read_text(encoding="utf-8")).get("theme")
+        except (OSError, ValueError, AttributeError):
+            theme = None
+        if isinstance(theme, str) and theme in self.available_themes:
+            self.theme = theme
+        self._theme_loaded = True
+
+    def watch_theme(self, theme: str) -> None:
+        if not getattr(self, "_theme_loaded", False):
+            return
+        try:
+            path = ui_state_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"theme": theme}), encoding="utf-8")
+        except OSError:  # a read-only data folder only costs the remembered theme
+            pass
 
     async def on_unmount(self) -> None:
         if self.job is not None and self.reply_id is not None:
@@ -374,6 +399,11 @@ class ChatApp(App):
             return
         if self.focused is self.prompt and not self.prompt.selection.is_empty:
             self.copy_text(self.prompt.selected_text, "selection")
+            return
+        selected = self.screen.get_selected_text()  # text selected with the mouse in the transcript
+        if selected:
+            self.copy_text(selected, "selection")
+            self.screen.clear_selection()
             return
         if self.job is not None:
             self.action_stop()
