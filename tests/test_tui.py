@@ -512,3 +512,17 @@ async def test_view_follows_the_stream_until_the_user_scrolls_up(tmp_path):
         assert t.scroll_y == y < t.max_scroll_y  # left where the reader put it
         await pilot.press("escape")
         await wait_until(pilot, lambda: app.job is None)
+
+
+async def test_long_prompt_shows_reading_progress(tmp_path, monkeypatch):
+    from tui.widgets.status import StatusBar
+
+    states = []
+    original = StatusBar.set_state
+    monkeypatch.setattr(StatusBar, "set_state", lambda self, text: (states.append(text), original(self, text)))
+    app = make_app(tmp_path, replies=["ok"])
+    async with app.run_test(size=(100, 24)) as pilot:
+        await ready(pilot)
+        await send(pilot, "长 " * 700)
+        assert any(s.startswith("reading the prompt") and "/70" in s for s in states), states
+        assert states[-1] == "ready"

@@ -209,3 +209,11 @@ def test_piped_stdin_joins_the_prompt(monkeypatch, capsys):
     assert cli.main([]) == 0 and seen["text"].startswith("diff --git")
     monkeypatch.setattr(cli, "read_piped_stdin", lambda: "  \n")
     assert cli.main([]) == 2 and "empty" in capsys.readouterr().err
+
+
+def test_engine_reports_prompt_reading_progress():
+    from tui.engine import Prefill
+
+    _, got = _events(FakeBackend(["ok"]), [{"role": "user", "content": "x " * 40}])
+    steps = [(e.done, e.total) for e in got if isinstance(e, Prefill)]
+    assert steps and steps[-1][0] == steps[-1][1] > 0

@@ -75,6 +75,13 @@ class Token:
 
 
 @dataclass
+class Prefill:
+    job: int
+    done: int
+    total: int
+
+
+@dataclass
 class Finished:
     job: int
     reason: str  # "stop" | "length" | "context" | "cancelled"
@@ -206,6 +213,8 @@ class Engine:
             if job.cancel.is_set():
                 self.post(Finished(job.id, "cancelled", "", Stats(context_limit=limit)))
                 return
+            # Long prompts take a while to read: the backend reports progress through this hook.
+            self.backend.prefill_progress = lambda done, total: self.post(Prefill(job.id, done, total))
             for r in self.backend.generate(job.history, job.system, job.settings, job.cancel):
                 last = r
                 if r.text:
@@ -278,6 +287,7 @@ class ModelBackend:
         self.last_reply: Optional[str] = None
         self.model = self.tokenizer = None
         self.chat = None
+        self.prefill_progress: Optional[Callable[[int, int], None]] = None
 
     def load(self, progress: Callable[[float, str], None]) -> None:
         import mlx.core as mx
@@ -311,6 +321,8 @@ class ModelBackend:
         if last["role"] != "user":
             raise ValueError("the conversation must end with a user message")
         kw = sampling_kwargs(settings)
+        if self.prefill_progress is not None:
+            kw["prompt_progress_callback"] = self.prefill_progress
         chat = self._chat_for(system, settings)
         have = [m for m in chat.messages if m["role"] != "system"]
         offset = len(chat.messages) - len(have)
