@@ -266,12 +266,12 @@ def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, ro
     groups = Hq // Hkv
     c = geom.period
     q = q * scale
-    if T == 1 and B == 1 and Hq * (offset + 1) <= score_budget:
+    if T == 1 and B == 1:  # its scores are linear in the length, like the KV cache itself
         return _decode_step(q, keys, values, offset, rope, geom, groups)
     # A lazy graph of many tiles may keep all their score buffers alive at once (a GPU frees them when
     # the command buffer completes), which would bring back the L x L term; past the budget, evaluate
-    # tile by tile.
-    bounded = Hq * T * (offset + T) > 2 * score_budget
+    # tile by tile. A single query never needs it (and a sync would stall decoding).
+    bounded = T > 1 and Hq * T * (offset + T) > 2 * score_budget
     out = []
     b = offset
     while b < offset + T:
