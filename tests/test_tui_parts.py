@@ -217,3 +217,11 @@ def test_engine_reports_prompt_reading_progress():
     _, got = _events(FakeBackend(["ok"]), [{"role": "user", "content": "x " * 40}])
     steps = [(e.done, e.total) for e in got if isinstance(e, Prefill)]
     assert steps and steps[-1][0] == steps[-1][1] > 0
+
+
+def test_model_label(tmp_path, monkeypatch):
+    from tui.engine import model_label
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert model_label(tmp_path / "qwen2-mlx" / "models" / "default") == "default model"
+    assert model_label(tmp_path / "Qwen2-7B-4bit") == "Qwen2-7B-4bit"

@@ -268,6 +268,18 @@ def sampling_kwargs(settings: dict) -> dict:
     return kw
 
 
+def model_label(path: Path) -> str:
+    """What the header calls a model: its folder name, or "default model" for convert.py's default."""
+    from qwen2_mlx.paths import default_model_path
+
+    try:
+        if Path(path).resolve() == default_model_path().resolve():
+            return "default model"
+    except OSError:
+        pass
+    return Path(path).name
+
+
 class ModelBackend:
     """A converted model on disk, driven through `qwen2_mlx.chat.Chat`.
 
@@ -279,7 +291,7 @@ class ModelBackend:
 
     def __init__(self, path: Path, dtype: Optional[str] = None, overrides: Optional[dict] = None):
         self.path = Path(path)
-        self.name = self.path.name if self.path.name != "default" else f"{self.path.parent.name}/default"
+        self.name = model_label(self.path)
         self.dtype = dtype
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # dca=, rope_scaling=
         self.context_limit = 0
