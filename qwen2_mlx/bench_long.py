@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .config import ConfigError, DCAConfig, ModelArgs
 from .generate import DEFAULT_PREFILL_STEP_SIZE
@@ -135,8 +136,7 @@ def bench_memory(args: ModelArgs | None, lengths: list[int], chunk: int, local: 
           f"{a.num_attention_heads}/{a.num_key_value_heads}, head dim {a.head_dim}, float32; prefill step {step}; "
           f"DCA chunk_size {chunk}, local_size {local})")
     print(f"{'tokens':>8} | {'plain peak':>10} {'DCA peak':>10} | {'KV cache':>9}  (MB; peak above weights)")
-    weights = sum(v.nbytes for _, v in __import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(
-        plain.parameters()))
+    weights = sum(v.nbytes for _, v in tree_flatten(plain.parameters()))
     rng = np.random.default_rng(1)
     for L in lengths:
         toks = mx.array(rng.integers(0, a.vocab_size, L), dtype=mx.uint32)

@@ -196,9 +196,11 @@ def _attend_concat(copies, keys, values, start, e, groups, T, geom):
     return _pv(p, values[..., :e, :])
 
 
-def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block):
-    """Each part in key blocks of at most `block` keys; partial softmaxes merged by log-sum-exp (fp32)."""
-    ms, ls, os_ = [], [], []
+def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block, bounded=False):
+    """Each part in key blocks of at most `block` keys, folded into a running (max, sum, weighted V)
+    in float32: the log-sum-exp merge of the partial softmaxes, one block at a time (spec §3.3).
+    With `bounded`, the running state is evaluated after each block, so only one block's scores exist."""
+    m_run = l_run = acc = None
     for name, k0, k1, causal in _tile_ranges(start, e, geom):
         q = copies[name]
         # Blocks end at k1 so the causal block (the tile's own keys) is always the last one.
@@ -209,20 +211,20 @@ def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block):
             if causal and b1 == k1 and T > 1:
                 s = _mask_tail(s, groups, T)
             m = mx.max(s, axis=-1, keepdims=True)
+            if m_run is not None:
+                m = mx.maximum(m, m_run)
             p = mx.exp(s - m)
-            ms.append(m)
-            ls.append(mx.sum(p, axis=-1, keepdims=True))
-            os_.append(_pv(p, values[..., b0:b1, :]))
+            l = mx.sum(p, axis=-1, keepdims=True)
+            o = _pv(p, values[..., b0:b1, :])
+            if m_run is not None:
+                a = mx.exp(m_run - m)  # rescale what came before to the new running max
+                l = l + a * l_run
+                o = o + a * acc
+            m_run, l_run, acc = m, l, o
+            if bounded:
+                mx.eval(m_run, l_run, acc)
             b1 = b0
-    m_all = ms[0]
-    for m in ms[1:]:
-        m_all = mx.maximum(m_all, m)
-    num = den = None
-    for m, l, o in zip(ms, ls, os_):
-        a = mx.exp(m - m_all)
-        num = a * o if num is None else num + a * o
-        den = a * l if den is None else den + a * l
-    return num / den
+    return acc / l_run
 
 
 def _decode_step(q, keys, values, offset, rope, geom, groups):
@@ -264,12 +266,12 @@ def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, ro
     groups = Hq // Hkv
     c = geom.period
     q = q * scale
-    if T == 1 and B == 1 and Hq * (offset + 1) <= score_budget:
+    if T == 1 and B == 1:  # its scores are linear in the length, like the KV cache itself
         return _decode_step(q, keys, values, offset, rope, geom, groups)
     # A lazy graph of many tiles may keep all their score buffers alive at once (a GPU frees them when
     # the command buffer completes), which would bring back the L x L term; past the budget, evaluate
-    # tile by tile.
-    bounded = Hq * T * (offset + T) > 2 * score_budget
+    # tile by tile. A single query never needs it (and a sync would stall decoding).
+    bounded = T > 1 and Hq * T * (offset + T) > 2 * score_budget
     out = []
     b = offset
     while b < offset + T:
@@ -283,7 +285,7 @@ def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, ro
             o = _attend_concat(copies, keys, values, b, e, groups, tq, geom)
         else:
             block = max(score_budget // (Hq * tq), tq)
-            o = _attend_blocks(copies, keys, values, b, e, groups, tq, geom, block)
+            o = _attend_blocks(copies, keys, values, b, e, groups, tq, geom, block, bounded)
         if bounded:
             mx.eval(o)  # frees this tile's scores before the next tile allocates its own
         out.append(o.reshape(B, Hq, tq, -1))

@@ -171,10 +171,12 @@ def test_decode_step_matches_tiled_path(Hq, Hkv):
     qm, km, vm = (mx.array(a.astype(np.float32))[None] for a in (q, k, v))
     keys = rotate_keys(rope, km, 0, geom)
     want = ref.attention(q, k, v, rope.inv_freq, M, w)
+    two = [mx.concatenate([a, a]) for a in (qm, keys, vm)]  # batch 2 takes the general tiled path
     for t in range(L):
         args = (qm[:, :, t:t + 1], keys[:, :, :t + 1], vm[:, :, :t + 1], t, rope, 8 ** -0.5, geom)
         fast = np.array(dca_attention(*args)[0, :, 0])
-        tiled = np.array(dca_attention(*args, score_budget=Hq * 3)[0, :, 0])  # forces key blocks
+        args2 = (two[0][:, :, t:t + 1], two[1][:, :, :t + 1], two[2][:, :, :t + 1], t, rope, 8 ** -0.5, geom)
+        tiled = np.array(dca_attention(*args2, score_budget=Hq * 3)[1, :, 0])  # key blocks of 3
         np.testing.assert_allclose(fast, want[:, t], atol=1e-5, rtol=1e-4, err_msg=f"t={t}")
         np.testing.assert_allclose(tiled, fast, atol=1e-5, err_msg=f"t={t}")
 

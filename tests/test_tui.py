@@ -61,7 +61,7 @@ async def test_newline_keys_do_not_send(tmp_path):
         assert app.prompt.text == "a\nb\nc\nd"
         assert app.transcript.views == [] and app.job is None
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.job is None and len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1][2] == "done")
         assert app.transcript.views[0].content == "a\nb\nc\nd"
 
 
@@ -75,7 +75,7 @@ async def test_text_and_enter_in_one_burst_are_not_lost(tmp_path):
         for ch in "继续写完代码":
             app.post_message(events.Key(ch, ch))
         app.post_message(events.Key("enter", "\r"))
-        await wait_until(pilot, lambda: app.job is None and len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1] == ("assistant", "ok", "done"))
         assert app.transcript.views[0].content == "继续写完代码" and app.prompt.text == ""
 
 
@@ -323,12 +323,18 @@ async def test_reply_interrupted_by_a_crash_is_kept_and_marked(tmp_path):
 
 async def test_keymap_file_rebinds_keys(tmp_path, data_home):
     (data_home / "qwen2-mlx").mkdir(parents=True)
-    (data_home / "qwen2-mlx" / "keymap.json").write_text(json.dumps({"prompt.newline": "ctrl+o"}))
-    app = make_app(tmp_path)
+    (data_home / "qwen2-mlx" / "keymap.json").write_text(json.dumps(
+        {"prompt.submit": "ctrl+j", "prompt.newline": "enter,shift+enter", "app.regenerate": "f5"}))
+    app = make_app(tmp_path, replies=["one", "two"])
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
-        await pilot.press("a", "ctrl+o", "b")
-        assert app.prompt.text == "a\nb"
+        await pilot.press("a", "enter", "b")
+        assert app.prompt.text == "a\nb" and app.transcript.views == []
+        await pilot.press("ctrl+j")
+        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1] == ("assistant", "one", "done"))
+        assert app.transcript.views[0].content == "a\nb"
+        await pilot.press("f5")
+        await wait_until(pilot, lambda: texts(app)[-1] == ("assistant", "two", "done"))
 
 
 async def test_ctrl_g_edits_the_prompt_in_editor(tmp_path, monkeypatch):
@@ -428,9 +434,8 @@ async def test_send_while_loading_waits_for_the_model(tmp_path):
     app = make_app(tmp_path, replies=["late but here"], load_gate=gate)
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "early", wait=False)
-        await wait_until(pilot, lambda: len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: app.job is not None and app.transcript.views[-1].status == "waiting")
         await wait_until(pilot, lambda: "100%" in str(app.status.query_one("#status-state").render()))
-        assert app.transcript.views[-1].status == "waiting"
         assert "Loading model" in str(app.status.query_one("#status-state").render())
         assert app.store.path(app.chat_id)[0].content == "early"  # saved before the model is even there
         gate.set()
@@ -487,3 +492,37 @@ async def test_failed_model_switch_keeps_the_old_model(tmp_path, data_home):
         assert app.is_running and app.loaded and app.model_label == "fake-model"
         await send(pilot, "hi")
         assert texts(app)[-1] == ("assistant", "still A", "done")
+
+
+async def test_view_follows_the_stream_until_the_user_scrolls_up(tmp_path):
+    long = "\n\n".join(f"段落 {i}：这是一个用来测试自动滚动的长段落。" for i in range(60))
+    app = make_app(tmp_path, replies=[long], delay=0.01)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        await send(pilot, "long", wait=False)
+        await wait_until(pilot, lambda: app.reply_text.count("段落") > 15)
+        t = app.transcript
+        await pilot.pause()
+        assert t.max_scroll_y > 0 and t.scroll_y == t.max_scroll_y  # following
+        t.focus()
+        await pilot.press("pageup")
+        y = t.scroll_y
+        await wait_until(pilot, lambda: app.reply_text.count("段落") > 25)
+        await pilot.pause()
+        assert t.scroll_y == y < t.max_scroll_y  # left where the reader put it
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.job is None)
+
+
+async def test_long_prompt_shows_reading_progress(tmp_path, monkeypatch):
+    from tui.widgets.status import StatusBar
+
+    states = []
+    original = StatusBar.set_state
+    monkeypatch.setattr(StatusBar, "set_state", lambda self, text: (states.append(text), original(self, text)))
+    app = make_app(tmp_path, replies=["ok"])
+    async with app.run_test(size=(100, 24)) as pilot:
+        await ready(pilot)
+        await send(pilot, "长 " * 700)
+        assert any(s.startswith("reading the prompt") and "/70" in s for s in states), states
+        assert states[-1] == "ready"

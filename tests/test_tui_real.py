@@ -57,7 +57,7 @@ def test_prompt_flag_prints_a_chinese_reply(real_model_path, capsys):
     assert code == 0 and CJK.search(out), out
 
 
-def test_backend_reuses_the_cache_for_new_turns_regenerate_and_edit(real_model_path):
+def test_backend_reuses_the_cache_for_turns_regenerate_edit_jump_and_stop(real_model_path):
     backend = ModelBackend(real_model_path, dtype="float32")
     backend.load(lambda *_: None)
     settings = {**DEFAULT_SETTINGS, "max_tokens": 6, "temperature": 0.0}
@@ -84,3 +84,16 @@ def test_backend_reuses_the_cache_for_new_turns_regenerate_and_edit(real_model_p
     _, jumped = run(jump)
     assert jumped < backend.count_tokens(jump, None) - 10
     assert [m["content"] for m in backend.chat.messages if m["role"] == "user"] == [QUESTION, "为什么？", "好的"]
+    # a stop after two tokens keeps the partial reply, and the cache stays in step with it
+    stop = threading.Event()
+    settings_long = {**settings, "max_tokens": 50}
+    history = [{"role": "user", "content": "数一数：一、二、三、四、五、六、七、八、九、十"}]
+    n = 0
+    for r in backend.generate(history, None, settings_long, stop):
+        n += 1
+        if n == 2:
+            stop.set()
+    assert r.finish_reason == "cancelled" and r.generation_tokens <= 3
+    partial = backend.last_reply
+    _, after_stop = run(history + [{"role": "assistant", "content": partial}, {"role": "user", "content": "继续"}])
+    assert after_stop < 15

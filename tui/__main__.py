@@ -95,13 +95,22 @@ def run_once(backend, text: str, system: Optional[str], settings: dict, out: Opt
     return 0
 
 
+def read_piped_stdin() -> Optional[str]:
+    """Text piped into the command (`git diff | qwen2-chat -p "review"`), or None at a terminal."""
+    stdin = sys.stdin
+    try:
+        if stdin is None or stdin.isatty():
+            return None
+        return stdin.read()
+    except (OSError, ValueError):  # closed, or not readable here
+        return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     parser = build_parser()
     args = parser.parse_args(argv)
-    piped = None
-    if args.prompt is None and not sys.stdin.isatty():
-        piped = sys.stdin.read()
+    piped = read_piped_stdin()
     one_shot = args.prompt is not None or piped is not None
     text = "\n\n".join(t for t in (args.prompt, piped) if t and t.strip())
     if one_shot and not text.strip():

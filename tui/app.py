@@ -25,7 +25,8 @@ from textual.widgets import Footer, Header, Static
 from qwen2_mlx.paths import data_dir, models_dir
 
 from . import cjk_wrap, commands
-from .engine import DEFAULT_SETTINGS, Engine, Failed, Finished, Job, Loaded, LoadFailed, Loading, Stats, Token
+from .engine import (DEFAULT_SETTINGS, Engine, Failed, Finished, Job, Loaded, LoadFailed, Loading, Prefill,
+                     Stats, Token)
 from .export import export_chat
 from .models import check_model, list_models
 from .models import resolve as resolve_model
@@ -35,11 +36,12 @@ from .widgets.dialogs import ConfirmScreen, HelpScreen
 from .widgets.model_picker import ModelScreen
 from .widgets.prompt import PromptInput
 from .widgets.settings import SettingsScreen
-from .widgets.status import StatusBar
+from .widgets.status import StatusBar, bar
 from .widgets.transcript import MessageView, Transcript
 
 SAVE_EVERY = 1.0  # seconds between saves of a streaming reply
 TITLE_CHARS = 48
+PREFILL_SHOWN = 512  # prompts at least this long (uncached tokens) show reading progress
 EMPTY_HINT = ("Ask anything, in any language.\n\n"
               "Enter sends · Shift+Enter, Alt+Enter or Ctrl+J add a line · ↑ recalls earlier prompts\n"
               "Esc stops a reply · Ctrl+R regenerates · Tab moves to the messages (e edit, ← → branches, y copy)\n"
@@ -330,7 +332,13 @@ class ChatApp(App):
         if self.job is None or getattr(ev, "job", None) != self.job.id:
             return
         view = self.reply_view
-        if isinstance(ev, Token):
+        if isinstance(ev, Prefill):
+            if ev.total >= PREFILL_SHOWN and ev.done < ev.total and not self.stopping:
+                self.status.set_state(f"reading the prompt {bar(ev.done / ev.total)} "
+                                      f"{ev.done:,}/{ev.total:,} tokens  (Esc stops)")
+            elif ev.done >= ev.total and not self.stopping:
+                self.status.set_state("answering… (Esc stops)")
+        elif isinstance(ev, Token):
             self.reply_text += ev.text
             if view is not None and view.is_attached:
                 await view.write(ev.text)

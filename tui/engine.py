@@ -75,6 +75,13 @@ class Token:
 
 
 @dataclass
+class Prefill:
+    job: int
+    done: int
+    total: int
+
+
+@dataclass
 class Finished:
     job: int
     reason: str  # "stop" | "length" | "context" | "cancelled"
@@ -206,6 +213,8 @@ class Engine:
             if job.cancel.is_set():
                 self.post(Finished(job.id, "cancelled", "", Stats(context_limit=limit)))
                 return
+            # Long prompts take a while to read: the backend reports progress through this hook.
+            self.backend.prefill_progress = lambda done, total: self.post(Prefill(job.id, done, total))
             for r in self.backend.generate(job.history, job.system, job.settings, job.cancel):
                 last = r
                 if r.text:
@@ -259,6 +268,18 @@ def sampling_kwargs(settings: dict) -> dict:
     return kw
 
 
+def model_label(path: Path) -> str:
+    """What the header calls a model: its folder name, or "default model" for convert.py's default."""
+    from qwen2_mlx.paths import default_model_path
+
+    try:
+        if Path(path).resolve() == default_model_path().resolve():
+            return "default model"
+    except OSError:
+        pass
+    return Path(path).name
+
+
 class ModelBackend:
     """A converted model on disk, driven through `qwen2_mlx.chat.Chat`.
 
@@ -270,7 +291,7 @@ class ModelBackend:
 
     def __init__(self, path: Path, dtype: Optional[str] = None, overrides: Optional[dict] = None):
         self.path = Path(path)
-        self.name = self.path.name if self.path.name != "default" else f"{self.path.parent.name}/default"
+        self.name = model_label(self.path)
         self.dtype = dtype
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # dca=, rope_scaling=
         self.context_limit = 0
@@ -278,6 +299,7 @@ class ModelBackend:
         self.last_reply: Optional[str] = None
         self.model = self.tokenizer = None
         self.chat = None
+        self.prefill_progress: Optional[Callable[[int, int], None]] = None
 
     def load(self, progress: Callable[[float, str], None]) -> None:
         import mlx.core as mx
@@ -311,6 +333,8 @@ class ModelBackend:
         if last["role"] != "user":
             raise ValueError("the conversation must end with a user message")
         kw = sampling_kwargs(settings)
+        if self.prefill_progress is not None:
+            kw["prompt_progress_callback"] = self.prefill_progress
         chat = self._chat_for(system, settings)
         have = [m for m in chat.messages if m["role"] != "system"]
         offset = len(chat.messages) - len(have)

@@ -59,6 +59,7 @@ class FakeBackend:
         self.context_used = 0
         self.last_reply: Optional[str] = None
         self.calls: list[dict] = []
+        self.prefill_progress: Optional[Callable[[int, int], None]] = None
         self.defaults = dict(DEFAULT_SETTINGS)
 
     def load(self, progress: Callable[[float, str], None]) -> None:
@@ -93,6 +94,9 @@ class FakeBackend:
             raise ContextOverflowError(f"the conversation needs {prompt} tokens, more than the context "
                                        f"window of {self.context_limit} tokens allows")
         n, out, reason = 0, [], "stop"
+        if self.prefill_progress is not None:  # report reading in two steps, as a chunked prefill does
+            for done in (prompt // 2, prompt):
+                self.prefill_progress(done, prompt)
 
         def resp(text, reason=None):
             return FakeResponse(text, n, prompt, 120.0, n, 30.0, 0.5, 0.25, reason)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..blas import ensure_openblas
 
 DEFAULT_REPO = "Qwen/Qwen2-0.5B-Instruct"
 QUANT_RECIPES = ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]  # mlx_lm.convert.QUANT_RECIPES
@@ -164,7 +163,8 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
+    # No OpenBLAS re-exec here (qwen2_mlx/blas.py): conversion does no matrix products, and the
+    # re-exec's notice would break the one-line error contract on stderr.
     sys.exit(run(argv))
 
 
