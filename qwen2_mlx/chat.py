@@ -94,7 +94,10 @@ class ReplyStream:
         self._chat._release(self)  # also when it never started (a generator that never ran has no finally)
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the modules it needs may already be gone
+            pass
 
 
 class Chat:

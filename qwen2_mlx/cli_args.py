@@ -96,7 +96,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     rope_scaling = None
     if factor is None:
         if orig is not None:
-            raise ConfigError("command line", "--yarn-factor", "is required with --yarn-original-max-position-embeddings")
+            raise ConfigError("command line", "--yarn-factor",
+                              "is required with --yarn-original-max-position-embeddings")
     else:
         if dca is not None:
             raise ConfigError("command line", "--yarn-factor",

@@ -18,9 +18,9 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-# Score elements (query heads x tile rows x keys) one tile may hold at once; about 128 MB in fp32.
-SCORE_BUDGET = 1 << 25
-TILE_Q = 512
+# Score elements (query heads x tile rows x keys) one tile may hold at once; about 32 MB in fp32.
+SCORE_BUDGET = 1 << 23
+TILE_Q = 256
 
 
 @dataclass(frozen=True)
@@ -196,9 +196,11 @@ def _attend_concat(copies, keys, values, start, e, groups, T, geom):
     return _pv(p, values[..., :e, :])
 
 
-def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block):
-    """Each part in key blocks of at most `block` keys; partial softmaxes merged by log-sum-exp (fp32)."""
-    ms, ls, os_ = [], [], []
+def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block, bounded=False):
+    """Each part in key blocks of at most `block` keys, folded into a running (max, sum, weighted V)
+    in float32: the log-sum-exp merge of the partial softmaxes, one block at a time (spec §3.3).
+    With `bounded`, the running state is evaluated after each block, so only one block's scores exist."""
+    m_run = l_run = acc = None
     for name, k0, k1, causal in _tile_ranges(start, e, geom):
         q = copies[name]
         # Blocks end at k1 so the causal block (the tile's own keys) is always the last one.
@@ -209,20 +211,46 @@ def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block):
             if causal and b1 == k1 and T > 1:
                 s = _mask_tail(s, groups, T)
             m = mx.max(s, axis=-1, keepdims=True)
+            if m_run is not None:
+                m = mx.maximum(m, m_run)
             p = mx.exp(s - m)
-            ms.append(m)
-            ls.append(mx.sum(p, axis=-1, keepdims=True))
-            os_.append(_pv(p, values[..., b0:b1, :]))
+            l = mx.sum(p, axis=-1, keepdims=True)
+            o = _pv(p, values[..., b0:b1, :])
+            if m_run is not None:
+                a = mx.exp(m_run - m)  # rescale what came before to the new running max
+                l = l + a * l_run
+                o = o + a * acc
+            m_run, l_run, acc = m, l, o
+            if bounded:
+                mx.eval(m_run, l_run, acc)
             b1 = b0
-    m_all = ms[0]
-    for m in ms[1:]:
-        m_all = mx.maximum(m_all, m)
-    num = den = None
-    for m, l, o in zip(ms, ls, os_):
-        a = mx.exp(m - m_all)
-        num = a * o if num is None else num + a * o
-        den = a * l if den is None else den + a * l
-    return num / den
+    return acc / l_run
+
+
+def _decode_step(q, keys, values, offset, rope, geom, groups):
+    """One new token (batch 1) in a handful of kernels: the query's three rotations in one rope call
+    (positions as a batch of offsets), one matmul against all keys, and each key range takes its
+    scores from the matching rotation; then one softmax over them all (spec §3.2)."""
+    _, Hq, _, D = q.shape
+    Hkv = keys.shape[1]
+    c = geom.period
+    n, r = divmod(offset, c)
+    positions = [geom.inter_position, geom.succ_position(r), r][max(0, 2 - n):]  # key order: inter, succ, intra
+    k = len(positions)
+    if k == 1:
+        qs = rope(q, offset=r)
+    else:
+        qs = rope(mx.broadcast_to(q, (k, Hq, 1, D)), offset=mx.array(positions))
+    # (k, Hq, 1, D) -> (1, Hkv, k*G, D): rows [copy0 heads of this KV head, copy1 ..., ...]
+    qs = qs.reshape(k, Hkv, groups, D).transpose(1, 0, 2, 3).reshape(1, Hkv, k * groups, D)
+    s = _scores(qs, keys)  # (1, Hkv, k*G, p+1)
+    edges = [0, (n - 1) * c, n * c, offset + 1][3 - k:]
+    edges[0] = 0
+    parts = [s[:, :, i * groups:(i + 1) * groups, edges[i]:edges[i + 1]] for i in range(k)]
+    s = parts[0] if k == 1 else mx.concatenate(parts, axis=-1)
+    p = mx.softmax(s, axis=-1, precise=True)
+    o = _pv(p, values)  # (1, Hkv, G, D)
+    return o.reshape(1, Hq, 1, -1).astype(q.dtype)
 
 
 def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, rope, scale: float,
@@ -238,6 +266,12 @@ def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, ro
     groups = Hq // Hkv
     c = geom.period
     q = q * scale
+    if T == 1 and B == 1:  # its scores are linear in the length, like the KV cache itself
+        return _decode_step(q, keys, values, offset, rope, geom, groups)
+    # A lazy graph of many tiles may keep all their score buffers alive at once (a GPU frees them when
+    # the command buffer completes), which would bring back the L x L term; past the budget, evaluate
+    # tile by tile. A single query never needs it (and a sync would stall decoding).
+    bounded = T > 1 and Hq * T * (offset + T) > 2 * score_budget
     out = []
     b = offset
     while b < offset + T:
@@ -251,7 +285,9 @@ def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, ro
             o = _attend_concat(copies, keys, values, b, e, groups, tq, geom)
         else:
             block = max(score_budget // (Hq * tq), tq)
-            o = _attend_blocks(copies, keys, values, b, e, groups, tq, geom, block)
+            o = _attend_blocks(copies, keys, values, b, e, groups, tq, geom, block, bounded)
+        if bounded:
+            mx.eval(o)  # frees this tile's scores before the next tile allocates its own
         out.append(o.reshape(B, Hq, tq, -1))
         b = e
     o = out[0] if len(out) == 1 else mx.concatenate(out, axis=-2)

@@ -15,14 +15,18 @@ Run it on one machine or several (see README, "Several Macs"):
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import struct
 import sys
 from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
+from mlx.utils import tree_flatten
 
 from .cli_args import add_long_context_args, long_context_overrides
 from .mlp import MLP
@@ -126,21 +130,85 @@ def materialize(model: nn.Module) -> None:
     mx.clear_cache()
 
 
+# safetensors dtypes numpy can memory-map (bfloat16 as its raw 16 bits, reinterpreted by MLX).
+_NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32,
+              "I32": np.int32, "U16": np.uint16, "I16": np.int16, "U8": np.uint8, "I8": np.int8,
+              "I64": np.int64, "U64": np.uint64}
+
+
+def _safetensors_index(files: list[Path]) -> dict:
+    """tensor name -> (file, offset of the data section, header entry), from the headers alone."""
+    index = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            index[name] = (f, 8 + n, info)
+    return index
+
+
+def _read_part(file: Path, base: int, info: dict, axis: int, part: int, n: int) -> Optional[mx.array]:
+    """Part `part` of `n` along `axis` of one stored tensor, touching only those bytes of the file."""
+    np_dtype = _NP_DTYPES.get(info["dtype"])
+    if np_dtype is None:
+        return None
+    shape = tuple(info["shape"])
+    mm = np.memmap(file, dtype=np_dtype, mode="r", offset=base + info["data_offsets"][0], shape=shape)
+    size = shape[axis] // n
+    index = [slice(None)] * len(shape)
+    index[axis] = slice(part * size, (part + 1) * size)
+    arr = mx.array(np.ascontiguousarray(mm[tuple(index)]))
+    del mm
+    return arr.view(mx.bfloat16) if info["dtype"] == "BF16" else arr
+
+
+def read_own_slices(model: nn.Module, files: list[Path], group: mx.distributed.Group) -> int:
+    """Give each split parameter of a sharded (still lazy) model its slice read straight from disk.
+
+    Applies where the checkpoint stores the tensor under the parameter's own name (our converter's
+    and mlx-lm's folders; `sanitize` leaves such names and values alone), so a rank reads only its
+    rows of q/k/v/gate/up and its columns of o/down. Others keep the lazy read-then-slice path.
+    Returns how many parameters were read this way.
+    """
+    n, rank = group.size(), group.rank()
+    index = _safetensors_index(files)
+    parts = []
+    for name, p in tree_flatten(model.parameters()):
+        entry = index.get(name)
+        if entry is None:
+            continue
+        file, base, info = entry
+        shape = tuple(info["shape"])
+        diff = [i for i, (a, b) in enumerate(zip(shape, p.shape)) if a != b]
+        if len(shape) != p.ndim or len(diff) != 1 or shape[diff[0]] != n * p.shape[diff[0]]:
+            continue
+        arr = _read_part(file, base, info, diff[0], rank, n)
+        if arr is not None:
+            parts.append((name, arr.astype(p.dtype)))
+    model.load_weights(parts, strict=False)
+    return len(parts)
+
+
 def sharded_load(path: Union[str, Path], group: Optional[mx.distributed.Group] = None, *,
                  dtype: Optional[mx.Dtype] = None, dca: Optional[dict] = None,
                  rope_scaling: Optional[dict] = None):
     """Load a model folder split over `group`. Returns (model, tokenizer).
 
-    Weights are read lazily and sliced before evaluation, so each rank keeps only its shard (plus the
-    replicated embeddings, norms and router); an unsharded tensor lives only while its layer is read.
+    Each rank reads only its slice of every split tensor from disk (`read_own_slices`); tensors that
+    `sanitize` has to rebuild are read lazily and sliced before evaluation, one layer at a time. So
+    each rank keeps only its shard plus the replicated embeddings, norms and router.
     A model that does not divide over the ranks fails before any weight is read. `dca` and
     `rope_scaling` are `load`'s long-context overrides.
     """
-    from .loader import load
+    from .loader import load, resolve_path, weight_files
 
     group = group or mx.distributed.init()
     model, tokenizer = load(path, dca=dca, lazy=True, dtype=dtype, rope_scaling=rope_scaling)
     shard_model(model, group)
+    if group.size() > 1:
+        read_own_slices(model, weight_files(resolve_path(path)), group)
     materialize(model)
     # A barrier, so no rank starts a collective while another is still reading its weights.
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
@@ -163,9 +231,9 @@ def _parser() -> argparse.ArgumentParser:
                     "Every rank runs this same command; rank 0 prints.",
         epilog="example: mlx.launch -n 2 --backend ring -- python -m qwen2_mlx.distributed --model PATH --prompt hi")
     p.add_argument("--model", help="model folder (default: the folder `python convert.py` writes)")
-    p.add_argument("--prompt", help="the user message ('-' reads stdin); with --interactive: none")
+    p.add_argument("--prompt", help="the user message")
     p.add_argument("--system", help="system message for the chat template")
-    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--raw", action="store_true", help="send --prompt as is, without the chat template")
     p.add_argument("--interactive", action="store_true",
                    help="line-based chat: each line of stdin is a user turn (mlx.launch forwards stdin to every rank)")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -185,16 +253,21 @@ def _prompt_tokens(tokenizer, messages: list, raw: bool) -> list[int]:
 
 
 def main(argv: Optional[list] = None) -> int:
+    from .blas import ensure_openblas
+    from .chat import Chat
     from .config import ConfigError
     from .generate import stream_generate
     from .loader import ModelLoadError
     from .paths import default_model_path
     from .tokenizer import TokenizerError
 
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     parser = _parser()
     args = parser.parse_args(argv)
-    if not args.interactive and args.prompt is None:
-        parser.error("give --prompt (or --interactive)")
+    if args.interactive == (args.prompt is not None):
+        parser.error("give either --prompt or --interactive")
+    if args.raw and args.interactive:
+        parser.error("--raw applies to --prompt only (the interactive chat uses the chat template)")
     if args.max_tokens <= 0:
         parser.error("--max-tokens must be positive")
     overrides = long_context_overrides(args, parser)
@@ -206,7 +279,6 @@ def main(argv: Optional[list] = None) -> int:
         if lead:
             print(msg, file=sys.stderr, flush=True)
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     path = Path(args.model).expanduser() if args.model else default_model_path()
     say(f"[rank 0/{size}] loading {path}")
     try:
@@ -218,13 +290,9 @@ def main(argv: Optional[list] = None) -> int:
         print(f"[rank {rank}/{size}] loaded: peak memory {mx.get_peak_memory() / 1e9:.2f} GB (MLX), "
               f"{peak_rss_gb():.2f} GB (RSS)", file=sys.stderr, flush=True)
 
-    def reply(messages: list, cache: list, tokens: list) -> tuple[str, list]:
-        """Generate the assistant turn; return its text and the token ids now held in `cache`."""
-        parts, ids, last = [], {}, None
-        for last in stream_generate(model, tokenizer, tokens, args.max_tokens, temperature=args.temp,
-                                    top_p=args.top_p, seed=args.seed, prompt_cache=cache):
-            parts.append(last.text)
-            ids[last.generation_tokens] = last.token
+    def show(responses) -> None:
+        last = None
+        for last in responses:
             if lead:
                 print(last.text, end="", flush=True)
         if lead:
@@ -232,44 +300,32 @@ def main(argv: Optional[list] = None) -> int:
             if args.verbose and last is not None:
                 say(f"[{last.finish_reason}] prompt {last.prompt_tokens} tok at {last.prompt_tps:.1f} tok/s, "
                     f"generation {last.generation_tokens} tok at {last.generation_tps:.1f} tok/s over {size} ranks")
-        return "".join(parts), [ids[n] for n in sorted(ids)]
 
-    base = [{"role": "system", "content": args.system}] if args.system else []
+    sampling = dict(temperature=args.temp, top_p=args.top_p, seed=args.seed)
     if not args.interactive:
-        messages = base + [{"role": "user", "content": prompt}]
-        reply(messages, model.make_cache(), _prompt_tokens(tokenizer, messages, args.raw))
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        try:
+            show(stream_generate(model, tokenizer, _prompt_tokens(tokenizer, messages, args.raw),
+                                 args.max_tokens, **sampling))
+        except ValueError as e:  # the prompt does not fit the context window
+            say(f"error: {e}")
+            return 2
         return 0
-    # Every rank reads the same stdin (mlx.launch broadcasts it), so all ranks see the same turns and
-    # make the same cache decisions.
-    messages, cache, cached = list(base), model.make_cache(), []
+    # Every rank reads the same stdin (mlx.launch forwards it to all), so every rank's Chat sees the
+    # same turns, reuses the same cached prefix and stays in step with the others.
+    chat = Chat(model, tokenizer, system=args.system, context_policy="drop_oldest",
+                max_tokens=args.max_tokens, **sampling)
     say("[interactive] type a message per line; an empty line or end of input quits")
     for line in sys.stdin:
         line = line.rstrip("\n")
         if not line.strip():
             break
-        messages.append({"role": "user", "content": line})
-        tokens = _prompt_tokens(tokenizer, messages, args.raw)
-        cache, keep = _reuse_cache(model, cache, cached, tokens)
-        text, generated = reply(messages, cache, tokens[keep:])
-        cached = (tokens + generated)[:cache[0].offset]
-        messages.append({"role": "assistant", "content": text})
+        try:
+            show(chat.stream(line))
+        except ValueError as e:  # a single message longer than the context window
+            say(f"error: {e}")
     return 0
-
-
-def _reuse_cache(model: nn.Module, cache: list, cached: list, tokens: list) -> tuple[list, int]:
-    """Keep the cached prefix the new prompt shares (at least one token must be left to feed)."""
-    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-    keep = 0
-    for a, b in zip(cached, tokens[:-1]):
-        if a != b:
-            break
-        keep += 1
-    if keep < len(cached):
-        if keep == 0 or not can_trim_prompt_cache(cache):
-            return model.make_cache(), 0
-        trim_prompt_cache(cache, len(cached) - keep)
-    return cache, keep
 
 
 if __name__ == "__main__":

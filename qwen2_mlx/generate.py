@@ -145,7 +145,7 @@ def generate_step(
 
     def step(tokens: mx.array):
         nonlocal history
-        # Single tokens go through the compiled decode step when it applies (decode.py).
+        # Single tokens go through the fast decode step when it applies (decode.py).
         logits = decode_step(model, tokens, cache)
         if logits is None:
             logits = model(tokens[None], cache=cache)[:, -1, :]
@@ -215,6 +215,8 @@ def prefill_prompt_cache(
     prompt token, so later calls pass only the new tokens with `prompt_cache=`.
     """
     tokens = encode_prompt(tokenizer, prompt)
+    if tokens.size == 0:
+        raise ValueError("the prompt is empty: give at least one token")
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     held = getattr(cache[0], "offset", 0) if cache else 0
     if held + tokens.size > context_limit(model):

@@ -88,3 +88,17 @@ def test_real_model_batch_equals_one_by_one(request):
     for p, ids in zip(prompts, res.token_ids):
         text = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
         assert [r.token for r in stream_generate(model, tok, text, 6)] == ids
+
+
+def test_benchmark_script_runs_and_compares(tmp_path_factory, tmp_path, capsys):
+    from qwen2_mlx.bench_batch import main
+
+    _, _, path = tiny_model(tmp_path_factory)
+    assert main(["--model", str(path), "--prompts", "3", "--max-tokens", "3", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "identical token ids: 3/3 prompts" in out and "speed-up" in out
+    assert main(["--model", str(tmp_path / "nothing")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(path), "--prompts", "0"])
+    assert e.value.code == 2

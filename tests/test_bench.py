@@ -69,7 +69,9 @@ def test_bench_end_to_end_against_mlx_lm(tmp_path, monkeypatch, capsys):
     assert res["ratio_ours_over_mlx_lm"]["decode_tps"] == pytest.approx(
         res["median"]["qwen2_mlx"]["decode_tps"] / res["median"]["mlx_lm"]["decode_tps"])
     roof = res["roofline"]
-    assert roof["copy_bandwidth_gbs"] > 0 and 0 < roof["fraction"]["qwen2_mlx"]
+    assert roof["copy_bandwidth_gbs"] > 0 and roof["matvec_bandwidth_gbs"] > 0
+    assert roof["bandwidth_gbs"] == max(roof["copy_bandwidth_gbs"], roof["matvec_bandwidth_gbs"])
+    assert 0 < roof["fraction"]["qwen2_mlx"]
     assert roof["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4 * (12 + 6 / 2)
     printed = capsys.readouterr().out
     assert "ours/mlx-lm" in printed and "roofline" in printed

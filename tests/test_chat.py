@@ -319,3 +319,28 @@ def test_assigning_messages_keeps_the_cache_for_the_common_prefix(mt):
         chat.messages = [{"role": "user", "content": "u"}, {"role": "system", "content": "s"}]
     with pytest.raises(ValueError, match="both given"):
         Chat(model, tok, system="A", messages=[{"role": "system", "content": "B"}])
+
+
+@pytest.mark.parametrize("dca", [False, True])
+def test_a_reused_cache_answers_like_a_fresh_prefill(mt, dca):
+    import copy
+
+    from mlx.utils import tree_flatten
+
+    from qwen2_mlx.config import DCAConfig
+    from qwen2_mlx.model import Model
+
+    model, tok = mt
+    if dca:  # chunks of 16 tokens: the conversation runs well past one chunk
+        args = copy.deepcopy(model.args)
+        args.dual_chunk_attention_config = DCAConfig(chunk_size=16, local_size=4)
+        model, weights = Model(args), tree_flatten(model.parameters())
+        model.load_weights(list(weights))
+    chat = Chat(model, tok, system="S")
+    chat.send("First question", sampler=say(tok, "First answer."))
+    chat.send("Second question", sampler=say(tok, "Second answer."))
+    list(chat.regenerate(sampler=say(tok, "Other answer.")))  # a trim back and a re-prefill on the way
+    reused = chat.send("Third question", max_tokens=8)
+    fresh = Chat(model, tok, messages=chat.messages[:-2]).send("Third question", max_tokens=8)
+    assert reused == fresh
+    assert reused.stats.prompt_tokens < fresh.stats.prompt_tokens // 2

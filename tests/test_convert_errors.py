@@ -207,3 +207,14 @@ def test_failure_while_writing_leaves_nothing(tmp_path, capsys, ckpt, monkeypatc
     assert code == 130 and "nothing was written" in err
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize("opts,words", [
+    (["--q-bits", "7"], ("--q-bits 7", "not supported")),
+    (["--q-group-size", "48"], ("--q-group-size 48", "not supported")),
+    (["--q-bits", "3", "--q-mode", "mxfp4"], ("mxfp4", "not supported")),
+])
+def test_unsupported_quantization_options(tmp_path, capsys, ckpt, opts, words):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--hf-path", ckpt, "--mlx-path", out, "-q", *opts)
+    assert_refused(code, err, out, *words)

@@ -53,6 +53,13 @@ def _synthetic_checkpoint(path: Path) -> tuple[int, int]:
     return total, largest
 
 
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    src = tmp_path_factory.mktemp("synthetic") / "src"
+    total, largest = _synthetic_checkpoint(src)
+    return src, total, largest
+
+
 def _peak_rss_of(argv: list[str]) -> int:
     """Peak RSS (bytes) of a converter child process, via a wrapper whose only child it is."""
     wrapper = ("import resource, subprocess, sys; "
@@ -67,9 +74,8 @@ def _peak_rss_of(argv: list[str]) -> int:
 
 
 @pytest.mark.slow
-def test_peak_memory_is_one_shard_plus_one_tensor(tmp_path):
-    src = tmp_path / "src"
-    total, largest = _synthetic_checkpoint(src)
+def test_peak_memory_is_one_shard_plus_one_tensor(tmp_path, synthetic):
+    src, total, largest = synthetic
     shard = 32 * MB
     convert = [sys.executable, str(ROOT / "convert.py"), "--hf-path", str(src), "--dtype", "float32",
                "--max-shard-size", str(shard)]
@@ -100,3 +106,40 @@ def _tiny_shapes(cfg: dict) -> dict:
     from mlx.utils import tree_flatten
 
     return {k: v.shape for k, v in tree_flatten(Model(ModelArgs.from_dict(cfg)).parameters())}
+
+
+@pytest.mark.slow
+def test_killed_runs_leave_no_folder(tmp_path, synthetic):
+    """SIGTERM mid-write removes the temporary folder; after a SIGKILL the next run clears it."""
+    import signal
+    import time
+
+    src = synthetic[0]
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "convert.py"), "--hf-path", str(src), "--mlx-path", str(out),
+           "--dtype", "float32", "--max-shard-size", "8MB"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def start_and_wait_for_shards():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if any(p.glob("shard-*.safetensors") for p in tmp_path.glob(".out.partial-*")):
+                return proc
+            time.sleep(0.05)
+        proc.kill()
+        pytest.fail("the converter never started writing shards")
+
+    proc = start_and_wait_for_shards()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "nothing was written" in err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+    proc = start_and_wait_for_shards()
+    proc.kill()
+    proc.wait()
+    assert not out.exists() and list(tmp_path.glob(".out.partial-*"))  # SIGKILL cannot clean up...
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert out.is_dir() and not list(tmp_path.glob(".out.*"))  # ...the next run does

@@ -160,6 +160,27 @@ def test_gqa(Hq, Hkv):
                                atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (7, 1)])
+def test_decode_step_matches_tiled_path(Hq, Hkv):
+    """The single-token fast path (one rope, one matmul) equals the general tiled path at every offset."""
+    M, w = 12, 4
+    geom = DCAGeometry(M, w)
+    rope = RoPE(8, 10000.0)
+    L = 4 * (M - w) + 2
+    q, k, v = qkv(L, Hq, Hkv, seed=11)
+    qm, km, vm = (mx.array(a.astype(np.float32))[None] for a in (q, k, v))
+    keys = rotate_keys(rope, km, 0, geom)
+    want = ref.attention(q, k, v, rope.inv_freq, M, w)
+    two = [mx.concatenate([a, a]) for a in (qm, keys, vm)]  # batch 2 takes the general tiled path
+    for t in range(L):
+        args = (qm[:, :, t:t + 1], keys[:, :, :t + 1], vm[:, :, :t + 1], t, rope, 8 ** -0.5, geom)
+        fast = np.array(dca_attention(*args)[0, :, 0])
+        args2 = (two[0][:, :, t:t + 1], two[1][:, :, :t + 1], two[2][:, :, :t + 1], t, rope, 8 ** -0.5, geom)
+        tiled = np.array(dca_attention(*args2, score_budget=Hq * 3)[1, :, 0])  # key blocks of 3
+        np.testing.assert_allclose(fast, want[:, t], atol=1e-5, rtol=1e-4, err_msg=f"t={t}")
+        np.testing.assert_allclose(tiled, fast, atol=1e-5, err_msg=f"t={t}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The attention module with a DCA cache: decode, stepwise prefill, cache contents, temperature
 
@@ -472,3 +493,38 @@ def test_large_offset_rotations():
     check(qs, np.minimum(np.arange(6) + w - 2 + c, M))
     check(rope_constant(rope, xm, M), np.full(6, M))
     check(rotate_keys(rope, xm, 3 * c - 3, geom), (np.arange(6) + 3 * c - 3) % c)
+
+
+# ---------------------------------------------------------------------------------------------
+# 16. On a GPU (Metal or CUDA): the equivalence, multi-chunk, decode and saturation cases in
+# float16 / bfloat16 (float32 softmax statistics and merge), against the float64 reference.
+
+
+@pytest.mark.skipif(not mx.is_available(mx.gpu), reason="needs a GPU (Metal or CUDA)")
+@pytest.mark.parametrize("dtype,tol", [(mx.float16, 3e-3), (mx.bfloat16, 1e-2), (mx.float32, 1e-5)])
+def test_gpu_half_precision(dtype, tol):
+    M, w = 12, 4
+    c = M - w
+    geom = DCAGeometry(M, w)
+    rope = RoPE(64, 10000.0)
+    blocked = {"tile_q": 3, "score_budget": 4 * 3 * 5}
+    with mx.stream(mx.gpu):
+        for L, scale in ((M + 1, 1.0), (5 * c + 3, 1.0), (4 * c + 1, 50.0)):
+            q, k, v = (a.astype(np.float32) for a in qkv(L, D=64, seed=L, scale=scale))
+            qm, km, vm = (mx.array(a)[None].astype(dtype) for a in (q, k, v))
+            keys = rotate_keys(rope, km, 0, geom)
+            one = dca_attention(qm, keys, vm, 0, rope, 64 ** -0.5, geom)
+            tiled = dca_attention(qm, keys, vm, 0, rope, 64 ** -0.5, geom, **blocked)
+            # token by token over the same cache
+            steps = [dca_attention(qm[:, :, t:t + 1], keys[:, :, :t + 1], vm[:, :, :t + 1], t, rope, 64 ** -0.5, geom)
+                     for t in range(1, L)]
+            dec = mx.concatenate([one[:, :, :1]] + steps, axis=2)
+            outs = [np.array(o[0].astype(mx.float32)) for o in (one, tiled, dec)]
+            assert all(o.dtype == dtype for o in (one, tiled, dec)) and all(np.all(np.isfinite(o)) for o in outs)
+            if scale == 1.0:
+                want = ref.attention(*(np.array(a[0].astype(mx.float32), dtype=np.float64) for a in (qm, km, vm)),
+                                     rope.inv_freq, M, w)
+            else:  # saturated: half-precision scores are coarse; the merges must still agree
+                want = outs[0]
+            for o in outs:
+                assert np.linalg.norm(o - want) / np.linalg.norm(want) < tol, (str(dtype), L, scale)

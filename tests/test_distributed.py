@@ -4,6 +4,7 @@ must reproduce one process's logits and greedy text, each rank holding 1/N of th
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -59,8 +60,18 @@ def mlx_launch(n: int, *command: str, input: str = None, timeout: int = 600) -> 
                OPENBLAS_NUM_THREADS="1")  # two ranks share the two cores of a CI machine
     cmd = head + ["-n", str(n), "--backend", "ring", "--starting-port", str(_free_ports(n)), "--",
                   sys.executable, *command]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, input=input,
-                          timeout=timeout)
+    # The launcher forwards its stdin to every rank: give it the input, or nothing (never pytest's).
+    # Its own process group, so a hung run is killed with all its ranks.
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, start_new_session=True,
+                          stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        try:
+            out, err = p.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            pytest.fail(f"mlx.launch ran past {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def run_sharded(paths: list, tmp: Path, n_tokens: int = 8, prompt=PROMPT) -> list[dict]:
@@ -247,30 +258,86 @@ def test_real_model_two_ranks_match_one_process(real_model_path, tmp_path):
     assert got["params"].tolist() == [whole + split // 2] * 2
 
 
-def test_interactive_chat_reuses_the_cached_history(tmp_path, monkeypatch, capsys):
-    """One process (a group of one): turn two feeds only what the cache does not already hold."""
+def test_interactive_chat_in_one_process(tmp_path, monkeypatch, capsys):
+    """Without mlx.launch the entry point runs as a group of one; its chat matches plain generation."""
     import io
 
-    import qwen2_mlx.distributed as dist
+    from qwen2_mlx.distributed import main
 
     path, _ = make_checkpoint(tmp_path / "dense", DENSE)
     model, tok = load(path, dtype=mx.float32)
     first = [{"role": "user", "content": "hi"}]
     a1 = generate(model, tok, tok.apply_chat_template(first, add_generation_prompt=True), max_tokens=6)
     second = first + [{"role": "assistant", "content": a1}, {"role": "user", "content": "more"}]
-    prompt2 = tok.apply_chat_template(second, add_generation_prompt=True)
-    a2 = generate(model, tok, prompt2, max_tokens=6)
-
-    kept = []
-    real = dist._reuse_cache
-
-    def spy(*args):
-        out = real(*args)
-        kept.append(out[1])
-        return out
-
-    monkeypatch.setattr(dist, "_reuse_cache", spy)
+    a2 = generate(model, tok, tok.apply_chat_template(second, add_generation_prompt=True), max_tokens=6)
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nmore\n"))
-    assert dist.main(["--model", str(path), "--interactive", "--max-tokens", "6", "--dtype", "float32"]) == 0
+    assert main(["--model", str(path), "--interactive", "--max-tokens", "6", "--dtype", "float32"]) == 0
     assert capsys.readouterr().out == a1 + "\n" + a2 + "\n"
-    assert kept[0] == 0 and 0 < kept[1] < len(prompt2)
+
+
+# Qwen2-72B's shapes with one layer (the checks are per layer shape).
+Q72 = dict(model_type="qwen2", hidden_size=8192, num_hidden_layers=1, intermediate_size=29568,
+           num_attention_heads=64, num_key_value_heads=8, vocab_size=152064)
+
+
+@pytest.mark.parametrize("cfg,bits_group,ok,bad", [
+    # 29568 / 4 = 7392 columns per rank: 115.5 groups of 64, 231 groups of 32.
+    (Q72, None, [2, 4, 8], [3]),
+    (Q72, 64, [2], [4, 8]),
+    (Q72, 32, [2, 4], [8]),
+    # Qwen2-57B-A14B: 4 KV heads.
+    (dict(model_type="qwen2_moe", hidden_size=3584, num_hidden_layers=1, intermediate_size=18944,
+          num_attention_heads=28, num_key_value_heads=4, vocab_size=151936, num_experts=64,
+          num_experts_per_tok=8, moe_intermediate_size=2560, shared_expert_intermediate_size=20480), 64,
+     [2, 4], [3, 8]),
+])
+def test_rank_counts_in_the_readme(cfg, bits_group, ok, bad):
+    """The README's table of legal rank counts; the weights stay lazy, so nothing big is allocated."""
+    model = Model(ModelArgs.from_dict(cfg))
+    if bits_group:
+        nn.quantize(model, group_size=bits_group, bits=4)
+    for n in ok:
+        check_shardable(model, n)
+    for n in bad:
+        with pytest.raises(ShardingError, match=f"over {n} ranks"):
+            check_shardable(model, n)
+
+
+class RankGroup(FakeGroup):
+    """Rank `r` of `n`: enough for shard_linear / shard_inplace, which only slice."""
+
+    def __init__(self, n: int, r: int):
+        super().__init__(n)
+        self.r = r
+
+    def rank(self) -> int:
+        return self.r
+
+
+@pytest.mark.parametrize("kind", ["dense-f32", "dense-bf16", "moe-4bit"])
+def test_slices_read_from_disk_equal_the_sliced_tensors(tmp_path, kind):
+    """read_own_slices reads each rank's rows/columns straight from the file: same values as slicing."""
+    from qwen2_mlx.distributed import read_own_slices, shard_model
+    from qwen2_mlx.loader import weight_files
+
+    if kind == "moe-4bit":
+        src, _ = make_checkpoint(tmp_path / "src", MOE, intermediate_size=128, moe_intermediate_size=64,
+                                 shared_expert_intermediate_size=128, mlp_only_layers=[1])
+        path = quantize_folder(src, tmp_path / "q")
+    else:
+        path, _ = make_checkpoint(tmp_path / "src", DENSE)
+        if kind == "dense-bf16":
+            model, _ = load(path, dtype=mx.bfloat16)
+            mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    whole = {k: v.shape for k, v in tree_flatten(load(path, lazy=True)[0].parameters())}
+    for r in range(2):
+        want, _ = load(path)
+        shard_model(want, RankGroup(2, r))
+        got, _ = load(path, lazy=True)
+        shard_model(got, RankGroup(2, r))
+        n = read_own_slices(got, weight_files(path), RankGroup(2, r))
+        # Every split tensor (stacked experts and quantization scales included) came from disk.
+        assert n == sum(whole[k] != v.shape for k, v in tree_flatten(got.parameters())) > 0
+        for (k, a), (_, b) in zip(tree_flatten(got.parameters()), tree_flatten(want.parameters())):
+            assert a.dtype == b.dtype and a.shape == b.shape, k
+            assert mx.array_equal(a, b).item(), k

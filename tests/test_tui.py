@@ -10,7 +10,9 @@ from contextlib import nullcontext
 import pytest
 
 from tui.store import Store
-from tui.widgets.dialogs import ConfirmScreen, HelpScreen
+from tui.widgets.chat_list import ChatListScreen
+from tui.widgets.dialogs import AskScreen, ConfirmScreen, HelpScreen
+from tui.widgets.settings import SettingsScreen
 from tui.widgets.transcript import MessageView
 
 from tui_helpers import CJK_REPLY, make_app, ready, send, texts, wait_until
@@ -59,7 +61,7 @@ async def test_newline_keys_do_not_send(tmp_path):
         assert app.prompt.text == "a\nb\nc\nd"
         assert app.transcript.views == [] and app.job is None
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.job is None and len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1][2] == "done")
         assert app.transcript.views[0].content == "a\nb\nc\nd"
 
 
@@ -73,7 +75,7 @@ async def test_text_and_enter_in_one_burst_are_not_lost(tmp_path):
         for ch in "继续写完代码":
             app.post_message(events.Key(ch, ch))
         app.post_message(events.Key("enter", "\r"))
-        await wait_until(pilot, lambda: app.job is None and len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1] == ("assistant", "ok", "done"))
         assert app.transcript.views[0].content == "继续写完代码" and app.prompt.text == ""
 
 
@@ -108,15 +110,14 @@ async def test_ctrl_c_stops_while_generating_and_asks_before_quitting(tmp_path):
         assert app.transcript.views[-1].status == "stopped"
         assert app.is_running
         await pilot.press("ctrl+c")
-        await pilot.pause()
-        assert isinstance(app.screen, ConfirmScreen)
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("n")
-        await pilot.pause()
-        assert not isinstance(app.screen, ConfirmScreen) and app.is_running
+        await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+        assert app.is_running
         await pilot.press("ctrl+c")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("ctrl+c")
-        await pilot.pause()
+        await wait_until(pilot, lambda: not app.is_running)
     assert app.return_code == 0
 
 
@@ -200,14 +201,13 @@ async def test_slash_commands(tmp_path):
         # a bad command is reported and the text stays in the prompt
         app.prompt.set_text("/set temp hot")
         await pilot.press("enter")
-        await pilot.pause()
+        await wait_until(pilot, lambda: any("temp needs a number" in n.message for n in app._notifications))
         assert app.prompt.text == "/set temp hot"
-        assert any("temp needs a number" in n.message for n in app._notifications)
         app.prompt.set_text("")
         await send(pilot, "/help")
-        assert isinstance(app.screen, HelpScreen)
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
         await pilot.press("escape")
-        await pilot.pause()
+        await wait_until(pilot, lambda: not isinstance(app.screen, HelpScreen))
         await send(pilot, "/clear")
         assert app.chat_id is None and app.transcript.views == []
         assert app.settings["temperature"] == 0.2  # /clear keeps this chat's settings
@@ -247,24 +247,24 @@ async def test_reopen_chat_from_the_list_and_rename_delete(tmp_path):
         await send(pilot, "beta")
         assert app.chat_id != alpha
         await pilot.press("ctrl+l")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         await pilot.press("down")  # newest first: beta, then alpha
         await pilot.press("r")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, AskScreen))
         app.screen.query_one("Input").value = "阿尔法"
         await pilot.press("enter")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         assert app.store.chat(alpha).title == "阿尔法"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.chat_id == alpha)
+        await wait_until(pilot, lambda: app.chat_id == alpha and len(app.transcript.views) == 2)
         assert [v.content for v in app.transcript.views] == ["alpha", "re: alpha"]
         assert app.title == "阿尔法"
         await pilot.press("ctrl+l")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         await pilot.press("d")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.press("y")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         await pilot.press("escape")
         await wait_until(pilot, lambda: app.chat_id is None)
         assert app.store.chat(alpha) is None and len(app.store.chats()) == 1
@@ -323,12 +323,18 @@ async def test_reply_interrupted_by_a_crash_is_kept_and_marked(tmp_path):
 
 async def test_keymap_file_rebinds_keys(tmp_path, data_home):
     (data_home / "qwen2-mlx").mkdir(parents=True)
-    (data_home / "qwen2-mlx" / "keymap.json").write_text(json.dumps({"prompt.newline": "ctrl+o"}))
-    app = make_app(tmp_path)
+    (data_home / "qwen2-mlx" / "keymap.json").write_text(json.dumps(
+        {"prompt.submit": "ctrl+j", "prompt.newline": "enter,shift+enter", "app.regenerate": "f5"}))
+    app = make_app(tmp_path, replies=["one", "two"])
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
-        await pilot.press("a", "ctrl+o", "b")
-        assert app.prompt.text == "a\nb"
+        await pilot.press("a", "enter", "b")
+        assert app.prompt.text == "a\nb" and app.transcript.views == []
+        await pilot.press("ctrl+j")
+        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1] == ("assistant", "one", "done"))
+        assert app.transcript.views[0].content == "a\nb"
+        await pilot.press("f5")
+        await wait_until(pilot, lambda: texts(app)[-1] == ("assistant", "two", "done"))
 
 
 async def test_ctrl_g_edits_the_prompt_in_editor(tmp_path, monkeypatch):
@@ -341,8 +347,7 @@ async def test_ctrl_g_edits_the_prompt_in_editor(tmp_path, monkeypatch):
         await ready(pilot)
         monkeypatch.setattr(app, "suspend", nullcontext)  # headless: nothing to hand the terminal to
         await pilot.press("x", "ctrl+g")
-        await pilot.pause()
-        assert app.prompt.text == "edited 編集\nline two"
+        await wait_until(pilot, lambda: app.prompt.text == "edited 編集\nline two")
 
 
 async def test_copy_message_and_code_block(tmp_path):
@@ -358,6 +363,23 @@ async def test_copy_message_and_code_block(tmp_path):
         assert app.clipboard == "print('你好，世界')\n"
         await send(pilot, "/copy")
         assert app.clipboard == CJK_REPLY
+        # Ctrl+C copies text selected with the mouse (and then does not stop or quit)
+        app.prompt.focus()
+        app.screen.get_selected_text = lambda: "量子计算"
+        await pilot.press("ctrl+c")
+        assert app.clipboard == "量子计算" and not isinstance(app.screen, ConfirmScreen)
+
+
+async def test_theme_is_remembered(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        app.theme = "nord"
+        await pilot.pause()
+    app2 = make_app(tmp_path)
+    async with app2.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        assert app2.theme == "nord"
 
 
 async def test_context_meter_warns_and_cut_by_context_is_shown(tmp_path):
@@ -369,6 +391,12 @@ async def test_context_meter_warns_and_cut_by_context_is_shown(tmp_path):
         assert reply.status == "context" and "context window is full" in str(reply.query_one(".message-note").render())
         ctx = app.status.query_one("#status-context")
         assert ctx.has_class("-warn") and "⚠" in str(ctx.render())
+        # the next turn does not fit at all: refused, said so, the message kept
+        await send(pilot, "and more")
+        reply = app.transcript.views[-1]
+        assert reply.status == "context" and "context window is full" in str(reply.query_one(".message-note").render())
+        assert [m.content for m in app.store.path(app.chat_id)][-2] == "and more"
+        assert any("more than the context window" in n.message for n in app._notifications)
 
 
 async def test_settings_panel_saves_per_chat(tmp_path):
@@ -377,22 +405,21 @@ async def test_settings_panel_saves_per_chat(tmp_path):
         await ready(pilot)
         await send(pilot, "hi")
         await pilot.press("ctrl+s")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
         screen = app.screen
         screen.query_one("#system").text = "Be brief."
         screen.query_one("#set-temperature").value = "0.3"
         screen.query_one("#set-max_tokens").value = ""
         await pilot.press("ctrl+s")
-        await pilot.pause()
+        await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
         rec = app.store.chat(app.chat_id)
         assert rec.system == "Be brief." and rec.settings["temperature"] == 0.3
         assert rec.settings["max_tokens"] is None
         await pilot.press("ctrl+s")
-        await pilot.pause()
+        await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
         app.screen.query_one("#set-top_p").value = "2"
         await pilot.press("ctrl+s")
-        await pilot.pause()
-        assert "top_p must be between" in str(app.screen.query_one("#settings-error").render())
+        await wait_until(pilot, lambda: "top_p must be between" in str(app.screen.query_one("#settings-error").render()))
 
 
 async def test_load_failure_exits_with_status_2(tmp_path):
@@ -407,9 +434,8 @@ async def test_send_while_loading_waits_for_the_model(tmp_path):
     app = make_app(tmp_path, replies=["late but here"], load_gate=gate)
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "early", wait=False)
-        await wait_until(pilot, lambda: len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: app.job is not None and app.transcript.views[-1].status == "waiting")
         await wait_until(pilot, lambda: "100%" in str(app.status.query_one("#status-state").render()))
-        assert app.transcript.views[-1].status == "waiting"
         assert "Loading model" in str(app.status.query_one("#status-state").render())
         assert app.store.path(app.chat_id)[0].content == "early"  # saved before the model is even there
         gate.set()
@@ -436,7 +462,7 @@ async def test_model_command_lists_and_switches_models(tmp_path, data_home):
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot)
         await send(pilot, "/model")
-        assert isinstance(app.screen, ModelScreen)
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelScreen))
         assert "tiny-moe  ·  MoE  ·  float32" in str(app.screen.query_one("OptionList").get_option_at_index(0).prompt)
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.loaded and app.model_label == "tiny-moe")
@@ -466,3 +492,37 @@ async def test_failed_model_switch_keeps_the_old_model(tmp_path, data_home):
         assert app.is_running and app.loaded and app.model_label == "fake-model"
         await send(pilot, "hi")
         assert texts(app)[-1] == ("assistant", "still A", "done")
+
+
+async def test_view_follows_the_stream_until_the_user_scrolls_up(tmp_path):
+    long = "\n\n".join(f"段落 {i}：这是一个用来测试自动滚动的长段落。" for i in range(60))
+    app = make_app(tmp_path, replies=[long], delay=0.01)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot)
+        await send(pilot, "long", wait=False)
+        await wait_until(pilot, lambda: app.reply_text.count("段落") > 15)
+        t = app.transcript
+        await pilot.pause()
+        assert t.max_scroll_y > 0 and t.scroll_y == t.max_scroll_y  # following
+        t.focus()
+        await pilot.press("pageup")
+        y = t.scroll_y
+        await wait_until(pilot, lambda: app.reply_text.count("段落") > 25)
+        await pilot.pause()
+        assert t.scroll_y == y < t.max_scroll_y  # left where the reader put it
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: app.job is None)
+
+
+async def test_long_prompt_shows_reading_progress(tmp_path, monkeypatch):
+    from tui.widgets.status import StatusBar
+
+    states = []
+    original = StatusBar.set_state
+    monkeypatch.setattr(StatusBar, "set_state", lambda self, text: (states.append(text), original(self, text)))
+    app = make_app(tmp_path, replies=["ok"])
+    async with app.run_test(size=(100, 24)) as pilot:
+        await ready(pilot)
+        await send(pilot, "长 " * 700)
+        assert any(s.startswith("reading the prompt") and "/70" in s for s in states), states
+        assert states[-1] == "ready"

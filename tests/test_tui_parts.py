@@ -190,3 +190,38 @@ def test_fake_backend_timing_is_fixed():
     b = FakeBackend(["a b"])
     rs = list(b.generate([{"role": "user", "content": "x"}], None, {}, threading.Event()))
     assert {(r.prompt_tps, r.generation_tps, r.peak_memory, r.time_to_first_token) for r in rs} == {(120.0, 30.0, 0.5, 0.25)}
+
+
+def test_piped_stdin_joins_the_prompt(monkeypatch, capsys):
+    import tui.__main__ as cli
+
+    seen = {}
+
+    def fake_run_once(backend, text, system, settings, *a, **k):
+        seen["text"] = text
+        return 0
+
+    monkeypatch.setattr(cli, "read_piped_stdin", lambda: "diff --git a/x b/x\n+新しい行\n")
+    monkeypatch.setattr(cli, "check_model", lambda path: None)
+    monkeypatch.setattr(cli, "run_once", fake_run_once)
+    assert cli.main(["--prompt", "Review this diff"]) == 0
+    assert seen["text"] == "Review this diff\n\ndiff --git a/x b/x\n+新しい行\n"
+    assert cli.main([]) == 0 and seen["text"].startswith("diff --git")
+    monkeypatch.setattr(cli, "read_piped_stdin", lambda: "  \n")
+    assert cli.main([]) == 2 and "empty" in capsys.readouterr().err
+
+
+def test_engine_reports_prompt_reading_progress():
+    from tui.engine import Prefill
+
+    _, got = _events(FakeBackend(["ok"]), [{"role": "user", "content": "x " * 40}])
+    steps = [(e.done, e.total) for e in got if isinstance(e, Prefill)]
+    assert steps and steps[-1][0] == steps[-1][1] > 0
+
+
+def test_model_label(tmp_path, monkeypatch):
+    from tui.engine import model_label
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert model_label(tmp_path / "qwen2-mlx" / "models" / "default") == "default model"
+    assert model_label(tmp_path / "Qwen2-7B-4bit") == "Qwen2-7B-4bit"

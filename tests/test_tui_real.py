@@ -1,6 +1,6 @@
 """The chat app end to end with the real Qwen2.5-Coder-0.5B-Instruct (float32): a Chinese question
-gets a Chinese answer, in the app and from `qwen2-chat --prompt`; regenerate and edit reuse the
-KV cache up to the branch point."""
+gets a Chinese answer, in the app and from `qwen2-chat --prompt`; regenerate, edit and a jump
+to another branch reuse the KV cache up to the branch point."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_prompt_flag_prints_a_chinese_reply(real_model_path, capsys):
     assert code == 0 and CJK.search(out), out
 
 
-def test_backend_reuses_the_cache_for_new_turns_regenerate_and_edit(real_model_path):
+def test_backend_reuses_the_cache_for_turns_regenerate_edit_jump_and_stop(real_model_path):
     backend = ModelBackend(real_model_path, dtype="float32")
     backend.load(lambda *_: None)
     settings = {**DEFAULT_SETTINGS, "max_tokens": 6, "temperature": 0.0}
@@ -79,3 +79,21 @@ def test_backend_reuses_the_cache_for_new_turns_regenerate_and_edit(real_model_p
     _, edit = run(edited)
     assert edit < full // 2
     assert [m["content"] for m in backend.chat.messages if m["role"] == "user"] == [QUESTION, "那草呢？"]
+    # back to the first branch and on from there: only what the cache does not share is prefilled
+    jump = turn + [{"role": "assistant", "content": b}, {"role": "user", "content": "好的"}]
+    _, jumped = run(jump)
+    assert jumped < backend.count_tokens(jump, None) - 10
+    assert [m["content"] for m in backend.chat.messages if m["role"] == "user"] == [QUESTION, "为什么？", "好的"]
+    # a stop after two tokens keeps the partial reply, and the cache stays in step with it
+    stop = threading.Event()
+    settings_long = {**settings, "max_tokens": 50}
+    history = [{"role": "user", "content": "数一数：一、二、三、四、五、六、七、八、九、十"}]
+    n = 0
+    for r in backend.generate(history, None, settings_long, stop):
+        n += 1
+        if n == 2:
+            stop.set()
+    assert r.finish_reason == "cancelled" and r.generation_tokens <= 3
+    partial = backend.last_reply
+    _, after_stop = run(history + [{"role": "assistant", "content": partial}, {"role": "user", "content": "继续"}])
+    assert after_stop < 15

@@ -31,15 +31,30 @@ async def ready(pilot) -> None:
     await wait_until(pilot, lambda: pilot.app.loaded)
 
 
+def _message_count(app) -> int:
+    return app.store.db.execute("SELECT count(*) FROM messages").fetchone()[0]
+
+
 async def send(pilot, text: str, wait: bool = True) -> None:
+    """Type `text` and press Enter; with `wait`, return once the turn (or command) is over."""
     app = pilot.app
+    before = _message_count(app)
     app.prompt.set_text(text)
     app.prompt.focus()
     await pilot.press("enter")
-    if wait:
-        await wait_until(pilot, lambda: app.job is None and (
-            not app.transcript.views or app.transcript.views[-1].status not in ("streaming", "waiting")))
-        await pilot.pause()
+    if not wait:
+        return
+    if text.startswith("/") and not text.startswith("//"):
+        await wait_until(pilot, lambda: app.prompt.text != text)
+        if text.split()[0] not in ("/regen",):
+            await pilot.pause()
+            return
+        await wait_until(pilot, lambda: _message_count(app) > before)
+    else:
+        await wait_until(pilot, lambda: _message_count(app) >= before + 2)
+    await wait_until(pilot, lambda: app.job is None and app.reply_view is None and (
+        not app.transcript.views or app.transcript.views[-1].status not in ("streaming", "waiting", "stopping")))
+    await pilot.pause()
 
 
 def texts(app) -> list[tuple[str, str, str]]:

@@ -47,13 +47,21 @@ def settings_from(args: argparse.Namespace) -> dict:
     return {k: v for k, v in pairs.items() if v is not None}
 
 
-def run_once(backend, text: str, system: Optional[str], settings: dict, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> int:
+def run_once(backend, text: str, system: Optional[str], settings: dict, out: Optional[TextIO] = None,
+             err: Optional[TextIO] = None) -> int:
     """Load, answer `text` once on `out` (progress and notes on `err`); returns the exit status."""
     from .engine import DEFAULT_SETTINGS
 
+    out = out or sys.stdout
+    err = err or sys.stderr
+
+    live = hasattr(err, "isatty") and err.isatty()
+
     def progress(fraction: float, what: str) -> None:
-        err.write(f"\rloading model {fraction:4.0%} {what[:60]:<60}")
+        if live:  # one line redrawn in place; a log file gets only the first and last step
+            err.write(f"\rloading model {fraction:4.0%} {what[:60]:<60}")
+        elif fraction in (0.0, 1.0):
+            err.write(f"loading model {fraction:4.0%} {what}\n")
         err.flush()
 
     try:
@@ -61,7 +69,8 @@ def run_once(backend, text: str, system: Optional[str], settings: dict, out: Tex
     except Exception as e:
         err.write(f"\nqwen2-chat: cannot load the model: {e}\n{HINT}\n")
         return 2
-    err.write("\n")
+    if live:
+        err.write("\n")
     cancel = threading.Event()
     reason = None
     try:
@@ -86,13 +95,22 @@ def run_once(backend, text: str, system: Optional[str], settings: dict, out: Tex
     return 0
 
 
+def read_piped_stdin() -> Optional[str]:
+    """Text piped into the command (`git diff | qwen2-chat -p "review"`), or None at a terminal."""
+    stdin = sys.stdin
+    try:
+        if stdin is None or stdin.isatty():
+            return None
+        return stdin.read()
+    except (OSError, ValueError):  # closed, or not readable here
+        return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     parser = build_parser()
     args = parser.parse_args(argv)
-    piped = None
-    if args.prompt is None and not sys.stdin.isatty():
-        piped = sys.stdin.read()
+    piped = read_piped_stdin()
     one_shot = args.prompt is not None or piped is not None
     text = "\n\n".join(t for t in (args.prompt, piped) if t and t.strip())
     if one_shot and not text.strip():

@@ -25,7 +25,8 @@ from textual.widgets import Footer, Header, Static
 from qwen2_mlx.paths import data_dir, models_dir
 
 from . import cjk_wrap, commands
-from .engine import DEFAULT_SETTINGS, Engine, Failed, Finished, Job, Loaded, LoadFailed, Loading, Stats, Token
+from .engine import (DEFAULT_SETTINGS, Engine, Failed, Finished, Job, Loaded, LoadFailed, Loading, Prefill,
+                     Stats, Token)
 from .export import export_chat
 from .models import check_model, list_models
 from .models import resolve as resolve_model
@@ -35,11 +36,12 @@ from .widgets.dialogs import ConfirmScreen, HelpScreen
 from .widgets.model_picker import ModelScreen
 from .widgets.prompt import PromptInput
 from .widgets.settings import SettingsScreen
-from .widgets.status import StatusBar
+from .widgets.status import StatusBar, bar
 from .widgets.transcript import MessageView, Transcript
 
 SAVE_EVERY = 1.0  # seconds between saves of a streaming reply
 TITLE_CHARS = 48
+PREFILL_SHOWN = 512  # prompts at least this long (uncached tokens) show reading progress
 EMPTY_HINT = ("Ask anything, in any language.\n\n"
               "Enter sends · Shift+Enter, Alt+Enter or Ctrl+J add a line · ↑ recalls earlier prompts\n"
               "Esc stops a reply · Ctrl+R regenerates · Tab moves to the messages (e edit, ← → branches, y copy)\n"
@@ -56,6 +58,11 @@ class EngineEvent(TMessage):
 
 def keymap_path() -> Path:
     return data_dir() / "keymap.json"
+
+
+def ui_state_path() -> Path:
+    """Remembered look (the theme picked in the command palette)."""
+    return data_dir() / "ui.json"
 
 
 class ChatApp(App):
@@ -126,6 +133,7 @@ class ChatApp(App):
     async def on_mount(self) -> None:
         self.sub_title = self.model_label
         self._load_keymap()
+        self._load_theme()
         recovered = self.store.recover_interrupted()
         if recovered:
             self.notify(f"{recovered} reply(s) were cut off when the app last closed; they are kept and marked.",
@@ -151,6 +159,25 @@ class ChatApp(App):
             self.notify(f"{path}: ignored ({e})", severity="warning")
             return
         self.set_keymap(keymap)
+
+    def _load_theme(self) -> None:
+        try:
+            theme = json.loads(ui_state_path().read_text(encoding="utf-8")).get("theme")
+        except (OSError, ValueError, AttributeError):
+            theme = None
+        if isinstance(theme, str) and theme in self.available_themes:
+            self.theme = theme
+        self._theme_loaded = True
+
+    def watch_theme(self, theme: str) -> None:
+        if not getattr(self, "_theme_loaded", False):
+            return
+        try:
+            path = ui_state_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"theme": theme}), encoding="utf-8")
+        except OSError:  # a read-only data folder only costs the remembered theme
+            pass
 
     async def on_unmount(self) -> None:
         if self.job is not None and self.reply_id is not None:
@@ -305,7 +332,13 @@ class ChatApp(App):
         if self.job is None or getattr(ev, "job", None) != self.job.id:
             return
         view = self.reply_view
-        if isinstance(ev, Token):
+        if isinstance(ev, Prefill):
+            if ev.total >= PREFILL_SHOWN and ev.done < ev.total and not self.stopping:
+                self.status.set_state(f"reading the prompt {bar(ev.done / ev.total)} "
+                                      f"{ev.done:,}/{ev.total:,} tokens  (Esc stops)")
+            elif ev.done >= ev.total and not self.stopping:
+                self.status.set_state("answering… (Esc stops)")
+        elif isinstance(ev, Token):
             self.reply_text += ev.text
             if view is not None and view.is_attached:
                 await view.write(ev.text)
@@ -332,16 +365,21 @@ class ChatApp(App):
             if status in ("length", "context"):
                 self.notify(view.note_text() if view is not None else status, severity="warning")
         elif isinstance(ev, Failed):
-            self.store.update_message(self.reply_id, content=self.reply_text, status="error",
+            status = "context" if ev.context else "error"
+            self.store.update_message(self.reply_id, content=self.reply_text, status=status,
                                       stats={"error": ev.error})
             try:
                 if view is not None and view.is_attached:
-                    await view.finish(self.reply_text, "error", ev.error)
+                    await view.finish(self.reply_text, status, ev.error)
             finally:
                 self._end_job()
-            self.status.set_state("error · Ctrl+R retries")
-            self.notify(f"The model failed: {ev.error}. Your message is saved; Ctrl+R retries.",
-                        severity="error", timeout=8)
+            if ev.context:
+                self.status.set_state("context full")
+                self.notify(f"{ev.error}. Your message is saved.", severity="warning", timeout=10)
+            else:
+                self.status.set_state("error · Ctrl+R retries")
+                self.notify(f"The model failed: {ev.error}. Your message is saved; Ctrl+R retries.",
+                            severity="error", timeout=8)
 
     def _end_job(self) -> None:
         self.job = None
@@ -369,6 +407,11 @@ class ChatApp(App):
             return
         if self.focused is self.prompt and not self.prompt.selection.is_empty:
             self.copy_text(self.prompt.selected_text, "selection")
+            return
+        selected = self.screen.get_selected_text()  # text selected with the mouse in the transcript
+        if selected:
+            self.copy_text(selected, "selection")
+            self.screen.clear_selection()
             return
         if self.job is not None:
             self.action_stop()

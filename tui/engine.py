@@ -75,6 +75,13 @@ class Token:
 
 
 @dataclass
+class Prefill:
+    job: int
+    done: int
+    total: int
+
+
+@dataclass
 class Finished:
     job: int
     reason: str  # "stop" | "length" | "context" | "cancelled"
@@ -86,6 +93,7 @@ class Finished:
 class Failed:
     job: int
     error: str
+    context: bool = False  # the conversation no longer fits the context window (policy "refuse")
 
 
 @dataclass
@@ -205,6 +213,8 @@ class Engine:
             if job.cancel.is_set():
                 self.post(Finished(job.id, "cancelled", "", Stats(context_limit=limit)))
                 return
+            # Long prompts take a while to read: the backend reports progress through this hook.
+            self.backend.prefill_progress = lambda done, total: self.post(Prefill(job.id, done, total))
             for r in self.backend.generate(job.history, job.system, job.settings, job.cancel):
                 last = r
                 if r.text:
@@ -219,7 +229,10 @@ class Engine:
             stats = Stats.from_response(last, used, limit) if last is not None else Stats(context_limit=limit)
             self.post(Finished(job.id, reason, text, stats))
         except Exception as e:  # any model error ends this reply, never the app
-            self.post(Failed(job.id, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
+            if type(e).__name__ == "ContextOverflowError":
+                self.post(Failed(job.id, str(e), context=True))
+            else:
+                self.post(Failed(job.id, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__))
 
 
 def _thread_stream():
@@ -255,6 +268,18 @@ def sampling_kwargs(settings: dict) -> dict:
     return kw
 
 
+def model_label(path: Path) -> str:
+    """What the header calls a model: its folder name, or "default model" for convert.py's default."""
+    from qwen2_mlx.paths import default_model_path
+
+    try:
+        if Path(path).resolve() == default_model_path().resolve():
+            return "default model"
+    except OSError:
+        pass
+    return Path(path).name
+
+
 class ModelBackend:
     """A converted model on disk, driven through `qwen2_mlx.chat.Chat`.
 
@@ -266,7 +291,7 @@ class ModelBackend:
 
     def __init__(self, path: Path, dtype: Optional[str] = None, overrides: Optional[dict] = None):
         self.path = Path(path)
-        self.name = self.path.name if self.path.name != "default" else f"{self.path.parent.name}/default"
+        self.name = model_label(self.path)
         self.dtype = dtype
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # dca=, rope_scaling=
         self.context_limit = 0
@@ -274,6 +299,7 @@ class ModelBackend:
         self.last_reply: Optional[str] = None
         self.model = self.tokenizer = None
         self.chat = None
+        self.prefill_progress: Optional[Callable[[int, int], None]] = None
 
     def load(self, progress: Callable[[float, str], None]) -> None:
         import mlx.core as mx
@@ -307,6 +333,8 @@ class ModelBackend:
         if last["role"] != "user":
             raise ValueError("the conversation must end with a user message")
         kw = sampling_kwargs(settings)
+        if self.prefill_progress is not None:
+            kw["prompt_progress_callback"] = self.prefill_progress
         chat = self._chat_for(system, settings)
         have = [m for m in chat.messages if m["role"] != "system"]
         offset = len(chat.messages) - len(have)
@@ -333,23 +361,19 @@ class ModelBackend:
             self.last_reply = final["content"]
 
     def _chat_for(self, system, settings):
-        policy = settings.get("context_policy") or "refuse"
-        if self.chat is None or self.chat.context_policy != policy:
-            self.chat = self._rebuild(self.chat, [], system, settings)
-        if self.chat.system != system:
-            self.chat.system = system
-        return self.chat
-
-    def _rebuild(self, old, messages: list[dict], system, settings):
-        """A Chat holding `messages`; the KV cache moves over, and Chat's prefix diff keeps the part
-        of it that the new history shares (at least the system prompt)."""
         from qwen2_mlx.chat import Chat
 
-        chat = Chat(self.model, self.tokenizer, system=system, messages=messages,
-                    context_policy=settings.get("context_policy") or "refuse")
-        if old is not None and getattr(old, "_cache", None) is not None:
-            chat._cache, chat._cache_tokens = old._cache, old._cache_tokens
-        self.chat = chat
+        policy = settings.get("context_policy") or "refuse"
+        if self.chat is None:
+            self.chat = Chat(self.model, self.tokenizer, system=system, context_policy=policy)
+        self.chat.context_policy = policy
+        self.chat.system = system
+        return self.chat
+
+    def _rebuild(self, chat, messages: list[dict], system, settings):
+        """Point the Chat at another branch; its prefix diff keeps the cached tokens they share."""
+        chat.messages = list(messages)
+        chat.system = system
         return chat
 
     def count_tokens(self, history, system) -> int:

@@ -37,6 +37,10 @@ def split_tokens(text: str) -> list[str]:
 Reply = Union[str, Callable[[str], str]]
 
 
+class ContextOverflowError(ValueError):
+    """Raised like qwen2_mlx's: the conversation does not fit and the policy is "refuse"."""
+
+
 class FakeBackend:
     """Replies from a script: `replies` is a list used in turn (then the last repeats), or a function
     of the user's text. A reply containing `fail_marker` in the prompt raises instead."""
@@ -55,6 +59,7 @@ class FakeBackend:
         self.context_used = 0
         self.last_reply: Optional[str] = None
         self.calls: list[dict] = []
+        self.prefill_progress: Optional[Callable[[int, int], None]] = None
         self.defaults = dict(DEFAULT_SETTINGS)
 
     def load(self, progress: Callable[[float, str], None]) -> None:
@@ -85,7 +90,13 @@ class FakeBackend:
         prompt = self.count_tokens(history, system)
         max_tokens = settings.get("max_tokens")
         room = self.context_limit - prompt
+        if room <= 0 and settings.get("context_policy", "refuse") == "refuse":
+            raise ContextOverflowError(f"the conversation needs {prompt} tokens, more than the context "
+                                       f"window of {self.context_limit} tokens allows")
         n, out, reason = 0, [], "stop"
+        if self.prefill_progress is not None:  # report reading in two steps, as a chunked prefill does
+            for done in (prompt // 2, prompt):
+                self.prefill_progress(done, prompt)
 
         def resp(text, reason=None):
             return FakeResponse(text, n, prompt, 120.0, n, 30.0, 0.5, 0.25, reason)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..blas import ensure_openblas
 
 DEFAULT_REPO = "Qwen/Qwen2-0.5B-Instruct"
 QUANT_RECIPES = ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]  # mlx_lm.convert.QUANT_RECIPES
@@ -117,18 +116,25 @@ def run(argv: Optional[list[str]] = None) -> int:
 
 def _run(args) -> int:
     from ..paths import default_model_path
-    from .converter import convert
     from .errors import ConvertError
+
+    default_run = args.hf_path is None and args.gguf is None
+    target = Path(args.mlx_path or (default_model_path() if default_run else "mlx_model")).expanduser()
+    if default_run and target.exists() and not args.force:
+        print(f"The default model already exists at {target} (add --force to rebuild it).")
+        return 0
+    if target.exists() and not args.force:
+        raise ConvertError(f"{target}: already exists (choose another --mlx-path or add --force to replace it)")
+
+    from .converter import convert
     from .gguf import GGUFSource
     from .hub import resolve
     from .writer import MAX_SHARD_BYTES, format_size
 
-    default_run = args.hf_path is None and args.gguf is None
     if default_run:
-        target = Path(args.mlx_path).expanduser() if args.mlx_path else default_model_path()
-        if target.exists() and not args.force:
-            print(f"The default model already exists at {target} (add --force to rebuild it).")
-            return 0
+        if args.dequantize:
+            raise ConvertError("-d/--dequantize needs a quantized source (--hf-path or --gguf)")
+        source, label = _default_source(args)
         if not args.quantize and not args.dtype:
             if _metal():
                 args.quantize = True  # 4-bit: fast and small on Apple silicon
@@ -136,19 +142,12 @@ def _run(args) -> int:
                 args.dtype = "float32"
                 _log("Keeping float32 (no 4-bit): on MLX's CPU backend quantized matmul is ~25x slower than "
                      "float32 with OpenBLAS (0.35 vs 8.6 tok/s measured).")
-        if args.dequantize:
-            raise ConvertError("-d/--dequantize needs a quantized source (--hf-path or --gguf)")
-        source, label = _default_source(args)
+    elif args.gguf:
+        source, label = GGUFSource(Path(args.gguf).expanduser()), args.gguf
     else:
-        target = Path(args.mlx_path or "mlx_model").expanduser()
-        if target.exists() and not args.force:
-            raise ConvertError(f"{target}: already exists (choose another --mlx-path or add --force to replace it)")
-        if args.gguf:
-            source, label = GGUFSource(Path(args.gguf).expanduser()), args.gguf
-        else:
-            if args.revision and Path(args.hf_path).expanduser().exists():
-                raise ConvertError(f"--revision applies to hub repos; {args.hf_path} is a local folder")
-            source, label = _folder_source(resolve(args.hf_path, args.revision, _log)), args.hf_path
+        if args.revision and Path(args.hf_path).expanduser().exists():
+            raise ConvertError(f"--revision applies to hub repos; {args.hf_path} is a local folder")
+        source, label = _folder_source(resolve(args.hf_path, args.revision, _log)), args.hf_path
 
     result = convert(source, target, quantize=args.quantize, q_group_size=args.q_group_size, q_bits=args.q_bits,
                      q_mode=args.q_mode, quant_predicate=args.quant_predicate, dtype=args.dtype,
@@ -164,7 +163,8 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
+    # No OpenBLAS re-exec here (qwen2_mlx/blas.py): conversion does no matrix products, and the
+    # re-exec's notice would break the one-line error contract on stderr.
     sys.exit(run(argv))
 
 

@@ -90,6 +90,7 @@ def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: 
     src_layer_params = _source_layer_params(src_quant)
 
     names = source.tensor_names()
+    present = set(names)
     quantized_layers = {n[: -len(".scales")] for n in names if n.endswith(".scales")} if src_quant else set()
     extras = {f"{q}.{s}" for q in quantized_layers for s in ("scales", "biases")}
     weights = [n for n in names if n not in extras]
@@ -116,7 +117,7 @@ def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: 
             action = ("dequantize", src_layer_params(layer)) if dequantize else ("copy", None)
             needed += _numel(shape) * size if dequantize else sum(
                 _numel(source.shape(f"{layer}.{s}")) * source.dtype(f"{layer}.{s}").size
-                for s in ("weight", "scales", "biases") if f"{layer}.{s}" in names)
+                for s in ("weight", "scales", "biases") if f"{layer}.{s}" in present)
         elif plan is not None and kind == "weight" and (params := plan.params_for(layer)) is not None:
             action = ("quantize", params)
             needed += quantized_nbytes(shape, size, params)
@@ -134,12 +135,12 @@ def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: 
         for n, layer, (action, params) in jobs:
             if action == "copy":
                 for s in ("weight", "scales", "biases"):
-                    if f"{layer}.{s}" in names:
+                    if f"{layer}.{s}" in present:
                         writer.add(f"{layer}.{s}", source.tensor(f"{layer}.{s}"))
                         _release(source, f"{layer}.{s}")
             elif action == "dequantize":
                 parts = {s: source.tensor(f"{layer}.{s}") for s in ("weight", "scales", "biases")
-                         if f"{layer}.{s}" in names}
+                         if f"{layer}.{s}" in present}
                 w = dequantize_tensor(parts, params)
                 writer.add(n, w.astype(out_dtype) if out_dtype is not None else w)
                 for s in parts:

@@ -32,6 +32,13 @@ class QuantPlan:
         dg, db = MODE_DEFAULTS[mode]
         self.group_size, self.bits, self.mode = group_size or dg, bits or db, mode
         self.default = {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+        if self.group_size <= 0 or self.bits <= 0:
+            raise ConvertError("--q-group-size and --q-bits must be positive")
+        try:  # let MLX say which combinations it supports, before any file is written
+            mx.eval(mx.quantize(mx.zeros((1, self.group_size * 4)), **self.default))
+        except (ValueError, RuntimeError) as e:
+            raise ConvertError(f"--q-bits {self.bits} --q-group-size {self.group_size} --q-mode {mode}: "
+                               f"not supported by MLX ({e})") from None
         self.modules = dict(model.named_modules())
         self.model_predicate = getattr(model, "quant_predicate", None)
         self.recipe = None

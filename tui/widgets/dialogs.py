@@ -29,7 +29,7 @@ def help_markdown(keymap_path: str, bindings: list[tuple[str, str, str]] = ()) -
     return "\n".join(["# Keys", "", *rows, "", "# Slash commands", "", *cmds, "",
                       "Start a message with `//` to send a leading `/`.", "", "# Changing keys", "",
                       f"Put a JSON object from binding id to keys in `{keymap_path}`, "
-                      'e.g. `{"prompt.submit": "ctrl+s", "prompt.newline": "enter"}`, and restart.', "", *ids])
+                      'e.g. `{"prompt.submit": "ctrl+j", "prompt.newline": "enter,shift+enter"}`, and restart.', "", *ids])
 
 
 class ConfirmScreen(ModalScreen[bool]):
