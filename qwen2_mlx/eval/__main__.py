@@ -155,13 +155,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def _check_lengths(args: argparse.Namespace, tokenizer, haystack) -> None:
     """Refuse a length too short for the question before any results file is written."""
-    from .prompts import niah_prompt, passkey_prompt
+    from .prompts import NIAH_KEYS, niah_prompt, passkey_prompt
 
     try:
         if args.command == "passkey":
             passkey_prompt(tokenizer, args.length, 0.5, "12345")
         elif args.command == "niah":
-            niah_prompt(tokenizer, min(args.lengths), 0.5, 0, haystack)
+            for key in NIAH_KEYS:  # every key a cell may draw, so no cell fails later for lack of room
+                niah_prompt(tokenizer, min(args.lengths), 0.5, 0, haystack, key=key)
     except ValueError as e:
         flag = "--length" if args.command == "passkey" else "--lengths"
         raise EvalError(f"{flag}: {e}") from None

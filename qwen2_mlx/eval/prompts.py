@@ -130,10 +130,11 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> HaystackPr
 
 
 def niah_prompt(tokenizer, length: int, depth: float, seed: int, haystack: Optional[Sequence[str]] = None,
-                ) -> HaystackPrompt:
-    """One needle-in-a-haystack cell: the key, the 7-digit value and the filler order come from `seed`."""
+                key: Optional[str] = None) -> HaystackPrompt:
+    """One needle-in-a-haystack cell: the key (unless given), the 7-digit value and the filler order come
+    from `seed`."""
     rng = random.Random(seed)
-    key = rng.choice(NIAH_KEYS)
+    key = rng.choice(NIAH_KEYS) if key is None else key
     value = str(rng.randint(1_000_000, 9_999_999))
     units = list(haystack or NIAH_FILLER)
     if haystack is None:
