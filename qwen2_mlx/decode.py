@@ -5,15 +5,16 @@ At batch 1 a small model's decode step is bound by the number of kernels it runs
 fewer graph nodes per token than the plain forward:
 - q, k and v come from one matmul over the rows of the three weights stacked, and the MLP's gate and
   up projections from one matmul likewise. Each output row is still the same dot product, so the
-  results are the same; the module weights become views into the stacked arrays (no extra memory),
+  results are the same (bitwise on a CPU; CUDA may pick another matmul kernel for the stacked shape,
+  float32 logits then differ by ~1e-3); the module weights become views into the stacked arrays (no extra memory),
   so the plain forward, prefill and saving keep working on them;
 - one RoPE call rotates q and k together (they sit side by side in the fused output).
 The KV cache is mlx-lm's `KVCache`, written and read exactly as the plain forward does (exact-length
 views, no mask), so prompt caches, trimming and the plain path all keep working on it.
 
-A compiled (`mx.compile`) step over a fixed-capacity cache was measured first and dropped: masking the
-unused tail makes attention leave the fused SDPA kernel, which cost more than compilation saved
-(H100: 0.96x mlx-lm on 0.5B, 0.79x on 7B).
+A compiled (`mx.compile`) step over a fixed-capacity cache with an array-valued position was measured
+first and dropped: it was slower than mlx-lm (H100: 0.96x on 0.5B, 0.79x on 7B). The likely cause is the
+mask over the unused cache tail, which keeps attention off the fused single-query SDPA kernel.
 
 Only exact `KVCache`s of an unsharded model without Dual Chunk Attention take this path
 (`decode_step` returns None otherwise); quantized KV caches, DCA and batches use the model's forward.
