@@ -91,13 +91,20 @@ class FastDecoder:
         for layer in model.layers:
             self.layers.append(_FusedLayer(layer))
             mx.clear_cache()
+        # The cache list and position this decoder last stepped: the next token of the same generation
+        # needs only the cheap per-token checks (the full ones cost ~10 us per layer in Python).
+        self.cache_ref = None
+        self.next_offset = -1
+
+    def refresh(self) -> None:
+        """Stack again any layer whose weights were replaced (load_weights, quantize) since."""
+        for i, layer in enumerate(self.model.layers):
+            if not self.layers[i].current(layer):
+                self.layers[i] = _FusedLayer(layer)
 
     def __call__(self, token: mx.array, cache: list) -> mx.array:
         """Logits (1, vocab) for one token; writes its keys and values into `cache`."""
         inner = self.model.model
-        for i, layer in enumerate(inner.layers):
-            if not self.layers[i].current(layer):
-                self.layers[i] = _FusedLayer(layer)
         h = inner.embed_tokens(token.reshape(1, 1))
         for layer, fused, c in zip(inner.layers, self.layers, cache):
             h = self._layer(layer, fused, h, c)
@@ -166,6 +173,17 @@ def fast_decoder(model: nn.Module) -> FastDecoder:
 
 def decode_step(model: nn.Module, token: mx.array, cache: list) -> Optional[mx.array]:
     """Logits (1, vocab) of one token through the fast step, or None when it does not apply."""
-    if token.size != 1 or not fast_decode_applies(model, cache):
+    if token.size != 1 or os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
         return None
-    return fast_decoder(model)(token, cache)
+    dec = getattr(model, "_qwen2_mlx_fast_decoder", None)
+    continuing = (dec is not None and dec.cache_ref is cache and cache[0].offset == dec.next_offset
+                  and type(cache[0]) is KVCache and type(cache[-1]) is KVCache)
+    if not continuing:
+        if not fast_decode_applies(model, cache):
+            return None
+        dec = fast_decoder(model)
+        dec.refresh()
+        dec.cache_ref = cache
+    logits = dec(token, cache)
+    dec.next_offset = cache[0].offset
+    return logits

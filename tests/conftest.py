@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+# Parity tests compare float32 results: keep float32 matmuls at full precision on GPUs whose MLX
+# backend would otherwise use TF32 (MLX_ENABLE_TF32 defaults to 1 there). No effect on a CPU.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 # tests/tiny.py and friends are imported as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))

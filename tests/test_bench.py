@@ -7,6 +7,7 @@ import math
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
 import qwen2_mlx
 from qwen2_mlx import bench
@@ -68,6 +69,7 @@ def test_bench_end_to_end_against_mlx_lm(tmp_path, monkeypatch, capsys):
     assert res["greedy_tokens_match_mlx_lm"] is True  # same float32 weights, same greedy tokens
     assert res["ratio_ours_over_mlx_lm"]["decode_tps"] == pytest.approx(
         res["median"]["qwen2_mlx"]["decode_tps"] / res["median"]["mlx_lm"]["decode_tps"])
+    assert set(res["paired_ratio_median"]) == {"prefill_tps", "decode_tps"}
     roof = res["roofline"]
     assert roof["copy_bandwidth_gbs"] > 0 and roof["matvec_bandwidth_gbs"] > 0
     assert roof["bandwidth_gbs"] == max(roof["copy_bandwidth_gbs"], roof["matvec_bandwidth_gbs"])
@@ -75,6 +77,25 @@ def test_bench_end_to_end_against_mlx_lm(tmp_path, monkeypatch, capsys):
     assert roof["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4 * (12 + 6 / 2)
     printed = capsys.readouterr().out
     assert "ours/mlx-lm" in printed and "roofline" in printed
+
+
+def test_both_libraries_share_one_copy_of_the_weights(tmp_path, monkeypatch):
+    import mlx_lm
+
+    monkeypatch.setitem(PRESETS, "tiny-test", TINY)
+    path = write_random_model("tiny-test", tmp_path / "m", mx.float32)
+    seen = {}
+    real_load = mlx_lm.load
+    monkeypatch.setattr(mlx_lm, "load", lambda *a, **k: seen.setdefault("m", real_load(*a, **k)))
+    ours = {}
+    real_ours = qwen2_mlx.load
+    monkeypatch.setattr(qwen2_mlx, "load", lambda *a, **k: ours.setdefault("m", real_ours(*a, **k)))
+    bench.run_benchmark(bench.parse_args(["--model", str(path), "--compare-mlx-lm", "--runs", "1",
+                                          "--prompt-tokens", "4", "--gen-tokens", "2"]))
+    theirs_params = dict(tree_flatten(seen["m"][0].parameters()))
+    ours_params = dict(tree_flatten(ours["m"][0].parameters()))
+    # The embedding is never restacked: the very same array sits in both models.
+    assert theirs_params["model.embed_tokens.weight"] is ours_params["model.embed_tokens.weight"]
 
 
 def test_bench_rejects_bad_input(tmp_path, capsys):
