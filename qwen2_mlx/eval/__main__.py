@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
         with progress(len(args.lengths) * len(args.depths) * args.trials, "niah") as bar:
             grid = niah.run_niah(lm.model, lm.tokenizer, args.lengths, args.depths, args.trials, args.seed,
                                  haystack, results, args.prefill_step_size, bar)
-        title = args.title or f"Needle in a haystack: {lm.label}"
+        title = args.title or f"Needle in a haystack\n{lm.label}"
         summary = {"command": "niah", "settings": results.settings, "label": lm.label, "title": title, **grid}
         niah.plot_heatmap(grid, args.out, title)
         write_json(args.out.with_suffix(".json"), summary)

@@ -9,6 +9,7 @@ follows the Qwen2 report's: context length on x, depth percent on y, red (not fo
 from __future__ import annotations
 
 import random
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -63,7 +64,7 @@ def plot_heatmap(grid: dict, out: Path, title: str) -> None:
 
     cmap = LinearSegmentedColormap.from_list("niah", COLORS)
     lengths, depths, scores = grid["lengths"], grid["depths"], grid["scores"]
-    width = max(5.0, 1.0 + 0.75 * len(lengths))
+    width = max(6.0, 1.0 + 0.75 * len(lengths))
     height = max(3.0, 1.2 + 0.45 * len(depths))
     fig, ax = plt.subplots(figsize=(width, height), dpi=120)
     im = ax.imshow(scores, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
@@ -81,7 +82,8 @@ def plot_heatmap(grid: dict, out: Path, title: str) -> None:
             for l, s in enumerate(row):
                 ax.text(l, d, f"{s:.2f}", ha="center", va="center", fontsize=8, color="black")
     fig.colorbar(im, ax=ax, label="Score", fraction=0.046, pad=0.04)
-    ax.set_title(title, fontsize=10)
+    # Wrap long titles (model name plus settings) to the figure's width instead of clipping them.
+    ax.set_title("\n".join(textwrap.fill(line, width=int(width * 12)) for line in title.splitlines()), fontsize=10)
     fig.tight_layout()
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp, format="png")
