@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="cast the weights (float32 is the fast type on a CPU)")
     args = p.parse_args(argv)
+    from .blas import ensure_openblas
+
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     if args.prompts < 1 or args.max_tokens < 1 or args.batch_size < 1:
         p.error("--prompts, --max-tokens and --batch-size must be positive")
 

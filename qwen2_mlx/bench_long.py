@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-weights", action="store_true",
                    help="time random weights of the model's shapes (only config.json is read)")
     a = p.parse_args(argv)
+    from .blas import ensure_openblas
+
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     if not 0 < a.local_size < a.chunk_size or not 0 < a.memory_local_size < a.memory_chunk_size:
         p.error("local size must be between 1 and chunk size - 1")
     try:
