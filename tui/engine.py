@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
+from qwen2_mlx.generate import GenerationStats
+
 # Sampling settings a chat may carry, with the defaults a new chat starts from.
 DEFAULT_SETTINGS: dict[str, Any] = {
     "temperature": 0.7,
@@ -51,20 +53,16 @@ class LoadFailed:
 
 
 @dataclass
-class Stats:
-    time_to_first_token: float = 0.0
-    prompt_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    peak_memory: float = 0.0
+class Stats(GenerationStats):
+    """A reply's figures (qwen2_mlx's GenerationStats) plus the context meter's reading."""
+
     context_used: int = 0
     context_limit: int = 0
 
     @classmethod
     def from_response(cls, r: Any, context_used: int, context_limit: int) -> "Stats":
-        return cls(getattr(r, "time_to_first_token", 0.0) or 0.0, r.prompt_tokens, r.prompt_tps,
-                   r.generation_tokens, r.generation_tps, r.peak_memory, context_used, context_limit)
+        base = GenerationStats.from_response(r)
+        return cls(**vars(base), context_used=context_used, context_limit=context_limit)
 
 
 @dataclass
