@@ -13,34 +13,24 @@ from typing import Optional
 from .config import ConfigError, _parse_rope_scaling, parse_dca
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
+def _number(kind: type, minimum: float, inclusive: bool):
+    """An argparse type: `kind` (int or float) at least (or above) `minimum`, with a one-line error."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if v < minimum or (v == minimum and not inclusive):
+            rule = "must not be negative" if inclusive else "must be positive"
+            raise argparse.ArgumentTypeError(f"{rule}, got {text}")
+        return v
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return v
+_positive_int = _number(int, 0, inclusive=False)
+_non_negative_int = _number(int, 0, inclusive=True)
+_positive_float = _number(float, 0, inclusive=False)
 
 
 def add_long_context_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
