@@ -155,15 +155,18 @@ def _check_type(source, name, value, kind):
 
 def _parse(params: dict, source: str) -> ModelArgs:
     params = dict(params)
-    for name in _REQUIRED:
-        if name not in params:
-            raise ConfigError(source, name, "is missing")
+    if "model_type" not in params:
+        raise ConfigError(source, "model_type", "is missing")
     mt = params["model_type"]
+    # The architecture first: a llama config should say "unsupported", not "hidden_size is missing".
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             source, "model_type",
             f"unsupported architecture {json.dumps(mt)} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})",
         )
+    for name in _REQUIRED:
+        if name not in params:
+            raise ConfigError(source, name, "is missing")
     if mt == "qwen2" and "intermediate_size" not in params:
         raise ConfigError(source, "intermediate_size", "is missing")
     if mt == "qwen2_moe":

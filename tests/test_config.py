@@ -79,6 +79,11 @@ def test_config_errors_name_file_and_field(tmp_path, mutate, field, words):
     assert "\n" not in msg  # one line
 
 
+def test_unsupported_architecture_named_before_missing_fields(tmp_path):
+    with pytest.raises(ConfigError, match='unsupported architecture "llama"'):
+        ModelArgs.from_file(write(tmp_path, {"model_type": "llama"}))
+
+
 def test_moe_missing_expert_field(tmp_path):
     cfg = dict(MOE)
     cfg.pop("num_experts")
