@@ -149,7 +149,7 @@ def _unsharded(layer: nn.Module) -> bool:
 
 def fast_decode_applies(model: nn.Module, cache: list) -> bool:
     """True when the fast step computes what `model(token, cache)` would."""
-    from .model import Model
+    from qwen2_mlx.models.model import Model
 
     if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
         return False

@@ -1,13 +1,7 @@
-"""Tensor-parallel Qwen2 and Qwen2-MoE on MLX's distributed engine (`mx.distributed`, `mlx.launch`).
+"""Generate with a Qwen2 model split over the ranks of `mlx.launch` (tensor parallel, `mx.distributed`).
 
-Megatron-style sharding with mlx's own layers (`mlx.nn.layers.distributed`), as mlx-lm does it:
-q/k/v and gate/up are split by output rows ("all-to-sharded"), o_proj and down_proj by input columns
-("sharded-to-all", one `all_sum` each). MoE experts keep all E experts on every rank but each holds
-1/N of every expert's intermediate dimension (`shard_inplace`); the shared expert is split the same
-way and the block does a single `all_sum` of routed + shared output. The router and the
-shared-expert gate are replicated, so every rank routes every token identically.
-
-Run it on one machine or several (see README, "Several Macs"):
+The sharding itself is the model's (`models/sharding.py`, `Model.shard`); the loading that reads only each
+rank's slices is `loading/sharded.py`. Run it on one machine or several (see README, "Several Macs"):
 
     mlx.launch -n 2 --backend ring -- python -m qwen2_mlx.distributed --model PATH --prompt "hi"
 """
@@ -15,204 +9,14 @@ Run it on one machine or several (see README, "Several Macs"):
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import struct
 import sys
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from mlx.nn.layers.distributed import shard_inplace, shard_linear
-from mlx.utils import tree_flatten
 
-from .cli_args import add_long_context_args, long_context_overrides
-from .mlp import MLP
-from .moe import SparseMoeBlock
-
-
-class ShardingError(ValueError):
-    """A model that cannot be split over the given number of ranks; the message is one line."""
-
-
-def _quant_group(module: nn.Module) -> Optional[int]:
-    return getattr(module, "group_size", None) if hasattr(module, "scales") else None
-
-
-def shard_problems(model: nn.Module, n: int) -> list[str]:
-    """Why `model` cannot be split over `n` ranks (an empty list when it can)."""
-    if n <= 1:
-        return []
-    args = model.args
-    problems = []
-
-    def need(name: str, count: int):
-        if count % n:
-            problems.append(f"{name} ({count}) does not divide by {n} ranks")
-
-    need("num_attention_heads", args.num_attention_heads)
-    need("num_key_value_heads", args.num_key_value_heads)
-    layers = model.layers
-    if any(isinstance(layer.mlp, MLP) for layer in layers):
-        need("intermediate_size", args.intermediate_size)
-    if any(isinstance(layer.mlp, SparseMoeBlock) for layer in layers):
-        need("moe_intermediate_size", args.moe_intermediate_size)
-        need("shared_expert_intermediate_size", args.shared_expert_intermediate_size)
-    if problems:
-        return problems
-
-    # A quantized layer split by input columns must cut at quantization-group boundaries.
-    seen = set()
-    for layer in layers:
-        cols = [("o_proj", layer.self_attn.o_proj)]
-        if isinstance(layer.mlp, MLP):
-            cols.append(("intermediate_size", layer.mlp.down_proj))
-        else:
-            cols.append(("moe_intermediate_size", layer.mlp.switch_mlp.down_proj))
-            cols.append(("shared_expert_intermediate_size", layer.mlp.shared_expert.down_proj))
-        for name, module in cols:
-            gs = _quant_group(module)
-            if gs is None:
-                continue
-            in_dims = module.weight.shape[-1] * 32 // module.bits
-            if (in_dims // n) % gs and name not in seen:
-                seen.add(name)
-                problems.append(f"{name} ({in_dims}) split over {n} ranks gives {in_dims // n} columns, "
-                                f"not a multiple of the quantization group size {gs}")
-    return problems
-
-
-def check_shardable(model: nn.Module, n: int) -> None:
-    """Raise ShardingError (one line) when `model` cannot be split over `n` ranks."""
-    problems = shard_problems(model, n)
-    if problems:
-        raise ShardingError(f"cannot shard {model.args.model_type} over {n} ranks: " + "; ".join(problems))
-
-
-def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None) -> nn.Module:
-    """Split `model` in place over `group` (default: the global group) and return it."""
-    group = group or mx.distributed.init()
-    n = group.size()
-    if n == 1:
-        return model
-    check_shardable(model, n)
-    for layer in model.layers:
-        attn = layer.self_attn
-        attn.q_proj = shard_linear(attn.q_proj, "all-to-sharded", group=group)
-        attn.k_proj = shard_linear(attn.k_proj, "all-to-sharded", group=group)
-        attn.v_proj = shard_linear(attn.v_proj, "all-to-sharded", group=group)
-        attn.o_proj = shard_linear(attn.o_proj, "sharded-to-all", group=group)
-        attn.n_heads //= n
-        attn.n_kv_heads //= n
-        mlp = layer.mlp
-        if isinstance(mlp, MLP):
-            mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
-            mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
-            mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
-        else:
-            # In place: the block sums routed and shared partial outputs itself, in one all_sum.
-            for expert in (mlp.switch_mlp, mlp.shared_expert):
-                shard_inplace(expert.gate_proj, "all-to-sharded", group=group)
-                shard_inplace(expert.up_proj, "all-to-sharded", group=group)
-                shard_inplace(expert.down_proj, "sharded-to-all", group=group)
-            mlp.sharding_group = group
-    return model
-
-
-def materialize(model: nn.Module) -> None:
-    """Evaluate the weights one layer at a time, so a rank never holds more than one unsharded layer."""
-    for layer in model.layers:
-        mx.eval(layer.parameters())
-        mx.clear_cache()
-    mx.eval(model.parameters())
-    mx.clear_cache()
-
-
-# safetensors dtypes numpy can memory-map (bfloat16 as its raw 16 bits, reinterpreted by MLX).
-_NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32,
-              "I32": np.int32, "U16": np.uint16, "I16": np.int16, "U8": np.uint8, "I8": np.int8,
-              "I64": np.int64, "U64": np.uint64}
-
-
-def _safetensors_index(files: list[Path]) -> dict:
-    """tensor name -> (file, offset of the data section, header entry), from the headers alone."""
-    index = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            index[name] = (f, 8 + n, info)
-    return index
-
-
-def _read_part(file: Path, base: int, info: dict, axis: int, part: int, n: int) -> Optional[mx.array]:
-    """Part `part` of `n` along `axis` of one stored tensor, touching only those bytes of the file."""
-    np_dtype = _NP_DTYPES.get(info["dtype"])
-    if np_dtype is None:
-        return None
-    shape = tuple(info["shape"])
-    mm = np.memmap(file, dtype=np_dtype, mode="r", offset=base + info["data_offsets"][0], shape=shape)
-    size = shape[axis] // n
-    index = [slice(None)] * len(shape)
-    index[axis] = slice(part * size, (part + 1) * size)
-    arr = mx.array(np.ascontiguousarray(mm[tuple(index)]))
-    del mm
-    return arr.view(mx.bfloat16) if info["dtype"] == "BF16" else arr
-
-
-def read_own_slices(model: nn.Module, files: list[Path], group: mx.distributed.Group) -> int:
-    """Give each split parameter of a sharded (still lazy) model its slice read straight from disk.
-
-    Applies where the checkpoint stores the tensor under the parameter's own name (our converter's
-    and mlx-lm's folders; `sanitize` leaves such names and values alone), so a rank reads only its
-    rows of q/k/v/gate/up and its columns of o/down. Others keep the lazy read-then-slice path.
-    Returns how many parameters were read this way.
-    """
-    n, rank = group.size(), group.rank()
-    index = _safetensors_index(files)
-    parts = []
-    for name, p in tree_flatten(model.parameters()):
-        entry = index.get(name)
-        if entry is None:
-            continue
-        file, base, info = entry
-        shape = tuple(info["shape"])
-        diff = [i for i, (a, b) in enumerate(zip(shape, p.shape)) if a != b]
-        if len(shape) != p.ndim or len(diff) != 1 or shape[diff[0]] != n * p.shape[diff[0]]:
-            continue
-        arr = _read_part(file, base, info, diff[0], rank, n)
-        if arr is not None:
-            parts.append((name, arr.astype(p.dtype)))
-    model.load_weights(parts, strict=False)
-    return len(parts)
-
-
-def sharded_load(path: Union[str, Path], group: Optional[mx.distributed.Group] = None, *,
-                 dtype: Optional[mx.Dtype] = None, dca: Optional[dict] = None,
-                 rope_scaling: Optional[dict] = None):
-    """Load a model folder split over `group`. Returns (model, tokenizer).
-
-    Each rank reads only its slice of every split tensor from disk (`read_own_slices`); tensors that
-    `sanitize` has to rebuild are read lazily and sliced before evaluation, one layer at a time. So
-    each rank keeps only its shard plus the replicated embeddings, norms and router.
-    A model that does not divide over the ranks fails before any weight is read. `dca` and
-    `rope_scaling` are `load`'s long-context overrides.
-    """
-    from .loader import load, resolve_path, weight_files
-
-    group = group or mx.distributed.init()
-    model, tokenizer = load(path, dca=dca, lazy=True, dtype=dtype, rope_scaling=rope_scaling)
-    shard_model(model, group)
-    if group.size() > 1:
-        read_own_slices(model, weight_files(resolve_path(path)), group)
-    materialize(model)
-    # A barrier, so no rank starts a collective while another is still reading its weights.
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
-    return model, tokenizer
+from qwen2_mlx.cli.args import add_long_context_args, long_context_overrides
 
 
 def peak_rss_gb() -> float:
@@ -253,13 +57,15 @@ def _prompt_tokens(tokenizer, messages: list, raw: bool) -> list[int]:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .blas import ensure_openblas
-    from .chat import Chat
-    from .config import ConfigError
-    from .generate import stream_generate
-    from .loader import ModelLoadError
-    from .paths import default_model_path
-    from .tokenizer import TokenizerError
+    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.generation.chat import Chat
+    from qwen2_mlx.generation.generate import stream_generate
+    from qwen2_mlx.loading.loader import ModelLoadError
+    from qwen2_mlx.loading.paths import default_model_path
+    from qwen2_mlx.loading.sharded import sharded_load
+    from qwen2_mlx.loading.tokenizer import TokenizerError
+    from qwen2_mlx.models.config import ConfigError
+    from qwen2_mlx.models.sharding import ShardingError
 
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     parser = _parser()

@@ -15,8 +15,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
-from qwen2_mlx.distributed import peak_rss_gb, sharded_load
-from qwen2_mlx.generate import generate_step
+from qwen2_mlx.distributed import peak_rss_gb
+
+from qwen2_mlx.loading.sharded import sharded_load
+from qwen2_mlx.generation.generate import generate_step
 
 
 def run(path: str, prompt: list, n: int, out: Path, group) -> None:

@@ -8,8 +8,8 @@ import pytest
 from api_support import real_model_or_skip, tiny_model
 
 from qwen2_mlx import batch_generate, stream_generate
-from qwen2_mlx.config import DCAConfig
-from qwen2_mlx.model import Model
+from qwen2_mlx.models.config import DCAConfig
+from qwen2_mlx.models.model import Model
 
 PROMPTS = ["Hello, how", "The quick brown fox jumps over the lazy", "你好", "def main():\n    return",
            "Привет мир, how are you today? I am fine, thank you.", "🙂"]
@@ -91,7 +91,7 @@ def test_real_model_batch_equals_one_by_one(request):
 
 
 def test_benchmark_script_runs_and_compares(tmp_path_factory, tmp_path, capsys):
-    from qwen2_mlx.bench_batch import main
+    from qwen2_mlx.bench.batch import main
 
     _, _, path = tiny_model(tmp_path_factory)
     assert main(["--model", str(path), "--prompts", "3", "--max-tokens", "3", "--batch-size", "2"]) == 0

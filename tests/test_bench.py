@@ -10,8 +10,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 import qwen2_mlx
-from qwen2_mlx import bench
-from qwen2_mlx.random_model import PRESETS, tensor_shapes, write_random_model
+from qwen2_mlx.bench import compare as bench
+from qwen2_mlx.bench.random_model import PRESETS, tensor_shapes, write_random_model
 
 TINY = dict(PRESETS["qwen2-0.5b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, vocab_size=300)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qwen2_mlx.bench_long import main
+from qwen2_mlx.bench.long import main
 from tiny import DENSE, make_checkpoint
 
 

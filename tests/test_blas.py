@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen2_mlx.blas import DISABLE_ENV, GUARD_ENV, OPENBLAS_PATHS, openblas_to_preload
+from qwen2_mlx.cli.blas import DISABLE_ENV, GUARD_ENV, OPENBLAS_PATHS, openblas_to_preload
 
 LIB = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def test_candidates_cover_debian_and_fedora():
     assert LIB in OPENBLAS_PATHS and "/usr/lib64/libopenblas.so.0" in OPENBLAS_PATHS
 
 
-CHILD = ("import os; from qwen2_mlx.blas import ensure_openblas; ensure_openblas(); "
+CHILD = ("import os; from qwen2_mlx.cli.blas import ensure_openblas; ensure_openblas(); "
          "print('LD_PRELOAD=' + os.environ.get('LD_PRELOAD', ''))")
 
 

@@ -9,7 +9,7 @@ import pytest
 from api_support import real_model_or_skip, scripted, tiny_model
 
 from qwen2_mlx import Chat, ChatFileError, ContextOverflowError, PromptCacheError, Reply
-from qwen2_mlx.chat import _common_prefix
+from qwen2_mlx.generation.chat import _common_prefix
 
 
 @pytest.fixture(scope="module")
@@ -327,8 +327,8 @@ def test_a_reused_cache_answers_like_a_fresh_prefill(mt, dca):
 
     from mlx.utils import tree_flatten
 
-    from qwen2_mlx.config import DCAConfig
-    from qwen2_mlx.model import Model
+    from qwen2_mlx.models.config import DCAConfig
+    from qwen2_mlx.models.model import Model
 
     model, tok = mt
     if dca:  # chunks of 16 tokens: the conversation runs well past one chunk

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from qwen2_mlx.cli_args import add_long_context_args, long_context_overrides
-from qwen2_mlx.config import ConfigError
+from qwen2_mlx.cli.args import add_long_context_args, long_context_overrides
+from qwen2_mlx.models.config import ConfigError
 
 
 def parse(*argv):

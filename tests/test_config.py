@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qwen2_mlx.config import ConfigError, ModelArgs, parse_dca
+from qwen2_mlx.models.config import ConfigError, ModelArgs, parse_dca
 from tiny import DENSE, MOE
 
 

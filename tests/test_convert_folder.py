@@ -142,7 +142,7 @@ def _routing_agreement(float_model, quant_model, ids) -> float:
 
 def test_routing_agreement_8bit_gates_vs_4bit(tmp_path, moe, monkeypatch, capsys):
     import qwen2_mlx
-    from qwen2_mlx.model import Model
+    from qwen2_mlx.models.model import Model
 
     ckpt, _ = moe
     run_cli("--hf-path", ckpt, "--mlx-path", tmp_path / "f32", "--dtype", "float32")

@@ -99,7 +99,7 @@ def default_env(tmp_path, ckpt, monkeypatch):
 
 def test_no_argument_run_falls_back_to_pypi_gguf(default_env, capsys):
     from qwen2_mlx.convert.cli import run
-    from qwen2_mlx.paths import default_model_path
+    from qwen2_mlx.loading.paths import default_model_path
 
     assert default_model_path() == default_env
     assert run([]) == 0

@@ -101,8 +101,8 @@ def test_peak_memory_is_one_shard_plus_one_tensor(tmp_path, synthetic):
 
 
 def _tiny_shapes(cfg: dict) -> dict:
-    from qwen2_mlx.config import ModelArgs
-    from qwen2_mlx.model import Model
+    from qwen2_mlx.models.config import ModelArgs
+    from qwen2_mlx.models.model import Model
     from mlx.utils import tree_flatten
 
     return {k: v.shape for k, v in tree_flatten(Model(ModelArgs.from_dict(cfg)).parameters())}

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 import dca_reference as ref
-from qwen2_mlx.attention import Attention
-from qwen2_mlx.cache import DCAKVCache
-from qwen2_mlx.config import ConfigError, DCAConfig, ModelArgs, parse_dca
-from qwen2_mlx.dca import (
+from qwen2_mlx.models.attention import Attention
+from qwen2_mlx.models.kv_cache import DCAKVCache
+from qwen2_mlx.models.config import ConfigError, DCAConfig, ModelArgs, parse_dca
+from qwen2_mlx.models.dca import (
     DCAGeometry, dca_attention, dca_pair_positions, dca_temperature, long_context_signature, query_copies,
     rope_constant, rotate_keys,
 )
-from qwen2_mlx.model import Model
-from qwen2_mlx.rope import RoPE
+from qwen2_mlx.models.model import Model
+from qwen2_mlx.models.rope import RoPE
 
 GEOMS = [(12, 4), (9, 3)]  # (M, w): c = 8 and c = 6 (the paper's Figure 2)
 ONE_M = (262144, 8192)
@@ -275,7 +275,7 @@ def test_stepwise_prefill_invariance(M, w):
 
 def test_generate_prefill_step_size_invariance(tmp_path):
     """generate.py's chunked prefill gives the same tokens and cache for any prefill_step_size."""
-    from qwen2_mlx.generate import generate_step
+    from qwen2_mlx.generation.generate import generate_step
 
     M, w = 12, 4
     args = ModelArgs(model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=48,

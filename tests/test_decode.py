@@ -8,9 +8,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 import qwen2_mlx
-from qwen2_mlx.cache import make_prompt_cache
+from qwen2_mlx.generation.prompt_cache import make_prompt_cache
 from qwen2_mlx.decode import DISABLE_ENV, FastDecoder, decode_step, fast_decode_applies, fast_decoder
-from qwen2_mlx.generate import generate_step
+from qwen2_mlx.generation.generate import generate_step
 from tiny import DENSE, MOE, make_checkpoint
 
 PROMPT = mx.array([5, 17, 33, 2, 9, 100, 200, 7, 64], dtype=mx.uint32)

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from qwen2_mlx.config import ModelArgs
-from qwen2_mlx.distributed import ShardingError, check_shardable
-from qwen2_mlx.generate import generate, generate_step
-from qwen2_mlx.loader import load
-from qwen2_mlx.model import Model
+from qwen2_mlx.models.config import ModelArgs
+from qwen2_mlx.models.sharding import ShardingError, check_shardable
+from qwen2_mlx.generation.generate import generate, generate_step
+from qwen2_mlx.loading.loader import load
+from qwen2_mlx.models.model import Model
 from tiny import DENSE, MOE, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,8 +317,9 @@ class RankGroup(FakeGroup):
 @pytest.mark.parametrize("kind", ["dense-f32", "dense-bf16", "moe-4bit"])
 def test_slices_read_from_disk_equal_the_sliced_tensors(tmp_path, kind):
     """read_own_slices reads each rank's rows/columns straight from the file: same values as slicing."""
-    from qwen2_mlx.distributed import read_own_slices, shard_model
-    from qwen2_mlx.loader import weight_files
+    from qwen2_mlx.loading.sharded import read_own_slices
+    from qwen2_mlx.models.sharding import shard_model
+    from qwen2_mlx.loading.loader import weight_files
 
     if kind == "moe-4bit":
         src, _ = make_checkpoint(tmp_path / "src", MOE, intermediate_size=128, moe_intermediate_size=64,

@@ -9,7 +9,7 @@ import pytest
 from api_support import scripted, tiny_model
 
 from qwen2_mlx import ContextOverflowError, Reply, generate, generate_step, stream_generate
-from qwen2_mlx.generate import StopStringFilter
+from qwen2_mlx.generation.generate import StopStringFilter
 
 
 @pytest.fixture(scope="module")

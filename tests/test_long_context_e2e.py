@@ -17,8 +17,8 @@ import torch
 
 import dca_reference as ref
 from qwen2_mlx import load
-from qwen2_mlx.generate import generate_step
-from qwen2_mlx.rope import plain_inv_freq
+from qwen2_mlx.generation.generate import generate_step
+from qwen2_mlx.models.rope import plain_inv_freq
 from tiny import DENSE, MOE, make_checkpoint
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}

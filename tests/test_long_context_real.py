@@ -11,7 +11,7 @@ import pytest
 
 from qwen2_mlx import load
 from qwen2_mlx.eval.prompts import first_number, passkey_prompt
-from qwen2_mlx.generate import generate
+from qwen2_mlx.generation.generate import generate
 
 pytestmark = pytest.mark.real_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qwen2_mlx import load
-from qwen2_mlx.loader import load_model
+from qwen2_mlx.loading.loader import load_model
 from tiny import DENSE, MOE, make_checkpoint
 
 CASES = {

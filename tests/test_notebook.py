@@ -12,7 +12,7 @@ import pytest
 from api_support import scripted, tiny_model
 
 from qwen2_mlx import Chat, Reply, stream_generate
-from qwen2_mlx.notebook import display_stream
+from qwen2_mlx.generation.notebook import display_stream
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "assets" / "quickstart.ipynb"
 

@@ -12,8 +12,8 @@ from api_support import tiny_model
 
 from qwen2_mlx import (PromptCacheError, can_trim_prompt_cache, load_prompt_cache, make_prompt_cache,
                        prefill_prompt_cache, save_prompt_cache, stream_generate, trim_prompt_cache)
-from qwen2_mlx.config import DCAConfig
-from qwen2_mlx.model import Model
+from qwen2_mlx.models.config import DCAConfig
+from qwen2_mlx.models.model import Model
 
 DOCUMENT = "The quick brown fox jumps over the lazy dog. " * 6
 
@@ -142,7 +142,7 @@ def test_bad_files_and_arguments_give_clear_errors(mt, tmp_path):
 
 
 def test_dca_cache_round_trip_keeps_its_settings(mt, tmp_path):
-    from qwen2_mlx.cache import DCAKVCache
+    from qwen2_mlx.models.kv_cache import DCAKVCache
 
     model, tok = mt
     dca = variant(model, dual_chunk_attention_config=DCAConfig(chunk_size=16, local_size=4))

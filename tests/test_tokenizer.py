@@ -2,7 +2,7 @@
 
 import pytest
 
-from qwen2_mlx.tokenizer import Tokenizer, load_tokenizer
+from qwen2_mlx.loading.tokenizer import Tokenizer, load_tokenizer
 
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "Write a haiku about autumn."}],
@@ -79,7 +79,7 @@ def test_streaming_detokenizer_never_splits_utf8(real_tokenizers):
 
 
 def test_missing_tokenizer_json_names_file(tmp_path):
-    from qwen2_mlx.tokenizer import TokenizerError
+    from qwen2_mlx.loading.tokenizer import TokenizerError
 
     with pytest.raises(TokenizerError, match="tokenizer.json"):
         Tokenizer.from_folder(tmp_path)

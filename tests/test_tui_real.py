@@ -11,7 +11,7 @@ import pytest
 
 from tui.engine import DEFAULT_SETTINGS, ModelBackend
 
-pytest.importorskip("qwen2_mlx.chat")
+pytest.importorskip("qwen2_mlx.generation.chat")
 pytestmark = pytest.mark.real_model
 
 CJK = re.compile(r"[\u3400-\u9fff]")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import dca_reference as ref
-from qwen2_mlx.attention import Attention
-from qwen2_mlx.config import ModelArgs
-from qwen2_mlx.rope import RoPE, plain_inv_freq, yarn_parameters
+from qwen2_mlx.models.attention import Attention
+from qwen2_mlx.models.config import ModelArgs
+from qwen2_mlx.models.rope import RoPE, plain_inv_freq, yarn_parameters
 
 
 def hf_yarn(D, base, scaling, max_pos=32768):

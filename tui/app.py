@@ -22,7 +22,7 @@ from textual.binding import Binding
 from textual.message import Message as TMessage
 from textual.widgets import Footer, Header, Static
 
-from qwen2_mlx.paths import data_dir, models_dir
+from qwen2_mlx.loading.paths import data_dir, models_dir
 
 from . import cjk_wrap, commands
 from .engine import (DEFAULT_SETTINGS, Engine, Failed, Finished, Job, Loaded, LoadFailed, Loading, Prefill,

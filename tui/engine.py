@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
-from qwen2_mlx.generate import GenerationStats
+from qwen2_mlx.generation.generate import GenerationStats
 
 # Sampling settings a chat may carry, with the defaults a new chat starts from.
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -109,7 +109,7 @@ class _Switch:
 
 
 class Backend(Protocol):
-    """What the generation thread needs from a model; the real one wraps `qwen2_mlx.chat.Chat`."""
+    """What the generation thread needs from a model; the real one wraps `qwen2_mlx.generation.chat.Chat`."""
 
     name: str
     context_limit: int
@@ -268,7 +268,7 @@ def sampling_kwargs(settings: dict) -> dict:
 
 def model_label(path: Path) -> str:
     """What the header calls a model: its folder name, or "default model" for convert.py's default."""
-    from qwen2_mlx.paths import default_model_path
+    from qwen2_mlx.loading.paths import default_model_path
 
     try:
         if Path(path).resolve() == default_model_path().resolve():
@@ -279,7 +279,7 @@ def model_label(path: Path) -> str:
 
 
 class ModelBackend:
-    """A converted model on disk, driven through `qwen2_mlx.chat.Chat`.
+    """A converted model on disk, driven through `qwen2_mlx.generation.chat.Chat`.
 
     The store owns the conversation tree; one Chat object mirrors the branch being answered and
     keeps the KV cache. A new turn, a regenerate and an edit map onto Chat.stream / regenerate /
@@ -304,7 +304,7 @@ class ModelBackend:
         from mlx.utils import tree_flatten
 
         from qwen2_mlx import load
-        from qwen2_mlx.generate import context_limit
+        from qwen2_mlx.generation.generate import context_limit
 
         progress(0.0, f"reading {self.path}")
         dtype = getattr(mx, self.dtype) if self.dtype else None
@@ -359,7 +359,7 @@ class ModelBackend:
             self.last_reply = final["content"]
 
     def _chat_for(self, system, settings):
-        from qwen2_mlx.chat import Chat
+        from qwen2_mlx.generation.chat import Chat
 
         policy = settings.get("context_policy") or "refuse"
         if self.chat is None:

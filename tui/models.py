@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.paths import models_dir
+from qwen2_mlx.loading.paths import models_dir
 
 
 def check_model(path: Path) -> Optional[str]:
     """A one-line reason the folder cannot be a model, or None; reads only config.json."""
     from qwen2_mlx import ConfigError, ModelArgs, ModelLoadError
-    from qwen2_mlx.loader import resolve_path, weight_files
+    from qwen2_mlx.loading.loader import resolve_path, weight_files
 
     try:
         folder = resolve_path(path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from qwen2_mlx.paths import data_dir
+from qwen2_mlx.loading.paths import data_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS chats (

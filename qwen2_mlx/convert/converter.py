@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..config import ConfigError, ModelArgs
+from qwen2_mlx.models.config import ConfigError, ModelArgs
 from .errors import ConvertError
 from .quantize import QuantPlan, dequantize_tensor, quantize_tensor, quantized_nbytes
 from .writer import MAX_SHARD_BYTES, ModelWriter, check_disk_space, check_target, folder_size
@@ -58,7 +58,7 @@ def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: 
             dtype: Optional[str] = None, dequantize: bool = False, force: bool = False,
             max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] = _log) -> Result:
     """Write `source` (GGUFSource or FolderSource) as an MLX model folder at `mlx_path`."""
-    from ..model import Model
+    from qwen2_mlx.models.model import Model
 
     target = Path(mlx_path).expanduser().absolute()
     check_target(target, force)

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 
-from ..config import ConfigError, ModelArgs
+from qwen2_mlx.models.config import ConfigError, ModelArgs
 from .errors import ConvertError
 
 TOKENIZER_FILES = (
@@ -103,7 +103,7 @@ class FolderSource:
                 lazy.update(mx.load(str(f)))
             except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
                 raise ConvertError(f"{f}: cannot be read as safetensors ({e})") from None
-        from ..model import Model
+        from qwen2_mlx.models.model import Model
 
         self._weights = Model(self.args).sanitize(lazy)
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from .common import EvalError, add_model_args, load_for_eval, parse_int_list, progress
 from .results import ResultsError, ResultsFile, write_json
-from ..blas import ensure_openblas
+from qwen2_mlx.cli.blas import ensure_openblas
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +98,7 @@ def _settings(args: argparse.Namespace, model_settings: dict, extra: dict) -> di
 
 def run(args: argparse.Namespace) -> dict:
     """Run one subcommand; returns the JSON-ready summary (and prints the report on stdout)."""
-    from . import niah, passkey, ppl
+    from qwen2_mlx.eval import niah, passkey, ppl
     from .prompts import split_sentences
 
     _validate(args)

@@ -12,8 +12,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..cli_args import add_long_context_args, long_context_overrides
-from ..paths import default_model_path
+from qwen2_mlx.cli.args import add_long_context_args, long_context_overrides
+from qwen2_mlx.loading.paths import default_model_path
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -66,9 +66,9 @@ class LoadedModel:
 
 def load_for_eval(args: argparse.Namespace) -> LoadedModel:
     """Load the model named by --model with the long-context switches; user errors become EvalError."""
-    from ..config import ConfigError
-    from ..loader import ModelLoadError, load, resolve_path
-    from ..tokenizer import TokenizerError
+    from qwen2_mlx.models.config import ConfigError
+    from qwen2_mlx.loading.loader import ModelLoadError, load, resolve_path
+    from qwen2_mlx.loading.tokenizer import TokenizerError
 
     if args.prefill_step_size <= 0:
         raise EvalError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from ..cache import make_prompt_cache
+from qwen2_mlx.generation.prompt_cache import make_prompt_cache
 from .results import ResultsFile
 
 

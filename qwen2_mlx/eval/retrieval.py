@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ..generate import generate
+from qwen2_mlx.generation.generate import generate
 from .prompts import HaystackPrompt, first_number
 
 

@@ -18,8 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .cache import make_prompt_cache
-from .decode import decode_step
+from .prompt_cache import make_prompt_cache
+from qwen2_mlx.decode import decode_step
 
 generation_stream = mx.new_thread_local_stream(mx.default_device())
 DEFAULT_PREFILL_STEP_SIZE = 2048

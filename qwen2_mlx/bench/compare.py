@@ -188,8 +188,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from . import load as load_ours
-    from .generate import generate_step as ours_step
+    from qwen2_mlx import load as load_ours
+    from qwen2_mlx.generation.generate import generate_step as ours_step
     from .random_model import write_random_model
 
     on_cpu = mx.default_device().type == mx.cpu
@@ -315,7 +315,7 @@ def report(res: dict) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .blas import ensure_openblas
+    from qwen2_mlx.cli.blas import ensure_openblas
 
     ensure_openblas(argv)
     args = parse_args(argv)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from .cache import DCAKVCache
+from .kv_cache import DCAKVCache
 from .config import ModelArgs
 from .dca import DCAGeometry, dca_attention, dca_temperature, plain_keys, rotate_keys
 from .rope import RoPE

@@ -17,8 +17,7 @@ from typing import Any, Iterator, Optional, Union
 
 import mlx.nn as nn
 
-from .cache import (PromptCacheError, can_trim_prompt_cache, load_prompt_cache, make_prompt_cache,
-                    save_prompt_cache, trim_prompt_cache)
+from .prompt_cache import PromptCacheError, can_trim_prompt_cache, load_prompt_cache, make_prompt_cache, save_prompt_cache, trim_prompt_cache
 from .notebook import chat_markdown
 from .generate import (ContextOverflowError, GenerationResponse, GenerationStats, Reply, as_wrapper,
                        context_limit, stream_generate)

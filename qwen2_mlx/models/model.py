@@ -14,7 +14,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from .attention import Attention
-from .cache import DCAKVCache
+from .kv_cache import DCAKVCache
 from .config import ModelArgs
 from .dca import effective_rope_scaling
 from .mlp import MLP
@@ -76,7 +76,7 @@ class Model(nn.Module):
 
     def shard(self, group: Optional[mx.distributed.Group] = None) -> "Model":
         """Split this model in place over `group` for tensor parallelism (see distributed.py)."""
-        from .distributed import shard_model
+        from .sharding import shard_model
 
         return shard_model(self, group)
 

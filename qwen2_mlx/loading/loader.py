@@ -15,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, ModelArgs, _parse_rope_scaling, parse_dca
-from .model import Model
+from qwen2_mlx.models.config import ConfigError, ModelArgs, _parse_rope_scaling, parse_dca
+from qwen2_mlx.models.model import Model
 from .tokenizer import load_tokenizer
 
 

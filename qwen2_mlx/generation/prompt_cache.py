@@ -20,7 +20,8 @@ from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
 
-from .dca import long_context_signature
+from qwen2_mlx.models.dca import long_context_signature
+from qwen2_mlx.models.kv_cache import DCAKVCache
 
 SIGNATURE_KEY = "qwen2_mlx_signature"
 META_STATE_KEY = "qwen2_mlx_meta_state"  # per layer; mlx-lm's layout no longer saves it
@@ -28,51 +29,6 @@ META_STATE_KEY = "qwen2_mlx_meta_state"  # per layer; mlx-lm's layout no longer 
 
 class PromptCacheError(ValueError):
     """A prompt cache file that cannot be used; the message names the file."""
-
-
-class DCAKVCache(KVCache):
-    """mlx-lm's KVCache for Dual Chunk Attention layers.
-
-    The storage and trimming are KVCache's; what differs is what goes in: keys rotated at `j mod c`
-    and scaled by the DCA temperature at write time (spec §3.1), so they never need re-rotating.
-    Such keys are plain RoPE keys only for `j < c`: the DCA settings travel in `meta_state` and a
-    model configured differently refuses the cache.
-
-    `length_hint` is the total length the current prompt will reach; stepwise prefill uses it so
-    every prompt key gets the temperature of the whole prompt, as in vLLM (spec §2.4).
-    """
-
-    def __init__(self, chunk_size: int = 0, local_size: int = 0, original_max_position_embeddings: int = 0):
-        super().__init__()
-        self.chunk_size = chunk_size
-        self.local_size = local_size
-        self.original_max_position_embeddings = original_max_position_embeddings
-        self.length_hint = 0
-
-    @property
-    def meta_state(self) -> tuple:
-        return tuple(str(v) for v in self.dca_settings)
-
-    @meta_state.setter
-    def meta_state(self, v) -> None:
-        self.chunk_size, self.local_size, self.original_max_position_embeddings = (int(x) for x in v)
-
-    @property
-    def dca_settings(self) -> tuple:
-        return (self.chunk_size, self.local_size, self.original_max_position_embeddings)
-
-    @classmethod
-    def from_state(cls, state, meta_state: Optional[tuple] = None) -> "DCAKVCache":
-        obj = cls()
-        obj.state = state
-        if meta_state:
-            obj.meta_state = meta_state
-        return obj
-
-    def trim(self, n: int) -> int:
-        n = super().trim(n)
-        self.length_hint = 0  # the prompt it described is gone
-        return n
 
 
 def make_prompt_cache(model: nn.Module) -> list:
@@ -132,7 +88,7 @@ def save_prompt_cache(file_name: Union[str, Path], cache: list, metadata: Option
 
 
 def _cache_class(name: str, path: Path):
-    cls = globals().get(name)  # cache classes of this package (the DCA cache) first, then mlx-lm's
+    cls = {"DCAKVCache": DCAKVCache}.get(name)  # the cache classes of our models first, then mlx-lm's
     if not (isinstance(cls, type) and hasattr(cls, "from_state")):
         cls = getattr(mlx_cache, name, None)
     if not (isinstance(cls, type) and hasattr(cls, "from_state")):

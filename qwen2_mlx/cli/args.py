@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from .config import ConfigError, _parse_rope_scaling, parse_dca
+from qwen2_mlx.models.config import ConfigError, _parse_rope_scaling, parse_dca
 
 
 def _number(kind: type, minimum: float, inclusive: bool):
