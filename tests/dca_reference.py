@@ -1,7 +1,7 @@
-"""An independent float64 numpy reference for Dual Chunk Attention, straight from the spec's §2.1.
+"""An independent float64 numpy reference for Dual Chunk Attention, straight from docs/long-context.md §3.
 
 Per-pair positions, one full causal softmax, no tiles, no caches: deliberately nothing like the
-production code in qwen2_mlx/dca.py, so that the two check each other.
+production code in qwen2_mlx/models/dca.py, so that the two check each other.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def rotate(x: np.ndarray, pos, inv_freq: np.ndarray, fp32_angles: bool = False) 
     """Rotate-half RoPE of rows x (..., D) at positions `pos` (broadcast against x's leading axes)."""
     half = x.shape[-1] // 2
     pos = np.asarray(pos, dtype=np.float64)
-    if fp32_angles:  # what every real implementation does (spec §3.5)
+    if fp32_angles:  # what every real implementation does (docs/long-context.md §9)
         ang = (pos[..., None].astype(np.float32) * inv_freq.astype(np.float32)).astype(np.float64)
     else:
         ang = pos[..., None] * inv_freq

@@ -1,4 +1,4 @@
-"""Dual Chunk Attention against an independent float64 reference (long-context spec §6)."""
+"""Dual Chunk Attention against an independent float64 reference (docs/long-context.md §10)."""
 
 from __future__ import annotations
 
@@ -468,7 +468,7 @@ def test_rope_scaling_with_dca_warns_and_uses_plain_frequencies():
 
 def test_large_offset_rotations():
     """Position segments near 262144: exactly the rope call at each row's own position, and close
-    to float64 (mx.fast.rope's fp32 angles drift ~1e-2 rad there, spec §3.5; a wrong position
+    to float64 (mx.fast.rope's fp32 angles drift ~1e-2 rad there, docs/long-context.md §9; a wrong position
     moves the fastest pair by a whole radian)."""
     M, w = ONE_M
     geom = DCAGeometry(M, w)

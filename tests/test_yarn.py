@@ -1,4 +1,4 @@
-"""Static YaRN as Qwen2 checkpoints expect it (long-context spec §5), against transformers and mlx-lm."""
+"""Static YaRN as Qwen2 checkpoints expect it (docs/long-context.md §2), against transformers and mlx-lm."""
 
 from __future__ import annotations
 

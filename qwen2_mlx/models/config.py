@@ -31,7 +31,7 @@ class DCAConfig:
 
     chunk_size: int
     local_size: int
-    original_max_position_embeddings: int = 0  # 0: no DCA temperature (see long-context spec §2.4)
+    original_max_position_embeddings: int = 0  # 0: no DCA temperature (docs/long-context.md §5)
 
     def to_dict(self) -> dict:
         return {

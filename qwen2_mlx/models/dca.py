@@ -1,4 +1,4 @@
-"""Dual Chunk Attention (DCA), vLLM's formulation (long-context spec §2-§4). All DCA math lives here.
+"""Dual Chunk Attention (DCA), vLLM's formulation (docs/long-context.md §3-§6). All DCA math lives here.
 
 With `M = chunk_size`, `w = local_size` and period `c = M - w`, key `j` sits at position `j mod c`
 (rotated once, when it enters the cache) and query `i` looks at key `j` from
@@ -44,7 +44,7 @@ class DCAGeometry:
 
     @property
     def plain_limit(self) -> int:
-        """Longest sequence for which DCA equals plain causal RoPE attention (spec §2.5)."""
+        """Longest sequence for which DCA equals plain causal RoPE attention (docs/long-context.md §3)."""
         return self.chunk_size + 1
 
     @classmethod
@@ -53,14 +53,14 @@ class DCAGeometry:
 
 
 def dca_temperature(length: int, original_max_position_embeddings: int) -> float:
-    """vLLM's logit temperature factor `s(L) = max(1, 0.1 ln(L / L0) + 1)`, 1 when `L0 == 0` (§2.4)."""
+    """vLLM's logit temperature `s(L) = max(1, 0.1 ln(L / L0) + 1)`, 1 when `L0 == 0` (docs/long-context.md §5)."""
     if original_max_position_embeddings <= 0 or length <= original_max_position_embeddings:
         return 1.0
     return max(1.0, 0.1 * math.log(length / original_max_position_embeddings) + 1.0)
 
 
 def dca_pair_positions(i, j, chunk_size: int, local_size: int):
-    """Per-pair (query position, key position) of §2.1 for absolute positions `j <= i` (numpy, int64)."""
+    """Per-pair (query position, key position) (docs/long-context.md §3) for positions `j <= i` (numpy, int64)."""
     i = np.asarray(i, dtype=np.int64)
     j = np.asarray(j, dtype=np.int64)
     c, m = chunk_size - local_size, chunk_size
@@ -70,7 +70,7 @@ def dca_pair_positions(i, j, chunk_size: int, local_size: int):
 
 
 def effective_rope_scaling(args) -> Optional[dict]:
-    """The `rope_scaling` the model really uses: none under DCA (spec §5.3), which says so once."""
+    """The `rope_scaling` the model really uses: none under DCA (docs/long-context.md §1), which says so once."""
     if getattr(args, "dual_chunk_attention_config", None) is not None and args.rope_scaling:
         warnings.warn(
             "both rope_scaling and dual_chunk_attention_config are set: Dual Chunk Attention uses plain "
@@ -198,7 +198,7 @@ def _attend_concat(copies, keys, values, start, e, groups, T, geom):
 
 def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block, bounded=False):
     """Each part in key blocks of at most `block` keys, folded into a running (max, sum, weighted V)
-    in float32: the log-sum-exp merge of the partial softmaxes, one block at a time (spec §3.3).
+    in float32: the log-sum-exp merge of the partial softmaxes, one block at a time (docs/long-context.md §4).
     With `bounded`, the running state is evaluated after each block, so only one block's scores exist."""
     m_run = l_run = acc = None
     for name, k0, k1, causal in _tile_ranges(start, e, geom):
@@ -230,7 +230,7 @@ def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block, bound
 def _decode_step(q, keys, values, offset, rope, geom, groups):
     """One new token (batch 1) in a handful of kernels: the query's three rotations in one rope call
     (positions as a batch of offsets), one matmul against all keys, and each key range takes its
-    scores from the matching rotation; then one softmax over them all (spec §3.2)."""
+    scores from the matching rotation; then one softmax over them all (docs/long-context.md §4)."""
     _, Hq, _, D = q.shape
     Hkv = keys.shape[1]
     c = geom.period

@@ -11,12 +11,12 @@ class DCAKVCache(KVCache):
     """mlx-lm's KVCache for Dual Chunk Attention layers.
 
     The storage and trimming are KVCache's; what differs is what goes in: keys rotated at `j mod c`
-    and scaled by the DCA temperature at write time (spec §3.1), so they never need re-rotating.
+    and scaled by the DCA temperature at write time (docs/long-context.md §6), so they never need re-rotating.
     Such keys are plain RoPE keys only for `j < c`: the DCA settings travel in `meta_state` and a
     model configured differently refuses the cache.
 
     `length_hint` is the total length the current prompt will reach; stepwise prefill uses it so
-    every prompt key gets the temperature of the whole prompt, as in vLLM (spec §2.4).
+    every prompt key gets the temperature of the whole prompt, as in vLLM (docs/long-context.md §5).
     """
 
     def __init__(self, chunk_size: int = 0, local_size: int = 0, original_max_position_embeddings: int = 0):
