@@ -219,8 +219,18 @@ def test_engine_reports_prompt_reading_progress():
     assert steps and steps[-1][0] == steps[-1][1] > 0
 
 
+def test_fake_and_model_backends_implement_the_backend_interface(tmp_path):
+    from tui.backend import Backend, ModelBackend
+
+    members = set(Backend.__annotations__) | {"load", "generate", "count_tokens"}
+    for backend in (FakeBackend(), ModelBackend(tmp_path / "some-model")):
+        missing = {m for m in members if not hasattr(backend, m)}
+        assert not missing, (type(backend).__name__, missing)
+    assert {"context_used", "last_reply", "prefill_progress"} <= members
+
+
 def test_model_label(tmp_path, monkeypatch):
-    from tui.engine import model_label
+    from tui.backend import model_label
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     assert model_label(tmp_path / "qwen2-mlx" / "models" / "default") == "default model"

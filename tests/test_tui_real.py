@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tui.engine import DEFAULT_SETTINGS, ModelBackend
+from tui.backend import DEFAULT_SETTINGS, ModelBackend
 
 pytest.importorskip("qwen2_mlx.generation.chat")
 pytestmark = pytest.mark.real_model

@@ -50,7 +50,7 @@ def settings_from(args: argparse.Namespace) -> dict:
 def run_once(backend, text: str, system: Optional[str], settings: dict, out: Optional[TextIO] = None,
              err: Optional[TextIO] = None) -> int:
     """Load, answer `text` once on `out` (progress and notes on `err`); returns the exit status."""
-    from .engine import DEFAULT_SETTINGS
+    from .backend import DEFAULT_SETTINGS
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -122,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"qwen2-chat: error: {problem}\n{HINT}", file=sys.stderr)
         return 2
 
-    from .engine import ModelBackend
+    from .backend import ModelBackend
 
     backend = ModelBackend(model_path, dtype=args.dtype, overrides=long_context_overrides(args, parser))
     settings = settings_from(args)

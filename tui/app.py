@@ -25,8 +25,8 @@ from textual.widgets import Footer, Header, Static
 from qwen2_mlx.loading.paths import data_dir, models_dir
 
 from . import cjk_wrap, commands
-from .engine import (DEFAULT_SETTINGS, Engine, Failed, Finished, Job, Loaded, LoadFailed, Loading, Prefill,
-                     Stats, Token)
+from .backend import DEFAULT_SETTINGS
+from .engine import Engine, Failed, Finished, Job, Loaded, LoadFailed, Loading, Prefill, Stats, Token
 from .export import export_chat
 from .models import check_model, list_models
 from .models import resolve as resolve_model

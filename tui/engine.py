@@ -1,10 +1,10 @@
-"""The model side of the chat app: one long-lived generation thread and the backends it drives.
+"""The generation thread of the chat app: one long-lived thread that runs a backend's jobs.
 
 MLX streams belong to the thread that made them, so the model is loaded and every reply is
 generated on the same dedicated thread, under a thread-local stream (`mx.new_thread_local_stream`).
 The UI never blocks on it: it queues jobs and receives events through `post`, a thread-safe
 callback (the app wraps `App.post_message`). A job is stopped by setting its cancel flag, which the
-generation loop checks after every token.
+generation loop checks after every token. The backends themselves are in `backend.py`.
 """
 
 from __future__ import annotations
@@ -13,23 +13,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Optional
 
 from qwen2_mlx.generation.generate import GenerationStats
 
-# Sampling settings a chat may carry, with the defaults a new chat starts from.
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "temperature": 0.7,
-    "top_p": 0.8,
-    "top_k": 20,
-    "min_p": 0.0,
-    "repetition_penalty": 1.05,
-    "max_tokens": 1024,
-    "seed": None,
-    "context_policy": "refuse",
-}
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+from .backend import Backend
 
 
 # Events sent from the generation thread to the UI.
@@ -106,20 +94,6 @@ class Job:
 @dataclass
 class _Switch:
     backend: Any
-
-
-class Backend(Protocol):
-    """What the generation thread needs from a model; the real one wraps `qwen2_mlx.generation.chat.Chat`."""
-
-    name: str
-    context_limit: int
-
-    def load(self, progress: Callable[[float, str], None]) -> None: ...
-
-    def generate(self, history: list[dict], system: Optional[str], settings: dict,
-                 cancel: threading.Event) -> Iterator[Any]: ...
-
-    def count_tokens(self, history: list[dict], system: Optional[str]) -> int: ...
 
 
 class Engine:
@@ -256,125 +230,3 @@ class _use_stream:
         if self.ctx is not None:
             return self.ctx.__exit__(*exc)
         return False
-
-
-def sampling_kwargs(settings: dict) -> dict:
-    """The keyword arguments `Chat.stream` takes, from a chat's settings (None means default)."""
-    kw = {k: settings[k] for k in SAMPLING_KEYS if settings.get(k) is not None}
-    if "max_tokens" in settings:
-        kw["max_tokens"] = settings["max_tokens"]
-    return kw
-
-
-def model_label(path: Path) -> str:
-    """What the header calls a model: its folder name, or "default model" for convert.py's default."""
-    from qwen2_mlx.loading.paths import default_model_path
-
-    try:
-        if Path(path).resolve() == default_model_path().resolve():
-            return "default model"
-    except OSError:
-        pass
-    return Path(path).name
-
-
-class ModelBackend:
-    """A converted model on disk, driven through `qwen2_mlx.generation.chat.Chat`.
-
-    The store owns the conversation tree; one Chat object mirrors the branch being answered and
-    keeps the KV cache. A new turn, a regenerate and an edit map onto Chat.stream / regenerate /
-    edit, so only the new suffix is prefilled; any other jump (another branch, another chat)
-    rebuilds the Chat's history and Chat's prefix diff reuses what the cache still shares.
-    """
-
-    def __init__(self, path: Path, dtype: Optional[str] = None, overrides: Optional[dict] = None):
-        self.path = Path(path)
-        self.name = model_label(self.path)
-        self.dtype = dtype
-        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # dca=, rope_scaling=
-        self.context_limit = 0
-        self.context_used = 0
-        self.last_reply: Optional[str] = None
-        self.model = self.tokenizer = None
-        self.chat = None
-        self.prefill_progress: Optional[Callable[[int, int], None]] = None
-
-    def load(self, progress: Callable[[float, str], None]) -> None:
-        import mlx.core as mx
-        from mlx.utils import tree_flatten
-
-        from qwen2_mlx import load
-        from qwen2_mlx.generation.generate import context_limit
-
-        progress(0.0, f"reading {self.path}")
-        dtype = getattr(mx, self.dtype) if self.dtype else None
-        model, tokenizer = load(self.path, dtype=dtype, lazy=True, **self.overrides)
-        params = [v for _, v in tree_flatten(model.parameters())]
-        total = sum(p.nbytes for p in params) or 1
-        done, batch, batch_bytes = 0, [], 0
-        # Evaluate the lazily loaded weights in ~64 MB batches so the bar moves as they are read.
-        for p in params:
-            batch.append(p)
-            batch_bytes += p.nbytes
-            if batch_bytes >= 64 << 20:
-                mx.eval(batch)
-                done += batch_bytes
-                batch, batch_bytes = [], 0
-                progress(done / total, f"loading weights {done / 1e9:.2f}/{total / 1e9:.2f} GB")
-        mx.eval(batch)
-        progress(1.0, f"loaded {total / 1e9:.2f} GB")
-        self.model, self.tokenizer = model, tokenizer
-        self.context_limit = context_limit(model)
-
-    def generate(self, history, system, settings, cancel):
-        prefix, last = history[:-1], history[-1]
-        if last["role"] != "user":
-            raise ValueError("the conversation must end with a user message")
-        kw = sampling_kwargs(settings)
-        if self.prefill_progress is not None:
-            kw["prompt_progress_callback"] = self.prefill_progress
-        chat = self._chat_for(system, settings)
-        have = [m for m in chat.messages if m["role"] != "system"]
-        offset = len(chat.messages) - len(have)
-        n = len(prefix)
-        if have == prefix:
-            replies = chat.stream(last["content"], cancel=cancel, **kw)  # a new turn
-        elif have[:n + 1] == history and len(have) <= n + 2:
-            replies = chat.regenerate(cancel=cancel, **kw)  # a new reply to the same message
-        elif have[:n] == prefix and len(have) > n and have[n]["role"] == "user":
-            chat.edit(n + offset, last["content"])  # an edited message: Chat keeps the cache before it
-            replies = chat.regenerate(cancel=cancel, **kw)
-        else:  # another branch or another chat: rebuild the history, hand over the cache
-            chat = self._rebuild(chat, prefix, system, settings)
-            replies = chat.stream(last["content"], cancel=cancel, **kw)
-        self.last_reply = None
-        try:
-            for r in replies:
-                yield r
-        finally:
-            replies.close()
-        self.context_used = chat.context_used
-        final = chat.messages[-1] if chat.messages else None
-        if final is not None and final["role"] == "assistant":
-            self.last_reply = final["content"]
-
-    def _chat_for(self, system, settings):
-        from qwen2_mlx.generation.chat import Chat
-
-        policy = settings.get("context_policy") or "refuse"
-        if self.chat is None:
-            self.chat = Chat(self.model, self.tokenizer, system=system, context_policy=policy)
-        self.chat.context_policy = policy
-        self.chat.system = system
-        return self.chat
-
-    def _rebuild(self, chat, messages: list[dict], system, settings):
-        """Point the Chat at another branch; its prefix diff keeps the cached tokens they share."""
-        chat.messages = list(messages)
-        chat.system = system
-        return chat
-
-    def count_tokens(self, history, system) -> int:
-        msgs = ([{"role": "system", "content": system}] if system else []) + list(history)
-        ids = self.tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=False)
-        return len(ids)

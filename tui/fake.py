@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
-from .engine import DEFAULT_SETTINGS
+from .backend import DEFAULT_SETTINGS
 
 
 @dataclass
