@@ -193,6 +193,10 @@ def test_strided_perplexity_matches_transformers(tiny, tiny_loaded):
     (["passkey", "--model", "{model}", "--length", "1000", "--trials", "0"], "--trials must be positive"),
     (["ppl", "--model", "{model}", "--file", "{tmp}/t.txt", "--context", "8", "--stride", "9"], "--stride"),
     (["passkey", "--model", "{model}", "--length", "600", "--dca-local-size", "8"], "--dca-chunk-size': is required"),
+    (["niah", "--model", "{model}", "--lengths", "600", "--out", "{tmp}/a.png", "--results", "{tmp}/a.json"],
+     "the same file as --out's grid"),
+    (["ppl", "--model", "{model}", "--file", "{tmp}/t.txt", "--json", "{tmp}/r.jsonl", "--results", "{tmp}/r.jsonl"],
+     "the same file as --json"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, argv, message):
     (tmp_path / "t.txt").write_text("hello world " * 10)
@@ -200,7 +204,8 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, argv, message)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
-    assert not (tmp_path / "a.png").exists()
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "a.json").exists()
+    assert not (tmp_path / "r.jsonl").exists()
 
 
 # --- the real model -------------------------------------------------------------------------

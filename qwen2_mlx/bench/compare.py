@@ -314,6 +314,25 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def check_outputs(args: argparse.Namespace) -> Optional[str]:
+    """What the results need, checked before the benchmark starts: the problem in one line, or None."""
+    if args.json:
+        path = Path(args.json).expanduser()
+        if path.is_dir():
+            return f"--json {args.json}: is a folder; expected a file"
+        if not path.parent.is_dir():
+            return f"--json {args.json}: folder {path.parent} does not exist"
+    return None
+
+
+def write_json(path: str, res: dict) -> None:
+    """Write the figures atomically: a reader (or a crash) never leaves half a file."""
+    path = Path(path).expanduser()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    os.replace(tmp, path)
+
+
 def main(argv: Optional[list] = None) -> int:
     from qwen2_mlx.cli.blas import ensure_openblas
 
@@ -322,15 +341,19 @@ def main(argv: Optional[list] = None) -> int:
     if args.model and not Path(args.model).expanduser().is_dir():
         print(f"error: {args.model}: no such model folder", file=sys.stderr)
         return 2
+    problem = check_outputs(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         res = run_benchmark(args)
     except (ValueError, OSError) as e:  # bad folders (ModelLoadError, ConfigError) and unwritable paths
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    if args.json:  # the figures first, then the table made from them
+        write_json(args.json, res)
         log(f"figures written to {args.json}")
+    print(report(res))
     return 0
 
 

