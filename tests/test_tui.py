@@ -9,6 +9,7 @@ from contextlib import nullcontext
 
 import pytest
 
+from tui import slash
 from tui.store import Store
 from tui.widgets.chat_list import ChatListScreen
 from tui.widgets.dialogs import AskScreen, ConfirmScreen, HelpScreen
@@ -40,7 +41,7 @@ async def test_send_streams_markdown_reply_and_saves_it(tmp_path):
         await send(pilot, "什么是量子计算？")
         assert texts(app) == [("user", "什么是量子计算？", "done"), ("assistant", CJK_REPLY, "done")]
         assert app.prompt.text == ""
-        path = app.store.path(app.chat_id)
+        path = app.store.path(app.chat.chat_id)
         assert [(m.role, m.content, m.status) for m in path] == [
             ("user", "什么是量子计算？", "done"), ("assistant", CJK_REPLY, "done")]
         assert path[1].stats["finish_reason"] == "stop"
@@ -59,7 +60,7 @@ async def test_newline_keys_do_not_send(tmp_path):
         await ready(pilot)
         await pilot.press("a", "shift+enter", "b", "alt+enter", "c", "ctrl+j", "d")
         assert app.prompt.text == "a\nb\nc\nd"
-        assert app.transcript.views == [] and app.job is None
+        assert app.transcript.views == [] and app.chat.job is None
         await pilot.press("enter")
         await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1][2] == "done")
         assert app.transcript.views[0].content == "a\nb\nc\nd"
@@ -84,14 +85,14 @@ async def test_escape_stops_mid_stream_keeps_partial_and_app_stays_usable(tmp_pa
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
         await send(pilot, "tell me a lot", wait=False)
-        await wait_until(pilot, lambda: len(app.reply_text) > 20)
+        await wait_until(pilot, lambda: len(app.chat.reply_text) > 20)
         await pilot.press("escape")
-        await wait_until(pilot, lambda: app.job is None)
+        await wait_until(pilot, lambda: app.chat.job is None)
         reply = app.transcript.views[-1]
         assert reply.status == "stopped"
         assert reply.content and LONG.startswith(reply.content) and len(reply.content) < len(LONG)
         assert "stopped" in str(reply.query_one(".message-note").render())
-        stored = app.store.path(app.chat_id)[-1]
+        stored = app.store.path(app.chat.chat_id)[-1]
         assert (stored.status, stored.content) == ("stopped", reply.content)
         # The partial reply is part of the next turn's history, and the app answers again.
         await send(pilot, "go on")
@@ -104,9 +105,9 @@ async def test_ctrl_c_stops_while_generating_and_asks_before_quitting(tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
         await send(pilot, "go", wait=False)
-        await wait_until(pilot, lambda: len(app.reply_text) > 10)
+        await wait_until(pilot, lambda: len(app.chat.reply_text) > 10)
         await pilot.press("ctrl+c")
-        await wait_until(pilot, lambda: app.job is None)
+        await wait_until(pilot, lambda: app.chat.job is None)
         assert app.transcript.views[-1].status == "stopped"
         assert app.is_running
         await pilot.press("ctrl+c")
@@ -136,7 +137,7 @@ async def test_regenerate_keeps_both_replies_as_branches(tmp_path):
         await ready(pilot)
         await send(pilot, "hello")
         await pilot.press("ctrl+r")
-        await wait_until(pilot, lambda: app.job is None and app.transcript.views[-1].content == "second reply")
+        await wait_until(pilot, lambda: app.chat.job is None and app.transcript.views[-1].content == "second reply")
         reply = app.transcript.views[-1]
         assert reply.branch == (2, 2) and "2/2" in str(reply.query_one(".message-header").render())
         assert len(app.backend.calls[-1]["history"]) == 1  # regenerated from the user message only
@@ -163,10 +164,10 @@ async def test_edit_an_earlier_message_and_switch_branches(tmp_path):
         first = app.transcript.views[0]
         assert app.focused is first
         await pilot.press("e")
-        assert app.prompt.text == "one" and app.edit_target is not None
+        assert app.prompt.text == "one" and app.chat.edit_target is not None
         app.prompt.set_text("uno")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.job is None and len(app.transcript.views) == 2
+        await wait_until(pilot, lambda: app.chat.job is None and len(app.transcript.views) == 2
                          and app.transcript.views[-1].content == "echo: uno")
         assert texts(app) == [("user", "uno", "done"), ("assistant", "echo: uno", "done")]
         assert app.transcript.views[0].branch == (2, 2)
@@ -176,7 +177,7 @@ async def test_edit_an_earlier_message_and_switch_branches(tmp_path):
         await wait_until(pilot, lambda: len(app.transcript.views) == 4)
         assert [v.content for v in app.transcript.views] == ["one", "echo: one", "two", "echo: two"]
         # nothing is lost in the file either
-        assert len(Store(tmp_path / "chats.sqlite3").children(app.chat_id, None)) == 2
+        assert len(Store(tmp_path / "chats.sqlite3").children(app.chat.chat_id, None)) == 2
 
 
 async def test_slash_commands(tmp_path):
@@ -184,7 +185,7 @@ async def test_slash_commands(tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
         await send(pilot, "hi")
-        chat_id = app.chat_id
+        chat_id = app.chat.chat_id
         await send(pilot, "/set temp 0.2")
         await send(pilot, "/set top_p 0.9")
         await send(pilot, "/max 3")
@@ -206,16 +207,30 @@ async def test_slash_commands(tmp_path):
         app.prompt.set_text("")
         await send(pilot, "/help")
         await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        assert app.screen.commands == slash.help_rows()  # the page lists the command table
         await pilot.press("escape")
         await wait_until(pilot, lambda: not isinstance(app.screen, HelpScreen))
         await send(pilot, "/clear")
-        assert app.chat_id is None and app.transcript.views == []
-        assert app.settings["temperature"] == 0.2  # /clear keeps this chat's settings
+        assert app.chat.chat_id is None and app.transcript.views == []
+        assert app.chat.settings["temperature"] == 0.2  # /clear keeps this chat's settings
         assert app.store.chat(chat_id) is not None  # the old chat is kept
         await send(pilot, "/model")
         assert any("fake-model" in n.message for n in app._notifications)
         await send(pilot, "//etc/hosts is a file")
         assert app.transcript.views[0].content == "/etc/hosts is a file"
+
+
+async def test_f1_lists_the_bindings_and_the_command_table(tmp_path, data_home):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot)
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        assert app.screen.commands == slash.help_rows()
+        ids = [i for i, _, _ in app.screen.bindings]
+        assert {"app.stop", "app.regenerate", "prompt.submit", "message.edit", "chats.delete"} <= set(ids)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, HelpScreen))
 
 
 async def test_prompt_history_persists_across_restart(tmp_path):
@@ -242,10 +257,10 @@ async def test_reopen_chat_from_the_list_and_rename_delete(tmp_path):
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot)
         await send(pilot, "alpha")
-        alpha = app.chat_id
+        alpha = app.chat.chat_id
         await pilot.press("ctrl+n")
         await send(pilot, "beta")
-        assert app.chat_id != alpha
+        assert app.chat.chat_id != alpha
         await pilot.press("ctrl+l")
         await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         await pilot.press("down")  # newest first: beta, then alpha
@@ -256,7 +271,7 @@ async def test_reopen_chat_from_the_list_and_rename_delete(tmp_path):
         await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         assert app.store.chat(alpha).title == "阿尔法"
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.chat_id == alpha and len(app.transcript.views) == 2)
+        await wait_until(pilot, lambda: app.chat.chat_id == alpha and len(app.transcript.views) == 2)
         assert [v.content for v in app.transcript.views] == ["alpha", "re: alpha"]
         assert app.title == "阿尔法"
         await pilot.press("ctrl+l")
@@ -266,7 +281,7 @@ async def test_reopen_chat_from_the_list_and_rename_delete(tmp_path):
         await pilot.press("y")
         await wait_until(pilot, lambda: isinstance(app.screen, ChatListScreen))
         await pilot.press("escape")
-        await wait_until(pilot, lambda: app.chat_id is None)
+        await wait_until(pilot, lambda: app.chat.chat_id is None)
         assert app.store.chat(alpha) is None and len(app.store.chats()) == 1
 
 
@@ -294,7 +309,7 @@ async def test_engine_error_keeps_the_prompt_and_app_recovers(tmp_path):
         user, reply = app.transcript.views
         assert user.content == "please FAIL now"
         assert reply.status == "error" and "scripted" in str(reply.query_one(".message-note").render())
-        stored = app.store.path(app.chat_id)
+        stored = app.store.path(app.chat.chat_id)
         assert stored[0].content == "please FAIL now" and stored[1].status == "error"
         assert app.store.history()[-1] == "please FAIL now"
         assert any("saved" in n.message for n in app._notifications)
@@ -315,7 +330,7 @@ async def test_reply_interrupted_by_a_crash_is_kept_and_marked(tmp_path):
     store.add_message(chat.id, u.id, "assistant", "half an ans", status="streaming")
     store.close()
     app = make_app(tmp_path)
-    app.chat_id = chat.id
+    app.chat.chat_id = chat.id
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
         assert texts(app) == [("user", "my long prompt", "done"), ("assistant", "half an ans", "interrupted")]
@@ -395,7 +410,7 @@ async def test_context_meter_warns_and_cut_by_context_is_shown(tmp_path):
         await send(pilot, "and more")
         reply = app.transcript.views[-1]
         assert reply.status == "context" and "context window is full" in str(reply.query_one(".message-note").render())
-        assert [m.content for m in app.store.path(app.chat_id)][-2] == "and more"
+        assert [m.content for m in app.store.path(app.chat.chat_id)][-2] == "and more"
         assert any("more than the context window" in n.message for n in app._notifications)
 
 
@@ -412,7 +427,7 @@ async def test_settings_panel_saves_per_chat(tmp_path):
         screen.query_one("#set-max_tokens").value = ""
         await pilot.press("ctrl+s")
         await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
-        rec = app.store.chat(app.chat_id)
+        rec = app.store.chat(app.chat.chat_id)
         assert rec.system == "Be brief." and rec.settings["temperature"] == 0.3
         assert rec.settings["max_tokens"] is None
         await pilot.press("ctrl+s")
@@ -434,12 +449,12 @@ async def test_send_while_loading_waits_for_the_model(tmp_path):
     app = make_app(tmp_path, replies=["late but here"], load_gate=gate)
     async with app.run_test(size=(80, 24)) as pilot:
         await send(pilot, "early", wait=False)
-        await wait_until(pilot, lambda: app.job is not None and app.transcript.views[-1].status == "waiting")
+        await wait_until(pilot, lambda: app.chat.job is not None and app.transcript.views[-1].status == "waiting")
         await wait_until(pilot, lambda: "100%" in str(app.status.query_one("#status-state").render()))
         assert "Loading model" in str(app.status.query_one("#status-state").render())
-        assert app.store.path(app.chat_id)[0].content == "early"  # saved before the model is even there
+        assert app.store.path(app.chat.chat_id)[0].content == "early"  # saved before the model is even there
         gate.set()
-        await wait_until(pilot, lambda: app.job is None and texts(app)[-1][2] == "done")
+        await wait_until(pilot, lambda: app.chat.job is None and texts(app)[-1][2] == "done")
         assert texts(app)[-1] == ("assistant", "late but here", "done")
 
 
@@ -500,18 +515,18 @@ async def test_view_follows_the_stream_until_the_user_scrolls_up(tmp_path):
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
         await send(pilot, "long", wait=False)
-        await wait_until(pilot, lambda: app.reply_text.count("段落") > 15)
+        await wait_until(pilot, lambda: app.chat.reply_text.count("段落") > 15)
         t = app.transcript
         await pilot.pause()
         assert t.max_scroll_y > 0 and t.scroll_y == t.max_scroll_y  # following
         t.focus()
         await pilot.press("pageup")
         y = t.scroll_y
-        await wait_until(pilot, lambda: app.reply_text.count("段落") > 25)
+        await wait_until(pilot, lambda: app.chat.reply_text.count("段落") > 25)
         await pilot.pause()
         assert t.scroll_y == y < t.max_scroll_y  # left where the reader put it
         await pilot.press("escape")
-        await wait_until(pilot, lambda: app.job is None)
+        await wait_until(pilot, lambda: app.chat.job is None)
 
 
 async def test_long_prompt_shows_reading_progress(tmp_path, monkeypatch):

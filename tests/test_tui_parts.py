@@ -3,6 +3,8 @@ CJK line breaking, the generation thread and the command line."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import io
 import json
 import sqlite3
@@ -10,7 +12,7 @@ import threading
 
 import pytest
 
-from tui import cjk_wrap, commands
+from tui import cjk_wrap, commands, slash
 from tui.__main__ import main, run_once
 from tui.engine import Engine, Failed, Finished, Loaded, Loading, Token
 from tui.export import export_chat, slugify
@@ -86,12 +88,58 @@ def test_set_commands(text, key, value):
 
 @pytest.mark.parametrize("text,error", [
     ("/set temp hot", "temp needs a number"), ("/set top_p 2", "between"), ("/set", "usage"),
-    ("/set color red", "unknown setting"), ("/frobnicate", "unknown command"), ("/max", "usage"),
+    ("/set color red", "unknown setting"), ("/max", "usage"),
     ("/set context forget", "context must be"), ("/rename", "usage"),
 ])
 def test_bad_commands_say_why(text, error):
     with pytest.raises(commands.CommandError, match=error):
         commands.parse(text)
+
+
+def test_every_command_in_the_table_has_help_text_and_a_handler():
+    assert len(slash.COMMANDS) >= 14
+    for name, entry in slash.COMMANDS.items():
+        assert entry.usage.split()[0] == f"/{name}" and entry.help.strip(), name
+        assert inspect.iscoroutinefunction(entry.handler), name
+        assert slash.find(name) is entry
+    assert slash.find("exit") is slash.COMMANDS["quit"]
+
+
+def test_help_lists_the_table():
+    from tui.widgets.dialogs import help_markdown
+
+    page = help_markdown("keymap.json", [], slash.help_rows())
+    section = page.split("# Slash commands")[1].split("# Changing keys")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `/")]
+    assert rows == [f"| `{e.usage}` | {e.help} |" for e in slash.COMMANDS.values()]
+
+
+@pytest.mark.parametrize("text", ["/frobnicate", "/Frobnicate now", "/"])
+def test_unknown_command_error_is_unchanged(text):
+    cmd = commands.parse(text)
+    with pytest.raises(commands.CommandError) as e:
+        slash.find(cmd.name)
+    name = text[1:].split(" ")[0].lower()
+    assert str(e.value) == f"unknown command /{name}: type /help for the list (start with // to send a '/')"
+
+
+def test_set_and_max_run_the_handler_that_stores_the_setting():
+    class Chat:  # the part of ChatScreen the handler uses
+        def __init__(self):
+            self.settings, self.notes, self.saved = {}, [], 0
+
+        def save_chat_settings(self):
+            self.saved += 1
+
+        def notify(self, text, **kw):
+            self.notes.append(text)
+
+    chat = Chat()
+    for text in ("/max 64", "/set temp 0.2"):
+        cmd = commands.parse(text)
+        asyncio.run(slash.find(cmd.name).handler(chat, cmd))
+    assert chat.settings == {"max_tokens": 64, "temperature": 0.2} and chat.saved == 2
+    assert chat.notes == ["max_tokens = 64", "temperature = 0.2"]
 
 
 def test_plain_text_and_escaped_slash_are_messages():

@@ -36,12 +36,12 @@ async def test_app_answers_a_chinese_question_in_chinese(real_model_path, tmp_pa
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_until(pilot, lambda: app.loaded, timeout=300)
         await send(pilot, QUESTION, wait=False)
-        await wait_until(pilot, lambda: app.job is None and app.transcript.views[-1].status != "streaming",
+        await wait_until(pilot, lambda: app.chat.job is None and app.transcript.views[-1].status != "streaming",
                          timeout=300)
         reply = app.transcript.views[-1]
         assert reply.status in ("done", "length"), reply.error
         assert CJK.search(reply.content), reply.content
-        stored = app.store.path(app.chat_id)
+        stored = app.store.path(app.chat.chat_id)
         assert [m.role for m in stored] == ["user", "assistant"] and stored[1].content == reply.content
         stats = str(app.status.query_one("#status-stats").render())
         assert "TTFT" in stats and "t/s" in stats

@@ -48,7 +48,7 @@ def test_chat_120x40_japanese_branches_and_cut(snap_compare, tmp_path):
         await send(pilot, "/max 12")
         await pilot.press("ctrl+r")
         await pilot.pause(0.2)
-        while app.job is not None:
+        while app.chat.job is not None:
             await pilot.pause(0.05)
         app.prompt.set_text("下一个问题：能否用表格比较经典计算和量子计算？🙂")
         quiet(app)

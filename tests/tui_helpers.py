@@ -52,7 +52,7 @@ async def send(pilot, text: str, wait: bool = True) -> None:
         await wait_until(pilot, lambda: _message_count(app) > before)
     else:
         await wait_until(pilot, lambda: _message_count(app) >= before + 2)
-    await wait_until(pilot, lambda: app.job is None and app.reply_view is None and (
+    await wait_until(pilot, lambda: app.chat.job is None and app.chat.reply_view is None and (
         not app.transcript.views or app.transcript.views[-1].status not in ("streaming", "waiting", "stopping")))
     await pilot.pause()
 

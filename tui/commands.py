@@ -1,4 +1,6 @@
-"""Slash commands typed into the prompt: parsing and validation (the app carries them out).
+"""Slash commands typed into the prompt: parsing and validating their arguments.
+
+Which commands exist, what each does and its help text are the table in `slash.py`.
 
 Names follow ollama / lms / llama-cli (`/set temp 0.7`, `/system`, `/regen`, `/clear`), so users
 coming from those tools find them where they expect.
@@ -8,23 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
-
-HELP = [
-    ("/system [text]", "show or set this chat's system prompt (/system off removes it)"),
-    ("/set KEY VALUE", "temp, top_p, top_k, min_p, rep (repetition penalty), seed, max, context"),
-    ("/max N", "longest reply in tokens (/max none: until done or the context is full)"),
-    ("/regen", "regenerate the last reply (keeps the old one as a branch)"),
-    ("/clear", "start a new, empty chat with the same settings (the old one stays in the list)"),
-    ("/new", "start a new chat with default settings"),
-    ("/chats", "open the chat list (reopen, rename, delete)"),
-    ("/rename TITLE", "rename this chat"),
-    ("/export [md|jsonl] [PATH]", "write this chat to a file (default: Markdown in the current folder)"),
-    ("/copy [code]", "copy the last reply (or its code blocks) to the clipboard"),
-    ("/settings", "open the settings panel (system prompt and sampling)"),
-    ("/model [NAME|PATH]", "pick a converted model from a list, or load this one (the chats stay)"),
-    ("/help", "this list, with the keys"),
-    ("/quit", "leave the app"),
-]
 
 # Accepted spellings of each setting, and how to read its value.
 ALIASES = {
@@ -39,8 +24,6 @@ ALIASES = {
     "context": "context_policy", "context_policy": "context_policy",
 }
 POLICIES = ("refuse", "drop_oldest")
-COMMANDS = {"system", "set", "max", "regen", "clear", "new", "chats", "rename", "export", "copy",
-            "settings", "model", "help", "quit", "exit"}
 
 
 class CommandError(ValueError):
@@ -84,6 +67,9 @@ def parse_setting(key: str, raw: str) -> tuple[str, Any]:
 def parse(text: str) -> Optional[Command]:
     """A Command for text starting with '/', None for an ordinary message.
 
+    The name is not checked here (`slash.find` does that); the arguments of /set, /max, /export,
+    /rename and /copy are.
+
     A leading '//' sends the rest as a message starting with '/' (returns None; see `unescape`).
     """
     if not text.startswith("/") or text.startswith("//"):
@@ -91,10 +77,6 @@ def parse(text: str) -> Optional[Command]:
     head, _, rest = text[1:].partition(" ")
     name = head.strip().lower()
     rest = rest.strip()
-    if name not in COMMANDS:
-        raise CommandError(f"unknown command /{name}: type /help for the list (start with // to send a '/')")
-    if name == "exit":
-        name = "quit"
     if name == "set":
         key, _, raw = rest.partition(" ")
         if not key or not raw.strip():

@@ -7,8 +7,6 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown
 
-from ..commands import HELP
-
 KEYS = [
     ("Enter", "send"), ("Shift+Enter · Alt+Enter · Ctrl+J", "new line"),
     ("Up / Down (first / last line)", "earlier / later prompts"), ("Ctrl+G", "edit the prompt in $EDITOR"),
@@ -22,9 +20,11 @@ KEYS = [
 ]
 
 
-def help_markdown(keymap_path: str, bindings: list[tuple[str, str, str]] = ()) -> str:
+def help_markdown(keymap_path: str, bindings: list[tuple[str, str, str]] = (),
+                  commands: list[tuple[str, str]] = ()) -> str:
+    """The help page: keys, slash commands as (usage, what it does), and the rebindable binding ids."""
     rows = ["| Key | Does |", "|---|---|"] + [f"| {k} | {v} |" for k, v in KEYS]
-    cmds = ["| Command | Does |", "|---|---|"] + [f"| `{c}` | {d} |" for c, d in HELP]
+    cmds = ["| Command | Does |", "|---|---|"] + [f"| `{c}` | {d} |" for c, d in commands]
     ids = ["| Binding id | Keys | Does |", "|---|---|---|"] + [f"| `{i}` | {k} | {d} |" for i, k, d in bindings]
     return "\n".join(["# Keys", "", *rows, "", "# Slash commands", "", *cmds, "",
                       "Start a message with `//` to send a leading `/`.", "", "# Changing keys", "",
@@ -79,14 +79,16 @@ class AskScreen(ModalScreen[str | None]):
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,f1", "dismiss", "Close")]
 
-    def __init__(self, keymap_path: str, bindings: list[tuple[str, str, str]] = ()):
+    def __init__(self, keymap_path: str, bindings: list[tuple[str, str, str]] = (),
+                 commands: list[tuple[str, str]] = ()):
         super().__init__(classes="dialog-screen")
         self.keymap_path = keymap_path
         self.bindings = list(bindings)
+        self.commands = list(commands)
 
     def compose(self):
         with VerticalScroll(classes="dialog help"):
-            yield Markdown(help_markdown(self.keymap_path, self.bindings))
+            yield Markdown(help_markdown(self.keymap_path, self.bindings, self.commands))
 
     def action_dismiss(self) -> None:
         self.dismiss(None)
