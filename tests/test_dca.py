@@ -302,7 +302,10 @@ def test_cache_contents(M, w):
     x = rng(4).standard_normal((L, attn.n_heads * attn.head_dim))
     _, cache = run_steps(attn, x, [L])
     keys = np.array(cache.keys_and_values()[0][0])
-    k_raw = attn.k_proj(mx.array(x[None].astype(np.float32))).reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    # k as the module computes it (the stacked q/k/v matmul), so the bit-for-bit checks below test RoPE alone.
+    qkv = attn._qkv(attn, mx.array(x[None].astype(np.float32)))
+    k_raw = qkv[..., attn.n_heads * attn.head_dim:(attn.n_heads + attn.n_kv_heads) * attn.head_dim]
+    k_raw = k_raw.reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     want = ref.rotate(np.array(k_raw[0], dtype=np.float64), np.arange(L) % c, attn.rope.inv_freq)
     np.testing.assert_allclose(keys, want, atol=1e-5)
     # the first c keys are standard RoPE keys bit for bit; key c is rotated at 0
@@ -378,7 +381,10 @@ def test_temperature_vllm_parity():
         got, cache = run_steps(attn, x, steps + [1] * (L - P), cache)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4, err_msg=str(steps[:3]))
     keys = np.array(cache.keys_and_values()[0][0])
-    k_raw = attn.k_proj(mx.array(x[None].astype(np.float32))).reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    # k as the module computes it (the stacked q/k/v matmul), so the bit-for-bit checks below test RoPE alone.
+    qkv = attn._qkv(attn, mx.array(x[None].astype(np.float32)))
+    k_raw = qkv[..., attn.n_heads * attn.head_dim:(attn.n_heads + attn.n_kv_heads) * attn.head_dim]
+    k_raw = k_raw.reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     plain = ref.rotate(np.array(k_raw[0], np.float64), np.arange(L) % c, attn.rope.inv_freq)
     np.testing.assert_allclose(keys, plain * s_row[None, :, None], atol=1e-5)
 

@@ -19,7 +19,6 @@ import mlx.nn as nn
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .prompt_cache import make_prompt_cache
-from qwen2_mlx.decode import decode_step
 
 generation_stream = mx.new_thread_local_stream(mx.default_device())
 DEFAULT_PREFILL_STEP_SIZE = 2048
@@ -145,10 +144,7 @@ def generate_step(
 
     def step(tokens: mx.array):
         nonlocal history
-        # Single tokens go through the fast decode step when it applies (decode.py).
-        logits = decode_step(model, tokens, cache)
-        if logits is None:
-            logits = model(tokens[None], cache=cache)[:, -1, :]
+        logits = model(tokens[None], cache=cache)[:, -1, :]
         if logits_processors:
             history = tokens if history is None else mx.concatenate([history, tokens])
             for proc in logits_processors:

@@ -117,6 +117,7 @@ def load_model(path: Union[str, Path], dca: Optional[dict] = None, lazy: bool = 
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
+    model.stack_projections()  # lazy: the stacked tensors are read straight from the files
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

@@ -103,6 +103,7 @@ def sharded_load(path: Union[str, Path], group: Optional[mx.distributed.Group] =
     shard_model(model, group)
     if group.size() > 1:
         read_own_slices(model, weight_files(resolve_path(path)), group)
+        model.stack_projections()  # over the slices just read
     materialize(model)
     # A barrier, so no rank starts a collective while another is still reading its weights.
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))

@@ -1,5 +1,8 @@
 """Grouped-query self-attention of Qwen2: q/k/v with bias, o without, RoPE, fused SDPA.
 
+q, k and v come from one matmul over the three weights stacked (stacked.py), and one RoPE call
+rotates q and k together: prefill, decode, batches and verify steps all take this one path.
+
 KV heads are never repeated in memory: `mx.fast.scaled_dot_product_attention` takes the
 un-tiled keys and values and handles the GQA group itself (the Metal kernel on a Mac).
 With Dual Chunk Attention configured, the same module keeps the fused path while the sequence
@@ -18,6 +21,7 @@ from .kv_cache import DCAKVCache
 from .config import ModelArgs
 from .dca import DCAGeometry, dca_attention, dca_temperature, plain_keys, rotate_keys
 from .rope import RoPE
+from .stacked import StackedProjections
 
 
 class Attention(nn.Module):
@@ -33,28 +37,30 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
         dca = args.dual_chunk_attention_config
         self.dca = DCAGeometry.from_config(dca) if dca is not None else None
-        # Under DCA the frequencies are always the plain ones (spec §5.3; Model warns once).
+        # Under DCA the frequencies are always the plain ones (docs/long-context.md §1; Model warns once).
         scaling = None if dca is not None else args.rope_scaling
         self.rope = RoPE(head_dim, args.rope_theta, args.rope_traditional, scaling, args.max_position_embeddings)
         self.scale = head_dim**-0.5 * self.rope.attention_scale
+        self._qkv = StackedProjections(("q_proj", "k_proj", "v_proj"))
+
+    def stack_projections(self) -> None:
+        self._qkv.refresh(self)
 
     def __call__(self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        nh, nkv = self.n_heads, self.n_kv_heads
+        # (B, heads, L, head_dim) with q's heads, then k's, then v's.
+        qkv = self._qkv(self, x).reshape(B, L, nh + 2 * nkv, -1).transpose(0, 2, 1, 3)
 
-        if self.dca is not None:
-            out = self._dual_chunk(q, k, v, mask, cache)
-            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset)
-        k = self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        if self.dca is not None:  # q and k are rotated to different positions there
+            out = self._dual_chunk(qkv[:, :nh], qkv[:, nh:nh + nkv], qkv[:, nh + nkv:], mask, cache)
+        else:
+            offset = cache.offset if cache is not None else 0
+            qk = self.rope(qkv[:, :nh + nkv], offset=offset)
+            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _dual_chunk(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[Any], cache: Optional[Any]):

@@ -4,6 +4,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.activations import swiglu
 
+from .stacked import StackedProjections
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
@@ -11,6 +13,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self._gate_up = StackedProjections(("gate_proj", "up_proj"))
+
+    def stack_projections(self) -> None:
+        self._gate_up.refresh(self)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = mx.split(self._gate_up(self, x), 2, axis=-1)  # one matmul for both
+        return self.down_proj(swiglu(gate, up))

@@ -19,6 +19,7 @@ from .config import ModelArgs
 from .dca import effective_rope_scaling
 from .mlp import MLP
 from .moe import SparseMoeBlock
+from .sharding import shard_model
 
 
 class DecoderLayer(nn.Module):
@@ -75,10 +76,17 @@ class Model(nn.Module):
         return self.model.layers
 
     def shard(self, group: Optional[mx.distributed.Group] = None) -> "Model":
-        """Split this model in place over `group` for tensor parallelism (see distributed.py)."""
-        from .sharding import shard_model
-
+        """Split this model in place over `group` for tensor parallelism (sharding.py)."""
         return shard_model(self, group)
+
+    def stack_projections(self) -> None:
+        """Stack q/k/v and gate/up now (after loading, quantizing or sharding), not at the next forward.
+
+        Lazy like the weights: it joins the graph that next evaluates them.
+        """
+        for _, module in self.named_modules():
+            if module is not self and hasattr(module, "stack_projections"):
+                module.stack_projections()
 
     def make_cache(self):
         dca = self.args.dual_chunk_attention_config

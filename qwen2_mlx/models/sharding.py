@@ -107,4 +107,5 @@ def shard_model(model: nn.Module, group: Optional[mx.distributed.Group] = None) 
                 shard_inplace(expert.up_proj, "all-to-sharded", group=group)
                 shard_inplace(expert.down_proj, "sharded-to-all", group=group)
             mlp.sharding_group = group
+    model.stack_projections()  # each rank stacks its own rows of q/k/v and gate/up
     return model
