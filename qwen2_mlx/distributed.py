@@ -14,18 +14,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
-
-from qwen2_mlx.cli.args import add_long_context_args, long_context_overrides
+from qwen2_mlx.cli.args import DTYPE_NAMES, add_long_context_args, long_context_overrides, mlx_dtype
 
 
 def peak_rss_gb() -> float:
     """This process's peak resident memory in GB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1e9 if sys.platform == "darwin" else 1e6)
-
-
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same on every rank")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast floating weights (float32 is fastest on a CPU)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast floating weights (float32 is fastest on a CPU)")
     p.add_argument("--backend", default="any", help="mx.distributed backend (default: whatever mlx.launch set up)")
     p.add_argument("--verbose", action="store_true", help="print speed and per-rank memory on stderr")
     return add_long_context_args(p)
@@ -58,16 +53,8 @@ def _prompt_tokens(tokenizer, messages: list, raw: bool) -> list[int]:
 
 def main(argv: Optional[list] = None) -> int:
     from qwen2_mlx.cli.blas import ensure_openblas
-    from qwen2_mlx.generation.chat import Chat
-    from qwen2_mlx.generation.generate import stream_generate
-    from qwen2_mlx.loading.loader import ModelLoadError
-    from qwen2_mlx.loading.paths import default_model_path
-    from qwen2_mlx.loading.sharded import sharded_load
-    from qwen2_mlx.loading.tokenizer import TokenizerError
-    from qwen2_mlx.models.config import ConfigError
-    from qwen2_mlx.models.sharding import ShardingError
 
-    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py), before MLX is imported
     parser = _parser()
     args = parser.parse_args(argv)
     if args.interactive == (args.prompt is not None):
@@ -77,6 +64,17 @@ def main(argv: Optional[list] = None) -> int:
     if args.max_tokens <= 0:
         parser.error("--max-tokens must be positive")
     overrides = long_context_overrides(args, parser)
+    import mlx.core as mx
+
+    from qwen2_mlx.generation.chat import Chat
+    from qwen2_mlx.generation.generate import stream_generate
+    from qwen2_mlx.loading.loader import ModelLoadError
+    from qwen2_mlx.loading.paths import default_model_path
+    from qwen2_mlx.loading.sharded import sharded_load
+    from qwen2_mlx.loading.tokenizer import TokenizerError
+    from qwen2_mlx.models.config import ConfigError
+    from qwen2_mlx.models.sharding import ShardingError
+
     group = mx.distributed.init(backend=args.backend)
     rank, size = group.rank(), group.size()
     lead = rank == 0
@@ -88,7 +86,7 @@ def main(argv: Optional[list] = None) -> int:
     path = Path(args.model).expanduser() if args.model else default_model_path()
     say(f"[rank 0/{size}] loading {path}")
     try:
-        model, tokenizer = sharded_load(path, group, dtype=_DTYPES.get(args.dtype), **overrides)
+        model, tokenizer = sharded_load(path, group, dtype=mlx_dtype(args.dtype), **overrides)
     except (ShardingError, ConfigError, ModelLoadError, TokenizerError) as e:
         say(f"error: {e}")
         return 2

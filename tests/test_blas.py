@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qwen2_mlx.cli.blas import DISABLE_ENV, GUARD_ENV, OPENBLAS_PATHS, openblas_to_preload
+from qwen2_mlx.cli.blas import (DISABLE_ENV, GUARD_ENV, NO_OPENBLAS_HINT, OPENBLAS_PATHS, openblas_missing,
+                                openblas_to_preload)
 
 LIB = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,17 @@ def test_leaves_the_process_alone_otherwise():
     assert decide(env={"LD_PRELOAD": LIB}) is None
     assert decide(env={"LD_PRELOAD": "/opt/lib/libopenblas.so.0"}) is None
     assert decide(env={GUARD_ENV: "1"}) is None  # never a second re-exec, even if the preload failed
+
+
+def test_a_missing_openblas_is_reported_once_with_the_package_to_install():
+    assert openblas_missing({}, "linux", True, exists=lambda p: False)
+    assert not openblas_missing({}, "linux", True, exists=lambda p: p == LIB)  # found: preloaded instead
+    assert not openblas_missing({}, "darwin", True, exists=lambda p: False)
+    assert not openblas_missing({}, "linux", False, exists=lambda p: False)  # MLX on a GPU
+    assert not openblas_missing({DISABLE_ENV: "1"}, "linux", True, exists=lambda p: False)
+    assert not openblas_missing({GUARD_ENV: "1"}, "linux", True, exists=lambda p: False)  # the re-run child
+    assert "30x slower" in NO_OPENBLAS_HINT and "apt install libopenblas0-pthread" in NO_OPENBLAS_HINT
+    assert "\n" not in NO_OPENBLAS_HINT
 
 
 def test_candidates_cover_debian_and_fedora():

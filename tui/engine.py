@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from qwen2_mlx.generation.generate import GenerationStats
+from qwen2_mlx.generation.responses import GenerationStats
 
 from .backend import Backend
 

@@ -30,7 +30,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from .random_model import PRESETS
+    from .presets import PRESETS
 
     ap = argparse.ArgumentParser(prog="python -m qwen2_mlx.bench", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)

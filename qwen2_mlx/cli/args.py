@@ -13,6 +13,18 @@ from typing import Optional
 from qwen2_mlx.models.config import ConfigError, _parse_rope_scaling, parse_dca
 
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype takes in the tools
+
+
+def mlx_dtype(name: Optional[str]):
+    """The MLX dtype of a --dtype name (None stays None); imports MLX only when called."""
+    if name is None or name == "auto":
+        return None
+    import mlx.core as mx
+
+    return getattr(mx, name)
+
+
 def _number(kind: type, minimum: float, inclusive: bool):
     """An argparse type: `kind` (int or float) at least (or above) `minimum`, with a one-line error."""
     def parse(text: str):

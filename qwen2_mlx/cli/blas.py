@@ -3,7 +3,9 @@
 The `mlx-cpu` wheel bundles a reference BLAS; preloading OpenBLAS (its `cblas_sgemm` wins symbol
 lookup) makes float32 prefill about 27x faster. A library can only be preloaded at process start,
 so the entry points call `ensure_openblas(argv)` first thing in `main(argv=None)`, which re-executes
-the process once with `LD_PRELOAD` set. `QWEN2_MLX_NO_OPENBLAS=1` turns this off.
+the process once with `LD_PRELOAD` set, before anything imports MLX (the decision reads the
+installed packages, not MLX). Without OpenBLAS it says once what it costs and which package gives it.
+`QWEN2_MLX_NO_OPENBLAS=1` turns this off. The test run does the same (`pytest_openblas.py`).
 """
 
 from __future__ import annotations
@@ -49,10 +51,28 @@ def openblas_to_preload(environ: Mapping[str, str], platform: str, cpu_backend: 
 
 
 def mlx_uses_cpu() -> bool:
-    """True when MLX's default device is the CPU (the `mlx-cpu` wheel, or no GPU found)."""
-    import mlx.core as mx
+    """True when MLX will compute on the CPU, decided without importing MLX.
 
-    return mx.default_device().type == mx.cpu
+    Linux wheels: `mlx[cpu]` brings `mlx-cpu`, `mlx[cuda…]` brings `mlx-cuda-…`; a CUDA build without
+    an NVIDIA device (no /dev/nvidiactl) falls back to the CPU as well.
+    """
+    from importlib import metadata
+
+    cuda = any((d.metadata.get("Name") or "").lower().replace("_", "-").startswith("mlx-cuda")
+               for d in metadata.distributions())
+    return not (cuda and os.path.exists("/dev/nvidiactl"))
+
+
+NO_OPENBLAS_HINT = ("qwen2-mlx: MLX runs on the CPU without OpenBLAS, so float32 is about 30x slower; install it "
+                    "with `sudo apt install libopenblas0-pthread` (Debian/Ubuntu) or `sudo dnf install openblas` "
+                    f"(Fedora); {DISABLE_ENV}=1 hides this line")
+
+
+def openblas_missing(environ: Mapping[str, str], platform: str, cpu_backend: bool,
+                     exists: Callable[[str], bool] = os.path.exists) -> bool:
+    """True when OpenBLAS would be preloaded here but none is installed (say so: it costs ~30x)."""
+    wanted = openblas_to_preload(environ, platform, cpu_backend, exists=lambda _: True) is not None
+    return wanted and openblas_to_preload(environ, platform, cpu_backend, exists=exists) is None
 
 
 def ensure_openblas(main_argv: Optional[Sequence[str]] = None) -> None:
@@ -63,8 +83,11 @@ def ensure_openblas(main_argv: Optional[Sequence[str]] = None) -> None:
     """
     if main_argv is not None or not sys.platform.startswith("linux") or os.environ.get(GUARD_ENV):
         return  # cheap exits before importing MLX
-    lib = openblas_to_preload(os.environ, sys.platform, mlx_uses_cpu())
+    cpu = mlx_uses_cpu()
+    lib = openblas_to_preload(os.environ, sys.platform, cpu)
     if lib is None:
+        if openblas_missing(os.environ, sys.platform, cpu):
+            print(NO_OPENBLAS_HINT, file=sys.stderr)
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else lib

@@ -10,12 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import mlx.core as mx
-
-from qwen2_mlx.cli.args import add_long_context_args, long_context_overrides
+from qwen2_mlx.cli.args import DTYPE_NAMES, add_long_context_args, long_context_overrides, mlx_dtype
+from qwen2_mlx.cli.blas import mlx_uses_cpu
 from qwen2_mlx.loading.paths import default_model_path
-
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 class EvalError(ValueError):
@@ -24,13 +21,13 @@ class EvalError(ValueError):
 
 def default_dtype() -> str:
     """float32 on a Linux CPU (the fast path there); elsewhere keep the checkpoint's dtype."""
-    return "float32" if platform.system() == "Linux" and mx.default_device() == mx.cpu else "auto"
+    return "float32" if platform.system() == "Linux" and mlx_uses_cpu() else "auto"
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None,
                         help=f"model folder (default: {default_model_path()})")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default=default_dtype(),
+    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default=default_dtype(),
                         help="compute dtype (default: %(default)s; 'auto' keeps the checkpoint's)")
     parser.add_argument("--prefill-step-size", type=int, default=512, metavar="N",
                         help="tokens per prefill step (default: %(default)s)")
@@ -75,7 +72,7 @@ def load_for_eval(args: argparse.Namespace) -> LoadedModel:
     try:
         overrides = long_context_overrides(args)
         path = resolve_path(args.model or default_model_path()).resolve()
-        dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+        dtype = mlx_dtype(args.dtype)
         model, tokenizer = load(path, dtype=dtype, **overrides)
     except (ModelLoadError, ConfigError, TokenizerError) as e:
         raise EvalError(str(e)) from None
