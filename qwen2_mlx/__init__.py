@@ -61,11 +61,25 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as plain imports
     from qwen2_mlx.generation.batch import BatchResponse, batch_generate
     from qwen2_mlx.generation.chat import Chat, ChatFileError
     from qwen2_mlx.generation.notebook import display_stream
-    from qwen2_mlx.generation.generate import (ContextOverflowError, GenerationResponse, Reply, generate,
-                                               generate_step, make_logits_processors, make_sampler,
-                                               prefill_prompt_cache, stream_generate)
-    from qwen2_mlx.generation.prompt_cache import (PromptCacheError, can_trim_prompt_cache, load_prompt_cache,
-                                                   make_prompt_cache, save_prompt_cache, trim_prompt_cache)
+    from qwen2_mlx.generation.generate import (
+        ContextOverflowError,
+        GenerationResponse,
+        Reply,
+        generate,
+        generate_step,
+        make_logits_processors,
+        make_sampler,
+        prefill_prompt_cache,
+        stream_generate,
+    )
+    from qwen2_mlx.generation.prompt_cache import (
+        PromptCacheError,
+        can_trim_prompt_cache,
+        load_prompt_cache,
+        make_prompt_cache,
+        save_prompt_cache,
+        trim_prompt_cache,
+    )
     from qwen2_mlx.loading.loader import ModelLoadError, load
     from qwen2_mlx.loading.paths import default_model_path
     from qwen2_mlx.models.config import ConfigError, DCAConfig, ModelArgs

@@ -27,14 +27,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m qwen2_mlx.distributed",
         description="Generate with a Qwen2 model split over the ranks of `mlx.launch` (tensor parallel). "
-                    "Every rank runs this same command; rank 0 prints.",
-        epilog="example: mlx.launch -n 2 --backend ring -- python -m qwen2_mlx.distributed --model PATH --prompt hi")
+        "Every rank runs this same command; rank 0 prints.",
+        epilog="example: mlx.launch -n 2 --backend ring -- python -m qwen2_mlx.distributed --model PATH --prompt hi",
+    )
     p.add_argument("--model", help="model folder (default: the folder `python convert.py` writes)")
     p.add_argument("--prompt", help="the user message")
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--raw", action="store_true", help="send --prompt as is, without the chat template")
-    p.add_argument("--interactive", action="store_true",
-                   help="line-based chat: each line of stdin is a user turn (mlx.launch forwards stdin to every rank)")
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="line-based chat: each line of stdin is a user turn (mlx.launch forwards stdin to every rank)",
+    )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -91,8 +95,12 @@ def main(argv: Optional[list] = None) -> int:
         say(f"error: {e}")
         return 2
     if args.verbose:
-        print(f"[rank {rank}/{size}] loaded: peak memory {mx.get_peak_memory() / 1e9:.2f} GB (MLX), "
-              f"{peak_rss_gb():.2f} GB (RSS)", file=sys.stderr, flush=True)
+        print(
+            f"[rank {rank}/{size}] loaded: peak memory {mx.get_peak_memory() / 1e9:.2f} GB (MLX), "
+            f"{peak_rss_gb():.2f} GB (RSS)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def show(responses) -> None:
         last = None
@@ -102,24 +110,31 @@ def main(argv: Optional[list] = None) -> int:
         if lead:
             print(flush=True)
             if args.verbose and last is not None:
-                say(f"[{last.finish_reason}] prompt {last.prompt_tokens} tok at {last.prompt_tps:.1f} tok/s, "
-                    f"generation {last.generation_tokens} tok at {last.generation_tps:.1f} tok/s over {size} ranks")
+                say(
+                    f"[{last.finish_reason}] prompt {last.prompt_tokens} tok at {last.prompt_tps:.1f} tok/s, "
+                    f"generation {last.generation_tokens} tok at {last.generation_tps:.1f} tok/s over {size} ranks"
+                )
 
     sampling = dict(temperature=args.temp, top_p=args.top_p, seed=args.seed)
     if not args.interactive:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}]
+            {"role": "user", "content": args.prompt}
+        ]
         try:
-            show(stream_generate(model, tokenizer, _prompt_tokens(tokenizer, messages, args.raw),
-                                 args.max_tokens, **sampling))
+            show(
+                stream_generate(
+                    model, tokenizer, _prompt_tokens(tokenizer, messages, args.raw), args.max_tokens, **sampling
+                )
+            )
         except ValueError as e:  # the prompt does not fit the context window
             say(f"error: {e}")
             return 2
         return 0
     # Every rank reads the same stdin (mlx.launch forwards it to all), so every rank's Chat sees the
     # same turns, reuses the same cached prefix and stays in step with the others.
-    chat = Chat(model, tokenizer, system=args.system, context_policy="drop_oldest",
-                max_tokens=args.max_tokens, **sampling)
+    chat = Chat(
+        model, tokenizer, system=args.system, context_policy="drop_oldest", max_tokens=args.max_tokens, **sampling
+    )
     say("[interactive] type a message per line; an empty line or end of input quits")
     for line in sys.stdin:
         line = line.rstrip("\n")

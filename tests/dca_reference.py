@@ -34,9 +34,16 @@ def rotate(x: np.ndarray, pos, inv_freq: np.ndarray, fp32_angles: bool = False) 
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, inv_freq: np.ndarray,
-              chunk_size: int | None = None, local_size: int | None = None, tau=1.0,
-              first_query: int = 0) -> np.ndarray:
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    inv_freq: np.ndarray,
+    chunk_size: int | None = None,
+    local_size: int | None = None,
+    tau=1.0,
+    first_query: int = 0,
+) -> np.ndarray:
     """Causal attention of q (Hq, T, D) at positions first_query.. over k, v (Hkv, L, D) at 0..L-1.
 
     With chunk_size/local_size: DCA positions per pair; without: plain RoPE positions i, j.

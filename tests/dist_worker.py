@@ -37,8 +37,15 @@ def run(path: str, prompt: list, n: int, out: Path, group) -> None:
     peaks = mx.distributed.all_gather(mx.array([[loaded_peak / 1e9, peak_rss_gb()]]), group=group)
     mx.eval(logits, params, peaks, sampled)
     if group.rank() == 0:
-        np.savez(out, logits=np.array(logits), greedy=np.array(greedy), size=group.size(),
-                 params=np.array(params), peaks=np.array(peaks), sampled=np.array(sampled))
+        np.savez(
+            out,
+            logits=np.array(logits),
+            greedy=np.array(greedy),
+            size=group.size(),
+            params=np.array(params),
+            peaks=np.array(peaks),
+            sampled=np.array(sampled),
+        )
 
 
 def main():

@@ -11,8 +11,14 @@ from qwen2_mlx import batch_generate, stream_generate
 from qwen2_mlx.models.config import DCAConfig
 from qwen2_mlx.models.model import Model
 
-PROMPTS = ["Hello, how", "The quick brown fox jumps over the lazy", "你好", "def main():\n    return",
-           "Привет мир, how are you today? I am fine, thank you.", "🙂"]
+PROMPTS = [
+    "Hello, how",
+    "The quick brown fox jumps over the lazy",
+    "你好",
+    "def main():\n    return",
+    "Привет мир, how are you today? I am fine, thank you.",
+    "🙂",
+]
 
 
 def one_by_one(model, tok, prompts, max_tokens, **kw):
@@ -52,8 +58,9 @@ def test_stop_strings_eos_and_processors_per_row(tmp_path_factory):
 def test_chat_message_prompts_and_token_prompts(tmp_path_factory):
     model, tok, _ = tiny_model(tmp_path_factory)
     messages = [{"role": "user", "content": "Hello"}]
-    ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)
+    ids = tok.encode(
+        tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+    )
     res = batch_generate(model, tok, [messages, ids], max_tokens=6)
     assert res.token_ids[0] == res.token_ids[1]
     with pytest.raises(TypeError, match=r"prompts\[0\]"):
@@ -82,8 +89,10 @@ def test_dca_models_are_refused(tmp_path_factory):
 @pytest.mark.real_model
 def test_real_model_batch_equals_one_by_one(request):
     model, tok = real_model_or_skip(request)
-    prompts = [[{"role": "user", "content": q}] for q in
-               ("What is 2+2?", "Name a colour.", "Write a Python function that adds two numbers.")]
+    prompts = [
+        [{"role": "user", "content": q}]
+        for q in ("What is 2+2?", "Name a colour.", "Write a Python function that adds two numbers.")
+    ]
     res = batch_generate(model, tok, prompts, max_tokens=6)
     for p, ids in zip(prompts, res.token_ids):
         text = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)

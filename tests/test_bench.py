@@ -13,15 +13,33 @@ import qwen2_mlx
 from qwen2_mlx.bench import compare as bench
 from qwen2_mlx.bench.random_model import PRESETS, tensor_shapes, write_random_model
 
-TINY = dict(PRESETS["qwen2-0.5b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
-TINY_MOE = dict(PRESETS["qwen2-57b-a14b-scaled"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, vocab_size=300, num_experts=8,
-                num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64)
+TINY = dict(
+    PRESETS["qwen2-0.5b"],
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+)
+TINY_MOE = dict(
+    PRESETS["qwen2-57b-a14b-scaled"],
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=64,
+)
 
 
-@pytest.mark.parametrize("preset,params", [
-    ("qwen2-0.5b", 494_032_768), ("qwen2-1.5b", 1_543_714_304), ("qwen2-7b", 7_615_616_512)])
+@pytest.mark.parametrize(
+    "preset,params", [("qwen2-0.5b", 494_032_768), ("qwen2-1.5b", 1_543_714_304), ("qwen2-7b", 7_615_616_512)]
+)
 def test_presets_have_the_released_parameter_counts(preset, params):
     assert sum(math.prod(s) for s in tensor_shapes(PRESETS[preset]).values()) == params
 
@@ -58,8 +76,23 @@ def test_weight_bytes_counts_only_routed_experts(tmp_path, monkeypatch):
 def test_bench_end_to_end_against_mlx_lm(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(PRESETS, "tiny-test", TINY)
     out = tmp_path / "out.json"
-    rc = bench.main(["--random", "tiny-test", "--random-dir", str(tmp_path), "--compare-mlx-lm",
-                     "--prompt-tokens", "12", "--gen-tokens", "6", "--runs", "2", "--json", str(out)])
+    rc = bench.main(
+        [
+            "--random",
+            "tiny-test",
+            "--random-dir",
+            str(tmp_path),
+            "--compare-mlx-lm",
+            "--prompt-tokens",
+            "12",
+            "--gen-tokens",
+            "6",
+            "--runs",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert set(res["median"]) == {"qwen2_mlx", "mlx_lm"}
@@ -68,7 +101,8 @@ def test_bench_end_to_end_against_mlx_lm(tmp_path, monkeypatch, capsys):
         assert m["prefill_tps"] > 0 and m["decode_tps"] > 0 and m["ttft_s"] > 0 and m["peak_memory_gb"] > 0
     assert res["greedy_tokens_match_mlx_lm"] is True  # same float32 weights, same greedy tokens
     assert res["ratio_ours_over_mlx_lm"]["decode_tps"] == pytest.approx(
-        res["median"]["qwen2_mlx"]["decode_tps"] / res["median"]["mlx_lm"]["decode_tps"])
+        res["median"]["qwen2_mlx"]["decode_tps"] / res["median"]["mlx_lm"]["decode_tps"]
+    )
     assert set(res["paired_ratio_median"]) == {"prefill_tps", "decode_tps"}
     roof = res["roofline"]
     assert roof["copy_bandwidth_gbs"] > 0 and roof["matvec_bandwidth_gbs"] > 0
@@ -90,8 +124,11 @@ def test_both_libraries_share_one_copy_of_the_weights(tmp_path, monkeypatch):
     ours = {}
     real_ours = qwen2_mlx.load
     monkeypatch.setattr(qwen2_mlx, "load", lambda *a, **k: ours.setdefault("m", real_ours(*a, **k)))
-    bench.run_benchmark(bench.parse_args(["--model", str(path), "--compare-mlx-lm", "--runs", "1",
-                                          "--prompt-tokens", "4", "--gen-tokens", "2"]))
+    bench.run_benchmark(
+        bench.parse_args(
+            ["--model", str(path), "--compare-mlx-lm", "--runs", "1", "--prompt-tokens", "4", "--gen-tokens", "2"]
+        )
+    )
     theirs_params = dict(tree_flatten(seen["m"][0].parameters()))
     ours_params = dict(tree_flatten(ours["m"][0].parameters()))
     # The embedding is never restacked: the very same array sits in both models.
@@ -105,8 +142,11 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
     (tmp_path / "bad" / "config.json").write_text("{")
     assert bench.main(["--model", str(tmp_path / "bad")]) == 2
     assert "config.json" in capsys.readouterr().err
-    for argv in (["--random", "qwen2-0.5b", "--gen-tokens", "1"], ["--random", "nope"],
-                 ["--random", "qwen2-0.5b", "--dca-local-size", "4"]):
+    for argv in (
+        ["--random", "qwen2-0.5b", "--gen-tokens", "1"],
+        ["--random", "nope"],
+        ["--random", "qwen2-0.5b", "--dca-local-size", "4"],
+    ):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert e.value.code == 2

@@ -8,9 +8,27 @@ from tiny import DENSE, make_checkpoint
 
 def test_bench_long_smoke(tmp_path, capsys):
     path, _ = make_checkpoint(tmp_path / "tiny", DENSE)
-    rc = main(["--model", str(path), "--chunk-size", "16", "--local-size", "4", "--decode-tokens", "2",
-               "--prefill-step-size", "24", "--memory-lengths", "40", "--memory-chunk-size", "16",
-               "--memory-local-size", "4", "--cpu-time"])
+    rc = main(
+        [
+            "--model",
+            str(path),
+            "--chunk-size",
+            "16",
+            "--local-size",
+            "4",
+            "--decode-tokens",
+            "2",
+            "--prefill-step-size",
+            "24",
+            "--memory-lengths",
+            "40",
+            "--memory-chunk-size",
+            "16",
+            "--memory-local-size",
+            "4",
+            "--cpu-time",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     for length in ("16 |", "32 |", "64 |", "40 |"):

@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from qwen2_mlx.cli.blas import (DISABLE_ENV, GUARD_ENV, NO_OPENBLAS_HINT, OPENBLAS_PATHS, openblas_missing,
-                                openblas_to_preload)
+from qwen2_mlx.cli.blas import (
+    DISABLE_ENV,
+    GUARD_ENV,
+    NO_OPENBLAS_HINT,
+    OPENBLAS_PATHS,
+    openblas_missing,
+    openblas_to_preload,
+)
 
 LIB = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +59,10 @@ def test_candidates_cover_debian_and_fedora():
     assert LIB in OPENBLAS_PATHS and "/usr/lib64/libopenblas.so.0" in OPENBLAS_PATHS
 
 
-CHILD = ("import os; from qwen2_mlx.cli.blas import ensure_openblas; ensure_openblas(); "
-         "print('LD_PRELOAD=' + os.environ.get('LD_PRELOAD', ''))")
+CHILD = (
+    "import os; from qwen2_mlx.cli.blas import ensure_openblas; ensure_openblas(); "
+    "print('LD_PRELOAD=' + os.environ.get('LD_PRELOAD', ''))"
+)
 
 
 def _run(env_extra):
@@ -63,8 +71,10 @@ def _run(env_extra):
     return subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists(LIB),
-                    reason="needs Linux with Debian's libopenblas0-pthread (installed by .ci/run)")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.path.exists(LIB),
+    reason="needs Linux with Debian's libopenblas0-pthread (installed by .ci/run)",
+)
 def test_real_reexec_preloads_openblas_once():
     import mlx.core as mx
 

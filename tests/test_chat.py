@@ -31,7 +31,7 @@ def assert_cache_consistent(chat):
     """The KV cache holds exactly `_cache_tokens`, a prefix of the rendered history."""
     assert chat._cache[0].offset == len(chat._cache_tokens)
     history = render(chat, chat.messages, False)
-    assert history[:len(chat._cache_tokens)] == chat._cache_tokens
+    assert history[: len(chat._cache_tokens)] == chat._cache_tokens
 
 
 def test_messages_system_and_replies(mt):
@@ -39,14 +39,23 @@ def test_messages_system_and_replies(mt):
     chat = Chat(model, tok, system="Be brief.")
     reply = chat.send("Hello, how are you?", sampler=say(tok, "Fine, thank you."))
     assert isinstance(reply, Reply) and reply == "Fine, thank you." and reply.finish_reason == "stop"
-    assert chat.messages == [{"role": "system", "content": "Be brief."},
-                             {"role": "user", "content": "Hello, how are you?"},
-                             {"role": "assistant", "content": "Fine, thank you."}]
+    assert chat.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello, how are you?"},
+        {"role": "assistant", "content": "Fine, thank you."},
+    ]
     assert chat.last_reply == reply and chat.last_reply.finish_reason == "stop"
     chat.system = None
     assert chat.messages[0]["role"] == "user"
-    seeded = Chat(model, tok, messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "u"},
-                                        {"role": "assistant", "content": "a"}])
+    seeded = Chat(
+        model,
+        tok,
+        messages=[
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": "a"},
+        ],
+    )
     assert seeded.system == "S" and [m["role"] for m in seeded.messages] == ["system", "user", "assistant"]
     with pytest.raises(ValueError, match="role"):
         Chat(model, tok, messages=[{"role": "robot", "content": "x"}])
@@ -107,8 +116,7 @@ def test_edit_drops_what_followed_and_regenerate_answers(mt):
     chat.send("First question", sampler=say(tok, "First answer."))
     chat.send("Second question", sampler=say(tok, "Second answer."))
     chat.edit(3, "Second question, edited")
-    assert [m["content"] for m in chat.messages] == ["S", "First question", "First answer.",
-                                                    "Second question, edited"]
+    assert [m["content"] for m in chat.messages] == ["S", "First question", "First answer.", "Second question, edited"]
     r = list(chat.regenerate(sampler=say(tok, "Edited answer.")))[-1]
     assert chat.messages[-1]["content"] == "Edited answer."
     assert r.prompt_tokens < len(render(chat, chat.messages[:4], True)) // 2
@@ -124,8 +132,9 @@ def test_edit_drops_what_followed_and_regenerate_answers(mt):
 def test_closing_the_stream_keeps_the_partial_reply(mt):
     model, tok = mt
     chat = Chat(model, tok)
-    stream = chat.stream("Tell me a story", sampler=scripted(tok.encode("Once upon a time there was a fox",
-                                                                       add_special_tokens=False)))
+    stream = chat.stream(
+        "Tell me a story", sampler=scripted(tok.encode("Once upon a time there was a fox", add_special_tokens=False))
+    )
     got = "".join(next(stream).text for _ in range(3))
     with pytest.raises(RuntimeError, match="still being generated"):
         chat.send("again")
@@ -198,8 +207,7 @@ def test_sampling_defaults_and_overrides(mt):
 
 def test_save_and_load_round_trip(mt, tmp_path):
     model, tok = mt
-    chat = Chat(model, tok, system="Sys ✓ 你好", temperature=0.0, max_tokens=5, stop=["\n\n"],
-                logit_bias={3: -2.0})
+    chat = Chat(model, tok, system="Sys ✓ 你好", temperature=0.0, max_tokens=5, stop=["\n\n"], logit_bias={3: -2.0})
     chat.send("Hello", sampler=say(tok, "Hi."))
     list(chat.regenerate(sampler=say(tok, "Hey.")))
     chat.send("How are you?", sampler=say(tok, "Fine."))
@@ -243,8 +251,11 @@ def test_load_errors_name_the_file(mt, tmp_path):
     bad.write_text(json.dumps({"format": "qwen2-mlx-chat", "version": 1, "sampling": {"warmth": 1}}))
     with pytest.raises(ChatFileError, match="sampling"):
         Chat.load(bad, model, tok)
-    bad.write_text(json.dumps({"format": "qwen2-mlx-chat", "version": 1,
-                               "cache": {"file": "gone.kv.safetensors", "tokens": [1, 2]}}))
+    bad.write_text(
+        json.dumps(
+            {"format": "qwen2-mlx-chat", "version": 1, "cache": {"file": "gone.kv.safetensors", "tokens": [1, 2]}}
+        )
+    )
     with pytest.raises(PromptCacheError, match="gone.kv.safetensors"):
         Chat.load(bad, model, tok)
     with pytest.raises(ChatFileError, match="no such chat file"):

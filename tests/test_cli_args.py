@@ -21,10 +21,14 @@ def test_nothing_given_changes_nothing():
 
 
 def test_dca_switches():
-    parser, args = parse("--dca-chunk-size", "1024", "--dca-local-size", "256",
-                         "--dca-original-max-position-embeddings", "32768")
+    parser, args = parse(
+        "--dca-chunk-size", "1024", "--dca-local-size", "256", "--dca-original-max-position-embeddings", "32768"
+    )
     assert long_context_overrides(args, parser)["dca"] == {
-        "chunk_size": 1024, "local_size": 256, "original_max_position_embeddings": 32768}
+        "chunk_size": 1024,
+        "local_size": 256,
+        "original_max_position_embeddings": 32768,
+    }
     parser, args = parse("--dca-chunk-size", "8192")
     assert long_context_overrides(args)["dca"]["local_size"] == 1024
 
@@ -32,15 +36,21 @@ def test_dca_switches():
 def test_yarn_switches():
     parser, args = parse("--yarn-factor", "4", "--yarn-original-max-position-embeddings", "32768")
     assert long_context_overrides(args)["rope_scaling"] == {
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+    }
 
 
-@pytest.mark.parametrize("argv,switch", [
-    (["--dca-local-size", "8"], "--dca-chunk-size"),
-    (["--dca-chunk-size", "16", "--dca-local-size", "16"], "local_size"),
-    (["--yarn-original-max-position-embeddings", "64"], "--yarn-factor"),
-    (["--yarn-factor", "4", "--dca-chunk-size", "64"], "--yarn-factor"),
-])
+@pytest.mark.parametrize(
+    "argv,switch",
+    [
+        (["--dca-local-size", "8"], "--dca-chunk-size"),
+        (["--dca-chunk-size", "16", "--dca-local-size", "16"], "local_size"),
+        (["--yarn-original-max-position-embeddings", "64"], "--yarn-factor"),
+        (["--yarn-factor", "4", "--dca-chunk-size", "64"], "--yarn-factor"),
+    ],
+)
 def test_bad_combinations(argv, switch, capsys):
     parser, args = parse(*argv)
     with pytest.raises(ConfigError, match=switch):

@@ -28,8 +28,12 @@ def test_hub_rope_scaling_type_key(tmp_path):
 
 def test_transformers5_rope_parameters(tmp_path):
     cfg = {k: v for k, v in DENSE.items() if k != "rope_theta"}
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0,
-                              "original_max_position_embeddings": 2048}
+    cfg["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": 1e6,
+        "factor": 2.0,
+        "original_max_position_embeddings": 2048,
+    }
     args = ModelArgs.from_file(write(tmp_path, cfg))
     assert args.rope_theta == 1e6
     assert args.rope_type == "yarn" and args.rope_scaling["original_max_position_embeddings"] == 2048
@@ -43,8 +47,9 @@ def test_rope_parameters_default_keeps_plain_rope(tmp_path):
 
 
 def test_moe_sparse_layers(tmp_path):
-    args = ModelArgs.from_file(write(tmp_path, dict(MOE, num_hidden_layers=4, mlp_only_layers=[0],
-                                                    decoder_sparse_step=1)))
+    args = ModelArgs.from_file(
+        write(tmp_path, dict(MOE, num_hidden_layers=4, mlp_only_layers=[0], decoder_sparse_step=1))
+    )
     assert [args.is_sparse_layer(i) for i in range(4)] == [False, True, True, True]
     args = ModelArgs.from_file(write(tmp_path, dict(MOE, num_hidden_layers=4, decoder_sparse_step=2)))
     assert [args.is_sparse_layer(i) for i in range(4)] == [False, True, False, True]
@@ -64,8 +69,11 @@ def test_moe_sparse_layers(tmp_path):
         (lambda c: c.update(rope_scaling={"type": "longrope", "factor": 2}), "rope_scaling.type", "unsupported"),
         (lambda c: c.update(rope_scaling={"type": "yarn"}), "rope_scaling.factor", "positive number"),
         (lambda c: c.update(hidden_act="gelu"), "hidden_act", "unsupported activation"),
-        (lambda c: c.update(dual_chunk_attention_config={"chunk_size": 64, "local_size": 64}),
-         "dual_chunk_attention_config.local_size", "between"),
+        (
+            lambda c: c.update(dual_chunk_attention_config={"chunk_size": 64, "local_size": 64}),
+            "dual_chunk_attention_config.local_size",
+            "between",
+        ),
     ],
 )
 def test_config_errors_name_file_and_field(tmp_path, mutate, field, words):

@@ -167,11 +167,14 @@ def _http_error(cls, status):
     return cls(f"{status} error", response=response)
 
 
-@pytest.mark.parametrize("failure,words", [
-    ("unreachable", ("cannot reach the Hugging Face hub", "--gguf", "LOCAL_FOLDER")),
-    ("not-found", ("repo not found", "HF_TOKEN")),
-    ("gated", ("gated", "HF_TOKEN", "--gguf")),
-])
+@pytest.mark.parametrize(
+    "failure,words",
+    [
+        ("unreachable", ("cannot reach the Hugging Face hub", "--gguf", "LOCAL_FOLDER")),
+        ("not-found", ("repo not found", "HF_TOKEN")),
+        ("gated", ("gated", "HF_TOKEN", "--gguf")),
+    ],
+)
 def test_hub_failures(tmp_path, capsys, monkeypatch, failure, words):
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
@@ -179,8 +182,10 @@ def test_hub_failures(tmp_path, capsys, monkeypatch, failure, words):
     def model_info(self, repo_id, **kw):
         if failure == "unreachable":
             raise ConnectionError("[Errno -2] Name or service not known")
-        raise _http_error(RepositoryNotFoundError if failure == "not-found" else GatedRepoError,
-                          404 if failure == "not-found" else 403)
+        raise _http_error(
+            RepositoryNotFoundError if failure == "not-found" else GatedRepoError,
+            404 if failure == "not-found" else 403,
+        )
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(HfApi, "model_info", model_info)
@@ -209,11 +214,14 @@ def test_failure_while_writing_leaves_nothing(tmp_path, capsys, ckpt, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
-@pytest.mark.parametrize("opts,words", [
-    (["--q-bits", "7"], ("--q-bits 7", "not supported")),
-    (["--q-group-size", "48"], ("--q-group-size 48", "not supported")),
-    (["--q-bits", "3", "--q-mode", "mxfp4"], ("mxfp4", "not supported")),
-])
+@pytest.mark.parametrize(
+    "opts,words",
+    [
+        (["--q-bits", "7"], ("--q-bits 7", "not supported")),
+        (["--q-group-size", "48"], ("--q-group-size 48", "not supported")),
+        (["--q-bits", "3", "--q-mode", "mxfp4"], ("mxfp4", "not supported")),
+    ],
+)
 def test_unsupported_quantization_options(tmp_path, capsys, ckpt, opts, words):
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "--hf-path", ckpt, "--mlx-path", out, "-q", *opts)

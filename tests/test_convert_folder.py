@@ -24,8 +24,14 @@ def dense(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("moe") / "hf", MOE, hidden_size=128, moe_intermediate_size=64,
-                           shared_expert_intermediate_size=128, num_hidden_layers=3)
+    return make_checkpoint(
+        tmp_path_factory.mktemp("moe") / "hf",
+        MOE,
+        hidden_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        num_hidden_layers=3,
+    )
 
 
 IDS = [[1, 17, 300, 42, 99, 7, 255, 3, 128, 64, 511, 2, 77, 5, 400, 9]]
@@ -148,7 +154,7 @@ def test_routing_agreement_8bit_gates_vs_4bit(tmp_path, moe, monkeypatch, capsys
     run_cli("--hf-path", ckpt, "--mlx-path", tmp_path / "f32", "--dtype", "float32")
     assert run_cli("--hf-path", ckpt, "--mlx-path", tmp_path / "g8", "-q", "--dtype", "float32") == 0
     # mlx-lm's behaviour: the router quantized like every other layer.
-    monkeypatch.setattr(Model, "quant_predicate", property(lambda self: (lambda p, m: True)))
+    monkeypatch.setattr(Model, "quant_predicate", property(lambda self: lambda p, m: True))
     assert run_cli("--hf-path", ckpt, "--mlx-path", tmp_path / "g4", "-q", "--dtype", "float32") == 0
     monkeypatch.undo()
     q4 = json.loads((tmp_path / "g4" / "config.json").read_text())["quantization"]
@@ -160,9 +166,11 @@ def test_routing_agreement_8bit_gates_vs_4bit(tmp_path, moe, monkeypatch, capsys
     agree8 = _routing_agreement(ref, qwen2_mlx.load(tmp_path / "g8")[0], ids)
     agree4 = _routing_agreement(ref, qwen2_mlx.load(tmp_path / "g4")[0], ids)
     with capsys.disabled():
-        print(f"\nrouting agreement with float32 (top-{MOE['num_experts_per_tok']} expert sets, "
-              f"{len(ids) * len(ids[0])} tokens x {len(ref.model.layers)} layers): "
-              f"gates at 8 bits {agree8:.1%}, gates at 4 bits {agree4:.1%}")
+        print(
+            f"\nrouting agreement with float32 (top-{MOE['num_experts_per_tok']} expert sets, "
+            f"{len(ids) * len(ids[0])} tokens x {len(ref.model.layers)} layers): "
+            f"gates at 8 bits {agree8:.1%}, gates at 4 bits {agree4:.1%}"
+        )
     assert agree8 >= agree4
     assert agree8 >= 0.95
 

@@ -38,8 +38,13 @@ def _hub_cache(hf_home: Path, repo: str, files_from: Path) -> Path:
 def _convert(args: list, hf_home: Path, **env) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env)
     full_env.pop("HF_HUB_CACHE", None)
-    return subprocess.run([sys.executable, str(ROOT / "convert.py"), *map(str, args)], capture_output=True,
-                          text=True, env=full_env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "convert.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+    )
 
 
 def test_convert_from_hub_cache_offline(tmp_path, ckpt):

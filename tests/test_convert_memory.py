@@ -20,8 +20,15 @@ def _synthetic_checkpoint(path: Path) -> tuple[int, int]:
     """A float32 Qwen2 checkpoint of ~400 MB in one safetensors file per layer; returns (total, largest) bytes."""
     import mlx.core as mx
 
-    cfg = dict(DENSE, hidden_size=1024, intermediate_size=4096, num_hidden_layers=6, num_attention_heads=8,
-               num_key_value_heads=2, vocab_size=8192)
+    cfg = dict(
+        DENSE,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=8192,
+    )
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(cfg))
     write_tokenizer(path, 512)
@@ -36,20 +43,34 @@ def _synthetic_checkpoint(path: Path) -> tuple[int, int]:
         mx.save_safetensors(str(path / name), tensors)
 
     key = mx.random.key(0)
-    save("model-embed.safetensors", {"model.embed_tokens.weight": mx.random.normal((v, h), key=key),
-                                     "model.norm.weight": mx.ones((h,)),
-                                     "lm_head.weight": mx.random.normal((v, h), key=key) * 0.03})
+    save(
+        "model-embed.safetensors",
+        {
+            "model.embed_tokens.weight": mx.random.normal((v, h), key=key),
+            "model.norm.weight": mx.ones((h,)),
+            "lm_head.weight": mx.random.normal((v, h), key=key) * 0.03,
+        },
+    )
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         r = lambda *s: mx.random.normal(s, key=mx.random.key(i)) * 0.03  # noqa: E731
-        save(f"model-layer{i}.safetensors", {
-            p + "self_attn.q_proj.weight": r(h, h), p + "self_attn.q_proj.bias": r(h),
-            p + "self_attn.k_proj.weight": r(kv, h), p + "self_attn.k_proj.bias": r(kv),
-            p + "self_attn.v_proj.weight": r(kv, h), p + "self_attn.v_proj.bias": r(kv),
-            p + "self_attn.o_proj.weight": r(h, h),
-            p + "mlp.gate_proj.weight": r(f, h), p + "mlp.up_proj.weight": r(f, h), p + "mlp.down_proj.weight": r(h, f),
-            p + "input_layernorm.weight": mx.ones((h,)), p + "post_attention_layernorm.weight": mx.ones((h,)),
-        })
+        save(
+            f"model-layer{i}.safetensors",
+            {
+                p + "self_attn.q_proj.weight": r(h, h),
+                p + "self_attn.q_proj.bias": r(h),
+                p + "self_attn.k_proj.weight": r(kv, h),
+                p + "self_attn.k_proj.bias": r(kv),
+                p + "self_attn.v_proj.weight": r(kv, h),
+                p + "self_attn.v_proj.bias": r(kv),
+                p + "self_attn.o_proj.weight": r(h, h),
+                p + "mlp.gate_proj.weight": r(f, h),
+                p + "mlp.up_proj.weight": r(f, h),
+                p + "mlp.down_proj.weight": r(h, f),
+                p + "input_layernorm.weight": mx.ones((h,)),
+                p + "post_attention_layernorm.weight": mx.ones((h,)),
+            },
+        )
     return total, largest
 
 
@@ -62,9 +83,11 @@ def synthetic(tmp_path_factory):
 
 def _peak_rss_of(argv: list[str]) -> int:
     """Peak RSS (bytes) of a converter child process, via a wrapper whose only child it is."""
-    wrapper = ("import resource, subprocess, sys; "
-               "rc = subprocess.run(sys.argv[1:]).returncode; "
-               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if rc == 0 else -1)")
+    wrapper = (
+        "import resource, subprocess, sys; "
+        "rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if rc == 0 else -1)"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -77,8 +100,16 @@ def _peak_rss_of(argv: list[str]) -> int:
 def test_peak_memory_is_one_shard_plus_one_tensor(tmp_path, synthetic):
     src, total, largest = synthetic
     shard = 32 * MB
-    convert = [sys.executable, str(ROOT / "convert.py"), "--hf-path", str(src), "--dtype", "float32",
-               "--max-shard-size", str(shard)]
+    convert = [
+        sys.executable,
+        str(ROOT / "convert.py"),
+        "--hf-path",
+        str(src),
+        "--dtype",
+        "float32",
+        "--max-shard-size",
+        str(shard),
+    ]
     # The same command on a tiny checkpoint measures the fixed cost (interpreter, MLX, imports).
     tiny = tmp_path / "tiny"
     tiny.mkdir()
@@ -86,16 +117,17 @@ def test_peak_memory_is_one_shard_plus_one_tensor(tmp_path, synthetic):
     write_tokenizer(tiny, 512)
     import mlx.core as mx
 
-    mx.save_safetensors(str(tiny / "model.safetensors"), {
-        k: mx.zeros(s) for k, s in _tiny_shapes(DENSE).items()})
+    mx.save_safetensors(str(tiny / "model.safetensors"), {k: mx.zeros(s) for k, s in _tiny_shapes(DENSE).items()})
     base = _peak_rss_of(convert[:3] + [str(tiny)] + convert[4:] + ["--mlx-path", str(tmp_path / "o1")])
     peak = _peak_rss_of(convert + ["--mlx-path", str(tmp_path / "o2")])
     shards = sorted((tmp_path / "o2").glob("model-*.safetensors"))
     assert len(shards) >= total // shard
     extra = peak - base
     bound = shard + 4 * largest
-    print(f"\nmodel {total / MB:.0f} MB, largest tensor {largest / MB:.0f} MB, shard {shard / MB:.0f} MB: "
-          f"peak RSS {peak / MB:.0f} MB = fixed {base / MB:.0f} MB + {extra / MB:.0f} MB (bound {bound / MB:.0f} MB)")
+    print(
+        f"\nmodel {total / MB:.0f} MB, largest tensor {largest / MB:.0f} MB, shard {shard / MB:.0f} MB: "
+        f"peak RSS {peak / MB:.0f} MB = fixed {base / MB:.0f} MB + {extra / MB:.0f} MB (bound {bound / MB:.0f} MB)"
+    )
     assert extra <= bound, (extra, bound)
     assert extra < total / 2
 
@@ -116,8 +148,18 @@ def test_killed_runs_leave_no_folder(tmp_path, synthetic):
 
     src = synthetic[0]
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "convert.py"), "--hf-path", str(src), "--mlx-path", str(out),
-           "--dtype", "float32", "--max-shard-size", "8MB"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "convert.py"),
+        "--hf-path",
+        str(src),
+        "--mlx-path",
+        str(out),
+        "--dtype",
+        "float32",
+        "--max-shard-size",
+        "8MB",
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     def start_and_wait_for_shards():

@@ -65,7 +65,7 @@ def _agreement(model, continuations) -> tuple[float, int]:
 
     same = total = 0
     for ids, gen in continuations:
-        pred = np.array(mx.argmax(model(mx.array([ids + gen]))[0], axis=-1))[len(ids) - 1:-1]
+        pred = np.array(mx.argmax(model(mx.array([ids + gen]))[0], axis=-1))[len(ids) - 1 : -1]
         same += int((pred == np.array(gen)).sum())
         total += len(gen)
     return same / total, total
@@ -90,8 +90,10 @@ def test_top1_agreement_with_float32(real_model, quantized, continuations, capsy
 
     agree, total = _agreement(dq_model, continuations)
     with capsys.disabled():
-        print(f"\n{bits}-bit (group size 64): top-1 agreement with float32 {agree:.1%} over {total} greedy tokens "
-              f"({len(QUESTIONS)} chat prompts in 7 languages)")
+        print(
+            f"\n{bits}-bit (group size 64): top-1 agreement with float32 {agree:.1%} over {total} greedy tokens "
+            f"({len(QUESTIONS)} chat prompts in 7 languages)"
+        )
     assert agree >= THRESHOLDS[bits]
 
 

@@ -11,10 +11,15 @@ pytestmark = pytest.mark.real_model
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Write a Python function that reverses a string."}],
-    [{"role": "system", "content": "Tu es un assistant utile."},
-     {"role": "user", "content": "Explique la récursivité en une phrase. 你好，世界！🙂"}],
-    [{"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "こんにちは！何かお手伝いできますか？"},
-     {"role": "user", "content": "Привет! <tool_call> def f(x):\n\treturn x**2\n</tool_call>"}],
+    [
+        {"role": "system", "content": "Tu es un assistant utile."},
+        {"role": "user", "content": "Explique la récursivité en une phrase. 你好，世界！🙂"},
+    ],
+    [
+        {"role": "user", "content": "こんにちは"},
+        {"role": "assistant", "content": "こんにちは！何かお手伝いできますか？"},
+        {"role": "user", "content": "Привет! <tool_call> def f(x):\n\treturn x**2\n</tool_call>"},
+    ],
 ]
 
 
@@ -39,8 +44,16 @@ def _hf_ids(tokenizer, conversation):
 def test_config_from_gguf_metadata(real_model_path, hf_reference):
     cfg = json.loads((real_model_path / "config.json").read_text())
     hf = hf_reference[0].config
-    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "max_position_embeddings"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+    ):
         assert cfg[key] == getattr(hf, key), key
     assert cfg["model_type"] == "qwen2" and cfg["torch_dtype"] == "float32"
     assert cfg["rope_theta"] == pytest.approx(1e6) and cfg["rms_norm_eps"] == pytest.approx(1e-6)
@@ -70,7 +83,7 @@ def test_logits_and_greedy_tokens_match_transformers(real_model, hf_reference):
     assert err <= 1e-3
 
     with torch.no_grad():
-        expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+        expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids) :].tolist()
     cache, x, got = model.make_cache(), mx.array([ids]), []
     for _ in range(24):
         token = int(mx.argmax(model(x, cache=cache)[0, -1]))

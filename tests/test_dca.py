@@ -14,8 +14,14 @@ from qwen2_mlx.models.attention import Attention
 from qwen2_mlx.models.kv_cache import DCAKVCache
 from qwen2_mlx.models.config import ConfigError, DCAConfig, ModelArgs, parse_dca
 from qwen2_mlx.models.dca import (
-    DCAGeometry, dca_attention, dca_pair_positions, dca_temperature, long_context_signature, query_copies,
-    rope_constant, rotate_keys,
+    DCAGeometry,
+    dca_attention,
+    dca_pair_positions,
+    dca_temperature,
+    long_context_signature,
+    query_copies,
+    rope_constant,
+    rotate_keys,
 )
 from qwen2_mlx.models.model import Model
 from qwen2_mlx.models.rope import RoPE
@@ -36,12 +42,12 @@ def rng(seed=0):
 def test_position_golden_values(M, w):
     c = M - w
     cases = {
-        (c - 1, 0): (c - 1, 0),             # intra, last of chunk 0
-        (c, c - 1): (c, c - 1),             # first succ, exact
-        (c + w, 0): (c + w, 0),             # last exact succ (= M)
-        (c + w + 1, 0): (M, 0),             # first clamped succ
-        (2 * c - 1, c): (c - 1, 0),         # intra of chunk 1
-        (2 * c, c): (c, 0),                 # succ at true distance c
+        (c - 1, 0): (c - 1, 0),  # intra, last of chunk 0
+        (c, c - 1): (c, c - 1),  # first succ, exact
+        (c + w, 0): (c + w, 0),  # last exact succ (= M)
+        (c + w + 1, 0): (M, 0),  # first clamped succ
+        (2 * c - 1, c): (c - 1, 0),  # intra of chunk 1
+        (2 * c, c): (c, 0),  # succ at true distance c
         (2 * c, c - 1): (min(2 * c - 1, M), c - 1),  # first inter
     }
     for (i, j), want in cases.items():
@@ -70,8 +76,11 @@ def test_paper_figure_2():
     M, w = 9, 3  # chunk 6, pre-training window 10, local window 4 in the paper's words
     succ = [int(dca_pair_positions(i, 0, M, w)[0]) for i in range(6, 12)]
     assert succ == [6, 7, 8, 9, 9, 9]
-    rows = {9: [9, 8, 7, 6, 5, 4, 3, 2, 1, 0], 10: [9, 8, 7, 6, 5, 4, 4, 3, 2, 1, 0],
-            11: [9, 8, 7, 6, 5, 4, 5, 4, 3, 2, 1, 0]}
+    rows = {
+        9: [9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
+        10: [9, 8, 7, 6, 5, 4, 4, 3, 2, 1, 0],
+        11: [9, 8, 7, 6, 5, 4, 5, 4, 3, 2, 1, 0],
+    }
     for i, want in rows.items():
         pq, pk = dca_pair_positions(i, np.arange(i + 1), M, w)
         assert (pq - pk).tolist() == want
@@ -118,7 +127,7 @@ def test_equivalence_up_to_m_plus_1(M, w, kind):
         a = ref.attention(q, k, v, rope.inv_freq, M, w, tau=tau)
         b = ref.attention(q, k, v, rope.inv_freq, tau=tau)
         np.testing.assert_allclose(a, b, atol=1e-12, err_msg=f"L={L}")
-        scale = D ** -0.5 * tau
+        scale = D**-0.5 * tau
         got = mlx_dca(q, k, v, M, w, rope, scale)
         np.testing.assert_allclose(got, mlx_plain(q, k, v, rope, scale), atol=1e-5, err_msg=f"L={L}")
         np.testing.assert_allclose(got, a, atol=1e-5, rtol=1e-4)
@@ -129,7 +138,7 @@ def test_first_divergence_at_m_plus_2(M, w):
     rope = RoPE(8, 10000.0)
     q, k, v = qkv(M + 2, seed=3)
     dca, plain = mlx_dca(q, k, v, M, w, rope), mlx_plain(q, k, v, rope)
-    np.testing.assert_allclose(dca[:, :M + 1], plain[:, :M + 1], atol=1e-5)
+    np.testing.assert_allclose(dca[:, : M + 1], plain[:, : M + 1], atol=1e-5)
     assert np.abs(dca[:, M + 1] - plain[:, M + 1]).max() > 1e-3
 
 
@@ -156,8 +165,9 @@ def test_gqa(Hq, Hkv):
     v = v + 10.0 * np.arange(Hkv)[:, None, None]
     want = ref.attention(q, k, v, rope.inv_freq, M, w)
     np.testing.assert_allclose(mlx_dca(q, k, v, M, w, rope), want, atol=1e-5, rtol=1e-4)
-    np.testing.assert_allclose(mlx_dca(q, k, v, M, w, rope, tile_q=4, score_budget=Hq * 4 * 4), want,
-                               atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(
+        mlx_dca(q, k, v, M, w, rope, tile_q=4, score_budget=Hq * 4 * 4), want, atol=1e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("Hq,Hkv", [(4, 2), (7, 1)])
@@ -173,9 +183,9 @@ def test_decode_step_matches_tiled_path(Hq, Hkv):
     want = ref.attention(q, k, v, rope.inv_freq, M, w)
     two = [mx.concatenate([a, a]) for a in (qm, keys, vm)]  # batch 2 takes the general tiled path
     for t in range(L):
-        args = (qm[:, :, t:t + 1], keys[:, :, :t + 1], vm[:, :, :t + 1], t, rope, 8 ** -0.5, geom)
+        args = (qm[:, :, t : t + 1], keys[:, :, : t + 1], vm[:, :, : t + 1], t, rope, 8**-0.5, geom)
         fast = np.array(dca_attention(*args)[0, :, 0])
-        args2 = (two[0][:, :, t:t + 1], two[1][:, :, :t + 1], two[2][:, :, :t + 1], t, rope, 8 ** -0.5, geom)
+        args2 = (two[0][:, :, t : t + 1], two[1][:, :, : t + 1], two[2][:, :, : t + 1], t, rope, 8**-0.5, geom)
         tiled = np.array(dca_attention(*args2, score_budget=Hq * 3)[1, :, 0])  # key blocks of 3
         np.testing.assert_allclose(fast, want[:, t], atol=1e-5, rtol=1e-4, err_msg=f"t={t}")
         np.testing.assert_allclose(tiled, fast, atol=1e-5, err_msg=f"t={t}")
@@ -186,9 +196,17 @@ def test_decode_step_matches_tiled_path(Hq, Hkv):
 
 
 def make_attention(M, w, L0=0, Hq=4, Hkv=2, D=8, seed=0):
-    args = ModelArgs(model_type="qwen2", hidden_size=Hq * D, num_hidden_layers=1, intermediate_size=8,
-                     num_attention_heads=Hq, num_key_value_heads=Hkv, vocab_size=8, rope_theta=10000.0,
-                     dual_chunk_attention_config=DCAConfig(M, w, L0))
+    args = ModelArgs(
+        model_type="qwen2",
+        hidden_size=Hq * D,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        num_attention_heads=Hq,
+        num_key_value_heads=Hkv,
+        vocab_size=8,
+        rope_theta=10000.0,
+        dual_chunk_attention_config=DCAConfig(M, w, L0),
+    )
     attn = Attention(args)
     r = rng(seed)
     H = Hq * D
@@ -220,12 +238,15 @@ def layer_reference(attn, x: np.ndarray, M, w, tau=1.0) -> np.ndarray:
 
 
 def run_steps(attn, x: np.ndarray, steps, cache=None) -> np.ndarray:
-    cache = cache if cache is not None else DCAKVCache(attn.dca.chunk_size, attn.dca.local_size,
-                                                       attn.dca.original_max_position_embeddings)
+    cache = (
+        cache
+        if cache is not None
+        else DCAKVCache(attn.dca.chunk_size, attn.dca.local_size, attn.dca.original_max_position_embeddings)
+    )
     outs, t = [], 0
     for n in steps:
         mask = "causal" if n > 1 else None
-        outs.append(np.array(attn(mx.array(x[None, t:t + n].astype(np.float32)), mask, cache)[0]))
+        outs.append(np.array(attn(mx.array(x[None, t : t + n].astype(np.float32)), mask, cache)[0]))
         t += n
     return np.concatenate(outs), cache
 
@@ -278,9 +299,16 @@ def test_generate_prefill_step_size_invariance(tmp_path):
     from qwen2_mlx.generation.generate import generate_step
 
     M, w = 12, 4
-    args = ModelArgs(model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=48,
-                     num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                     dual_chunk_attention_config=DCAConfig(M, w, 0))
+    args = ModelArgs(
+        model_type="qwen2",
+        hidden_size=32,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        dual_chunk_attention_config=DCAConfig(M, w, 0),
+    )
     mx.random.seed(0)
     model = Model(args)
     prompt = mx.array(rng(4).integers(0, 64, 43), dtype=mx.uint32)
@@ -304,21 +332,21 @@ def test_cache_contents(M, w):
     keys = np.array(cache.keys_and_values()[0][0])
     # k as the module computes it (the stacked q/k/v matmul), so the bit-for-bit checks below test RoPE alone.
     qkv = attn._qkv(attn, mx.array(x[None].astype(np.float32)))
-    k_raw = qkv[..., attn.n_heads * attn.head_dim:(attn.n_heads + attn.n_kv_heads) * attn.head_dim]
+    k_raw = qkv[..., attn.n_heads * attn.head_dim : (attn.n_heads + attn.n_kv_heads) * attn.head_dim]
     k_raw = k_raw.reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     want = ref.rotate(np.array(k_raw[0], dtype=np.float64), np.arange(L) % c, attn.rope.inv_freq)
     np.testing.assert_allclose(keys, want, atol=1e-5)
     # the first c keys are standard RoPE keys bit for bit; key c is rotated at 0
     plain = np.array(attn.rope(k_raw)[0])
     np.testing.assert_array_equal(keys[:, :c], plain[:, :c])
-    np.testing.assert_array_equal(keys[:, c], np.array(attn.rope(k_raw[:, :, c:c + 1]))[0, :, 0])
+    np.testing.assert_array_equal(keys[:, c], np.array(attn.rope(k_raw[:, :, c : c + 1]))[0, :, 0])
     assert cache.meta_state == (str(M), str(w), "0")
     # trimming and save/load of the state keep it usable
     assert cache.trim(3) == 3 and cache.offset == L - 3
     clone = DCAKVCache.from_state(cache.state, cache.meta_state)
     assert clone.dca_settings == (M, w, 0) and clone.offset == L - 3
-    out_a, _ = run_steps(attn, x[L - 3:], [1, 1, 1], cache)
-    out_b, _ = run_steps(attn, x[L - 3:], [1, 1, 1], clone)
+    out_a, _ = run_steps(attn, x[L - 3 :], [1, 1, 1], cache)
+    out_b, _ = run_steps(attn, x[L - 3 :], [1, 1, 1], clone)
     np.testing.assert_array_equal(out_a, out_b)
 
 
@@ -328,6 +356,7 @@ def test_cache_refuses_other_settings():
     with pytest.raises(ValueError, match="DCA settings"):
         attn(x, "causal", DCAKVCache(16, 4, 0))
     from mlx_lm.models.cache import KVCache
+
     with pytest.raises(TypeError, match="DCAKVCache"):
         attn(x, "causal", KVCache())
 
@@ -383,7 +412,7 @@ def test_temperature_vllm_parity():
     keys = np.array(cache.keys_and_values()[0][0])
     # k as the module computes it (the stacked q/k/v matmul), so the bit-for-bit checks below test RoPE alone.
     qkv = attn._qkv(attn, mx.array(x[None].astype(np.float32)))
-    k_raw = qkv[..., attn.n_heads * attn.head_dim:(attn.n_heads + attn.n_kv_heads) * attn.head_dim]
+    k_raw = qkv[..., attn.n_heads * attn.head_dim : (attn.n_heads + attn.n_kv_heads) * attn.head_dim]
     k_raw = k_raw.reshape(1, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     plain = ref.rotate(np.array(k_raw[0], np.float64), np.arange(L) % c, attn.rope.inv_freq)
     np.testing.assert_allclose(keys, plain * s_row[None, :, None], atol=1e-5)
@@ -411,8 +440,9 @@ def test_fp16_inputs():
     q, k, v = qkv(L, seed=8)
     geom = DCAGeometry(M, w)
     qm, km, vm = (mx.array(a.astype(np.float16))[None] for a in (q, k, v))
-    out = dca_attention(qm, rotate_keys(rope, km, 0, geom), vm, 0, rope, 8 ** -0.5, geom, tile_q=4,
-                        score_budget=4 * 4 * 6)
+    out = dca_attention(
+        qm, rotate_keys(rope, km, 0, geom), vm, 0, rope, 8**-0.5, geom, tile_q=4, score_budget=4 * 4 * 6
+    )
     assert out.dtype == mx.float16
     got = np.array(out[0].astype(mx.float32))
     want = ref.attention(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16), rope.inv_freq, M, w)
@@ -425,16 +455,33 @@ def test_fp16_inputs():
 
 
 def test_config_1m():
-    cfg = {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "intermediate_size": 18944,
-           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 10000000.0,
-           "rope_scaling": None, "max_position_embeddings": 1010000,
-           "dual_chunk_attention_config": {"chunk_size": 262144, "local_size": 8192,
-                                           "original_max_position_embeddings": 262144,
-                                           "sparse_attention_enabled": True, "sparse_attention_threshold": 32768}}
+    cfg = {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "num_hidden_layers": 28,
+        "intermediate_size": 18944,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "rope_theta": 10000000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 1010000,
+        "dual_chunk_attention_config": {
+            "chunk_size": 262144,
+            "local_size": 8192,
+            "original_max_position_embeddings": 262144,
+            "sparse_attention_enabled": True,
+            "sparse_attention_threshold": 32768,
+        },
+    }
     args = ModelArgs.from_dict(cfg)
     geom = DCAGeometry.from_config(args.dual_chunk_attention_config)
     assert (geom.chunk_size, geom.local_size, geom.period, geom.original_max_position_embeddings) == (
-        262144, 8192, 253952, 262144)
+        262144,
+        8192,
+        253952,
+        262144,
+    )
     assert args.rope_theta == 1e7 and args.rope_scaling is None
     sig = long_context_signature(args)
     assert sig["dual_chunk_attention_config"]["chunk_size"] == 262144 and sig["rope_theta"] == 1e7
@@ -450,12 +497,23 @@ def test_config_defaults_and_rejections():
 
 
 def test_rope_scaling_with_dca_warns_and_uses_plain_frequencies():
-    base = dict(model_type="qwen2", hidden_size=32, num_hidden_layers=1, intermediate_size=8,
-                num_attention_heads=4, num_key_value_heads=2, vocab_size=8)
+    base = dict(
+        model_type="qwen2",
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=8,
+    )
     for key in ("type", "rope_type"):
-        args = ModelArgs.from_dict(dict(base, rope_scaling={key: "yarn", "factor": 4.0,
-                                                            "original_max_position_embeddings": 16},
-                                        dual_chunk_attention_config={"chunk_size": 12, "local_size": 4}))
+        args = ModelArgs.from_dict(
+            dict(
+                base,
+                rope_scaling={key: "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+                dual_chunk_attention_config={"chunk_size": 12, "local_size": 4},
+            )
+        )
         assert args.rope_type == "yarn"
         with pytest.warns(UserWarning, match="rope_scaling is ignored"):
             model = Model(args)
@@ -484,7 +542,9 @@ def test_large_offset_rotations():
     xm = mx.array(x.astype(np.float32))
 
     def at(pos):  # the rope call at one explicit position per row
-        return np.stack([np.array(rope(xm[:, :, t:t + 1], offset=int(p)))[:, :, 0] for t, p in enumerate(pos)], axis=2)
+        return np.stack(
+            [np.array(rope(xm[:, :, t : t + 1], offset=int(p)))[:, :, 0] for t, p in enumerate(pos)], axis=2
+        )
 
     def check(got, pos):
         np.testing.assert_array_equal(np.array(got), at(pos))
@@ -519,17 +579,20 @@ def test_gpu_half_precision(dtype, tol):
             q, k, v = (a.astype(np.float32) for a in qkv(L, D=64, seed=L, scale=scale))
             qm, km, vm = (mx.array(a)[None].astype(dtype) for a in (q, k, v))
             keys = rotate_keys(rope, km, 0, geom)
-            one = dca_attention(qm, keys, vm, 0, rope, 64 ** -0.5, geom)
-            tiled = dca_attention(qm, keys, vm, 0, rope, 64 ** -0.5, geom, **blocked)
+            one = dca_attention(qm, keys, vm, 0, rope, 64**-0.5, geom)
+            tiled = dca_attention(qm, keys, vm, 0, rope, 64**-0.5, geom, **blocked)
             # token by token over the same cache
-            steps = [dca_attention(qm[:, :, t:t + 1], keys[:, :, :t + 1], vm[:, :, :t + 1], t, rope, 64 ** -0.5, geom)
-                     for t in range(1, L)]
+            steps = [
+                dca_attention(qm[:, :, t : t + 1], keys[:, :, : t + 1], vm[:, :, : t + 1], t, rope, 64**-0.5, geom)
+                for t in range(1, L)
+            ]
             dec = mx.concatenate([one[:, :, :1]] + steps, axis=2)
             outs = [np.array(o[0].astype(mx.float32)) for o in (one, tiled, dec)]
             assert all(o.dtype == dtype for o in (one, tiled, dec)) and all(np.all(np.isfinite(o)) for o in outs)
             if scale == 1.0:
-                want = ref.attention(*(np.array(a[0].astype(mx.float32), dtype=np.float64) for a in (qm, km, vm)),
-                                     rope.inv_freq, M, w)
+                want = ref.attention(
+                    *(np.array(a[0].astype(mx.float32), dtype=np.float64) for a in (qm, km, vm)), rope.inv_freq, M, w
+                )
             else:  # saturated: half-precision scores are coarse; the merges must still agree
                 want = outs[0]
             for o in outs:

@@ -54,17 +54,37 @@ def _free_ports(n: int) -> int:
 def mlx_launch(n: int, *command: str, input: str = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `command` on n local ranks with `mlx.launch --backend ring`."""
     launcher = Path(sys.executable).parent / "mlx.launch"
-    head = [str(launcher)] if launcher.exists() else [
-        sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OPENBLAS_NUM_THREADS="1")  # two ranks share the two cores of a CI machine
-    cmd = head + ["-n", str(n), "--backend", "ring", "--starting-port", str(_free_ports(n)), "--",
-                  sys.executable, *command]
+    head = (
+        [str(launcher)]
+        if launcher.exists()
+        else [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OPENBLAS_NUM_THREADS="1"
+    )  # two ranks share the two cores of a CI machine
+    cmd = head + [
+        "-n",
+        str(n),
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(_free_ports(n)),
+        "--",
+        sys.executable,
+        *command,
+    ]
     # The launcher forwards its stdin to every rank: give it the input, or nothing (never pytest's).
     # Its own process group, so a hung run is killed with all its ranks.
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, start_new_session=True,
-                          stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+    with subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        text=True,
+        start_new_session=True,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as p:
         try:
             out, err = p.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -139,8 +159,14 @@ def tiny_runs(tmp_path_factory):
     dense, _ = make_checkpoint(tmp / "dense", DENSE)
     # Layer 1 is a dense MLP inside a MoE model: both kinds of block get sharded.
     moe, _ = make_checkpoint(tmp / "moe", MOE, mlp_only_layers=[1])
-    src, _ = make_checkpoint(tmp / "moe-src", MOE, intermediate_size=128, moe_intermediate_size=64,
-                             shared_expert_intermediate_size=128, mlp_only_layers=[1])
+    src, _ = make_checkpoint(
+        tmp / "moe-src",
+        MOE,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        mlp_only_layers=[1],
+    )
     q4 = quantize_folder(src, tmp / "moe-4bit")
     # Dual Chunk Attention with chunks shorter than the prompt: the DCA path runs on sharded heads.
     dca, _ = make_checkpoint(tmp / "dca", DENSE, dual_chunk_attention_config={"chunk_size": 16, "local_size": 4})
@@ -203,8 +229,11 @@ def test_indivisible_moe_sizes_are_named():
 def test_quantization_groups_must_not_be_cut():
     model = Model(ModelArgs.from_dict(dict(DENSE, intermediate_size=160)))
     nn.quantize(model, group_size=32, bits=4)
-    with pytest.raises(ShardingError, match=r"intermediate_size \(160\) split over 2 ranks gives 80 columns, "
-                                            r"not a multiple of the quantization group size 32"):
+    with pytest.raises(
+        ShardingError,
+        match=r"intermediate_size \(160\) split over 2 ranks gives 80 columns, "
+        r"not a multiple of the quantization group size 32",
+    ):
         check_shardable(model, 2)
     fine = Model(ModelArgs.from_dict(dict(DENSE, intermediate_size=128)))
     nn.quantize(fine, group_size=32, bits=4)
@@ -215,8 +244,20 @@ def test_cli_generates_on_two_ranks_and_rank0_prints(tmp_path):
     path, _ = make_checkpoint(tmp_path / "dense", DENSE)
     model, tok = load(path, dtype=mx.float32)
     want = generate(model, tok, "hello world", max_tokens=8)
-    r = mlx_launch(2, "-m", "qwen2_mlx.distributed", "--model", str(path), "--prompt", "hello world",
-                   "--raw", "--max-tokens", "8", "--dtype", "float32")
+    r = mlx_launch(
+        2,
+        "-m",
+        "qwen2_mlx.distributed",
+        "--model",
+        str(path),
+        "--prompt",
+        "hello world",
+        "--raw",
+        "--max-tokens",
+        "8",
+        "--dtype",
+        "float32",
+    )
     assert r.stdout == want + "\n", r.stderr
 
 
@@ -227,14 +268,24 @@ def test_cli_interactive_reads_turns_from_stdin(tmp_path):
     a1 = generate(model, tok, tok.apply_chat_template(first, add_generation_prompt=True), max_tokens=6)
     second = first + [{"role": "assistant", "content": a1}, {"role": "user", "content": "more"}]
     a2 = generate(model, tok, tok.apply_chat_template(second, add_generation_prompt=True), max_tokens=6)
-    r = mlx_launch(2, "-m", "qwen2_mlx.distributed", "--model", str(path), "--interactive",
-                   "--max-tokens", "6", "--dtype", "float32", input="hi\nmore\n\n")
+    r = mlx_launch(
+        2,
+        "-m",
+        "qwen2_mlx.distributed",
+        "--model",
+        str(path),
+        "--interactive",
+        "--max-tokens",
+        "6",
+        "--dtype",
+        "float32",
+        input="hi\nmore\n\n",
+    )
     assert r.stdout == a1 + "\n" + a2 + "\n", r.stderr
 
 
 def test_cli_indivisible_model_fails_with_one_line(tmp_path):
-    path, _ = make_checkpoint(tmp_path / "odd", DENSE, num_attention_heads=6, num_key_value_heads=3,
-                              hidden_size=96)
+    path, _ = make_checkpoint(tmp_path / "odd", DENSE, num_attention_heads=6, num_key_value_heads=3, hidden_size=96)
     r = mlx_launch(2, "-m", "qwen2_mlx.distributed", "--model", str(path), "--prompt", "hi")
     assert "error: cannot shard qwen2 over 2 ranks: num_key_value_heads (3) does not divide by 2 ranks" in r.stderr
     assert "Traceback" not in r.stderr
@@ -276,21 +327,45 @@ def test_interactive_chat_in_one_process(tmp_path, monkeypatch, capsys):
 
 
 # Qwen2-72B's shapes with one layer (the checks are per layer shape).
-Q72 = dict(model_type="qwen2", hidden_size=8192, num_hidden_layers=1, intermediate_size=29568,
-           num_attention_heads=64, num_key_value_heads=8, vocab_size=152064)
+Q72 = dict(
+    model_type="qwen2",
+    hidden_size=8192,
+    num_hidden_layers=1,
+    intermediate_size=29568,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    vocab_size=152064,
+)
 
 
-@pytest.mark.parametrize("cfg,bits_group,ok,bad", [
-    # 29568 / 4 = 7392 columns per rank: 115.5 groups of 64, 231 groups of 32.
-    (Q72, None, [2, 4, 8], [3]),
-    (Q72, 64, [2], [4, 8]),
-    (Q72, 32, [2, 4], [8]),
-    # Qwen2-57B-A14B: 4 KV heads.
-    (dict(model_type="qwen2_moe", hidden_size=3584, num_hidden_layers=1, intermediate_size=18944,
-          num_attention_heads=28, num_key_value_heads=4, vocab_size=151936, num_experts=64,
-          num_experts_per_tok=8, moe_intermediate_size=2560, shared_expert_intermediate_size=20480), 64,
-     [2, 4], [3, 8]),
-])
+@pytest.mark.parametrize(
+    "cfg,bits_group,ok,bad",
+    [
+        # 29568 / 4 = 7392 columns per rank: 115.5 groups of 64, 231 groups of 32.
+        (Q72, None, [2, 4, 8], [3]),
+        (Q72, 64, [2], [4, 8]),
+        (Q72, 32, [2, 4], [8]),
+        # Qwen2-57B-A14B: 4 KV heads.
+        (
+            dict(
+                model_type="qwen2_moe",
+                hidden_size=3584,
+                num_hidden_layers=1,
+                intermediate_size=18944,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                vocab_size=151936,
+                num_experts=64,
+                num_experts_per_tok=8,
+                moe_intermediate_size=2560,
+                shared_expert_intermediate_size=20480,
+            ),
+            64,
+            [2, 4],
+            [3, 8],
+        ),
+    ],
+)
 def test_rank_counts_in_the_readme(cfg, bits_group, ok, bad):
     """The README's table of legal rank counts; the weights stay lazy, so nothing big is allocated."""
     model = Model(ModelArgs.from_dict(cfg))
@@ -322,8 +397,14 @@ def test_slices_read_from_disk_equal_the_sliced_tensors(tmp_path, kind):
     from qwen2_mlx.loading.loader import weight_files
 
     if kind == "moe-4bit":
-        src, _ = make_checkpoint(tmp_path / "src", MOE, intermediate_size=128, moe_intermediate_size=64,
-                                 shared_expert_intermediate_size=128, mlp_only_layers=[1])
+        src, _ = make_checkpoint(
+            tmp_path / "src",
+            MOE,
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=128,
+            mlp_only_layers=[1],
+        )
         path = quantize_folder(src, tmp_path / "q")
     else:
         path, _ = make_checkpoint(tmp_path / "src", DENSE)

@@ -108,8 +108,7 @@ def test_niah_2x2_grid_writes_png_and_json(tiny, tmp_path, capsys):
     import matplotlib.image as mpimg
 
     out = tmp_path / "grid.png"
-    assert main(["niah", "--model", str(tiny[0]), "--lengths", "600,900", "--depths", "0,100",
-                 "--out", str(out)]) == 0
+    assert main(["niah", "--model", str(tiny[0]), "--lengths", "600,900", "--depths", "0,100", "--out", str(out)]) == 0
     data = out.read_bytes()
     assert data[:8] == PNG_SIGNATURE
     img = mpimg.imread(out)
@@ -118,8 +117,12 @@ def test_niah_2x2_grid_writes_png_and_json(tiny, tmp_path, capsys):
     assert grid["lengths"] == [600, 900] and grid["depths"] == [0, 100]
     assert len(grid["scores"]) == 2 and all(len(row) == 2 for row in grid["scores"])
     assert all(s in (0.0, 1.0) for row in grid["scores"] for s in row)
-    assert len(grid["cells"]) == 4 and {c["id"] for c in grid["cells"]} == {"600:0:0", "600:100:0", "900:0:0",
-                                                                               "900:100:0"}
+    assert len(grid["cells"]) == 4 and {c["id"] for c in grid["cells"]} == {
+        "600:0:0",
+        "600:100:0",
+        "900:0:0",
+        "900:100:0",
+    }
     assert all(c["tokens"] <= c["length"] for c in grid["cells"])
     assert "no DCA" in grid["title"]
     assert "accuracy: " in capsys.readouterr().out
@@ -127,8 +130,26 @@ def test_niah_2x2_grid_writes_png_and_json(tiny, tmp_path, capsys):
 
 def test_niah_title_names_the_dca_settings(tiny, tmp_path):
     out = tmp_path / "dca.png"
-    assert main(["niah", "--model", str(tiny[0]), "--lengths", "600", "--depths", "50", "--out", str(out),
-                 "--dca-chunk-size", "256", "--dca-local-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "niah",
+                "--model",
+                str(tiny[0]),
+                "--lengths",
+                "600",
+                "--depths",
+                "50",
+                "--out",
+                str(out),
+                "--dca-chunk-size",
+                "256",
+                "--dca-local-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     grid = json.loads(out.with_suffix(".json").read_text())
     assert "DCA chunk 256, local 32" in grid["title"]
     assert grid["settings"]["dca"] == {"chunk_size": 256, "local_size": 32, "original_max_position_embeddings": 0}
@@ -182,22 +203,47 @@ def test_strided_perplexity_matches_transformers(tiny, tiny_loaded):
 # --- command-line errors --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["passkey", "--model", "{tmp}/nope", "--length", "100", "--trials", "1"], "no such model folder"),
-    (["ppl", "--model", "{model}", "--file", "{tmp}/missing.txt"], "missing.txt: no such text file"),
-    (["niah", "--model", "{model}", "--lengths", "1k,2k", "--out", "{tmp}/a.png"], "--lengths: expected"),
-    (["niah", "--model", "{model}", "--lengths", "600", "--depths", "0,150", "--out", "{tmp}/a.png"],
-     "--depths: 150 is out of range"),
-    (["niah", "--model", "{model}", "--lengths", "600", "--out", "{tmp}/a.jpg"], "ending in .png"),
-    (["niah", "--model", "{model}", "--lengths", "20", "--out", "{tmp}/a.png"], "--lengths: length 20 is too short"),
-    (["passkey", "--model", "{model}", "--length", "1000", "--trials", "0"], "--trials must be positive"),
-    (["ppl", "--model", "{model}", "--file", "{tmp}/t.txt", "--context", "8", "--stride", "9"], "--stride"),
-    (["passkey", "--model", "{model}", "--length", "600", "--dca-local-size", "8"], "--dca-chunk-size': is required"),
-    (["niah", "--model", "{model}", "--lengths", "600", "--out", "{tmp}/a.png", "--results", "{tmp}/a.json"],
-     "the same file as --out's grid"),
-    (["ppl", "--model", "{model}", "--file", "{tmp}/t.txt", "--json", "{tmp}/r.jsonl", "--results", "{tmp}/r.jsonl"],
-     "the same file as --json"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["passkey", "--model", "{tmp}/nope", "--length", "100", "--trials", "1"], "no such model folder"),
+        (["ppl", "--model", "{model}", "--file", "{tmp}/missing.txt"], "missing.txt: no such text file"),
+        (["niah", "--model", "{model}", "--lengths", "1k,2k", "--out", "{tmp}/a.png"], "--lengths: expected"),
+        (
+            ["niah", "--model", "{model}", "--lengths", "600", "--depths", "0,150", "--out", "{tmp}/a.png"],
+            "--depths: 150 is out of range",
+        ),
+        (["niah", "--model", "{model}", "--lengths", "600", "--out", "{tmp}/a.jpg"], "ending in .png"),
+        (
+            ["niah", "--model", "{model}", "--lengths", "20", "--out", "{tmp}/a.png"],
+            "--lengths: length 20 is too short",
+        ),
+        (["passkey", "--model", "{model}", "--length", "1000", "--trials", "0"], "--trials must be positive"),
+        (["ppl", "--model", "{model}", "--file", "{tmp}/t.txt", "--context", "8", "--stride", "9"], "--stride"),
+        (
+            ["passkey", "--model", "{model}", "--length", "600", "--dca-local-size", "8"],
+            "--dca-chunk-size': is required",
+        ),
+        (
+            ["niah", "--model", "{model}", "--lengths", "600", "--out", "{tmp}/a.png", "--results", "{tmp}/a.json"],
+            "the same file as --out's grid",
+        ),
+        (
+            [
+                "ppl",
+                "--model",
+                "{model}",
+                "--file",
+                "{tmp}/t.txt",
+                "--json",
+                "{tmp}/r.jsonl",
+                "--results",
+                "{tmp}/r.jsonl",
+            ],
+            "the same file as --json",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, argv, message):
     (tmp_path / "t.txt").write_text("hello world " * 10)
     argv = [a.format(tmp=tmp_path, model=tiny[0]) for a in argv]
@@ -223,8 +269,11 @@ MULTILINGUAL = (
 
 @pytest.mark.real_model
 def test_real_model_passkey_with_dca_at_2500_tokens(real_model_path):
-    model, tok = load(real_model_path, dtype=mx.float32,
-                      dca={"chunk_size": 1024, "local_size": 256, "original_max_position_embeddings": 0})
+    model, tok = load(
+        real_model_path,
+        dtype=mx.float32,
+        dca={"chunk_size": 1024, "local_size": 256, "original_max_position_embeddings": 0},
+    )
     results = ResultsFile(None, {})
     for trials in (1, 2, 3):  # resumes each time; a third trial only when the first two disagree
         summary = run_passkey(model, tok, length=2500, trials=trials, seed=0, results=results)

@@ -30,6 +30,7 @@ def one_error_line(err: str) -> str:
 def never(name: str):
     def fail(*args, **kwargs):
         raise AssertionError(f"{name} ran although a package was missing")
+
     return fail
 
 
@@ -74,8 +75,9 @@ def test_niah_without_matplotlib_stops_before_loading_the_model(tmp_path, monkey
     monkeypatch.setattr(niah, "run_niah", never("run_niah"))
     hide(monkeypatch, "matplotlib")
     out, results = tmp_path / "niah.png", tmp_path / "niah.jsonl"
-    rc = cli.main(["niah", "--model", str(tmp_path), "--lengths", "1024,2048", "--out", str(out),
-                   "--results", str(results)])
+    rc = cli.main(
+        ["niah", "--model", str(tmp_path), "--lengths", "1024,2048", "--out", str(out), "--results", str(results)]
+    )
     assert rc == 2
     line = one_error_line(capsys.readouterr().err)
     assert "matplotlib" in line and "pip install matplotlib" in line and "--out" in line
@@ -97,8 +99,14 @@ def test_niah_writes_its_results_before_drawing(tmp_path, monkeypatch, capsys):
     import qwen2_mlx.eval.niah as niah
     from qwen2_mlx.eval.common import LoadedModel
 
-    grid = {"lengths": [1024], "depths": [50], "trials": 1, "scores": [[1.0]], "accuracy": 1.0,
-            "cells": [{"id": "1024:50:0", "ok": True}]}
+    grid = {
+        "lengths": [1024],
+        "depths": [50],
+        "trials": 1,
+        "scores": [[1.0]],
+        "accuracy": 1.0,
+        "cells": [{"id": "1024:50:0", "ok": True}],
+    }
     settings = {"model": "m", "dtype": "float32", "dca": None, "rope_scaling": None}
     monkeypatch.setattr(cli, "load_for_eval", lambda args: LoadedModel(None, None, Path("m"), settings))
     monkeypatch.setattr(cli, "_check_lengths", lambda *a: None)
@@ -110,8 +118,21 @@ def test_niah_writes_its_results_before_drawing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(niah, "plot_heatmap", broken_plot)
     out, js = tmp_path / "niah.png", tmp_path / "summary.json"
     with pytest.raises(RuntimeError, match="drawing failed"):
-        cli.main(["niah", "--model", str(tmp_path), "--lengths", "1024", "--depths", "50", "--out", str(out),
-                  "--json", str(js)])
+        cli.main(
+            [
+                "niah",
+                "--model",
+                str(tmp_path),
+                "--lengths",
+                "1024",
+                "--depths",
+                "50",
+                "--out",
+                str(out),
+                "--json",
+                str(js),
+            ]
+        )
     for path in (out.with_suffix(".json"), js):
         saved = json.loads(path.read_text())
         assert saved["scores"] == [[1.0]] and saved["cells"][0]["id"] == "1024:50:0"

@@ -31,7 +31,7 @@ def pieces(tokenizer, ids):
     out, prev = [], ""
     for i in range(1, len(ids) + 1):
         cur = tokenizer.decode(ids[:i])
-        out.append(cur[len(prev):])
+        out.append(cur[len(prev) :])
         prev = cur
     return out
 
@@ -46,7 +46,7 @@ def test_stop_string_ends_generation_without_leaking(mt):
     model, tok = mt
     ids = script_ids(tok)
     text, rs = run(model, tok, sampler=scripted(ids), max_tokens=len(ids), stop=["fine"])
-    assert text == SCRIPT_TEXT[:SCRIPT_TEXT.index("fine")]
+    assert text == SCRIPT_TEXT[: SCRIPT_TEXT.index("fine")]
     assert rs[-1].finish_reason == "stop"
     assert all(r.finish_reason is None for r in rs[:-1])
     assert "fine" not in "".join(r.text for r in rs)
@@ -61,7 +61,7 @@ def test_stop_string_split_across_two_tokens(mt):
     stop = parts[k][-2:] + parts[k + 1][:2]
     assert all(stop not in p for p in parts)
     full = "".join(parts)
-    expected = full[:full.index(stop)]
+    expected = full[: full.index(stop)]
     emitted = ""
     for r in stream_generate(model, tok, PROMPT, sampler=scripted(ids), max_tokens=len(ids), stop=[stop]):
         emitted += r.text
@@ -101,10 +101,10 @@ def test_stop_filter_unit_cases():
 
     assert feed(["ab", "c", "de"], ["cd"]) == ("ab", True)
     assert feed(["x", "<", "|", "end", "|>", "y"], ["<|end|>"]) == ("x", True)
-    assert feed(["aaa", "b"], ["aab"]) == ("a", True)          # overlapping prefixes
-    assert feed(["ab", "x"], ["abc", "bx"]) == ("a", True)       # the earliest stop wins
-    assert feed(["ab", "x"], "zz") == ("abx", False)              # a single string is one stop
-    assert feed(["ab", "x"], [""]) == ("abx", False)                # empty stops are ignored
+    assert feed(["aaa", "b"], ["aab"]) == ("a", True)  # overlapping prefixes
+    assert feed(["ab", "x"], ["abc", "bx"]) == ("a", True)  # the earliest stop wins
+    assert feed(["ab", "x"], "zz") == ("abx", False)  # a single string is one stop
+    assert feed(["ab", "x"], [""]) == ("abx", False)  # empty stops are ignored
 
 
 # --- finish reasons --------------------------------------------------------------------------
@@ -154,8 +154,9 @@ def test_finish_reason_cancelled_by_event_from_another_thread(mt):
     worker = threading.Thread(target=lambda: (started.wait(10), cancel.set()))
     worker.start()
     count = 0
-    for r in stream_generate(model, tok, PROMPT, max_tokens=3000, cancel=cancel,
-                             logit_bias={next(iter(tok.eos_token_ids)): -1e4}):
+    for r in stream_generate(
+        model, tok, PROMPT, max_tokens=3000, cancel=cancel, logit_bias={next(iter(tok.eos_token_ids)): -1e4}
+    ):
         count += 1
         started.set()
     worker.join()
@@ -243,8 +244,14 @@ def test_matches_mlx_lm_generate_step_greedy(mt):
 def test_progress_callback_and_stats(mt):
     model, tok = mt
     calls = []
-    r = generate(model, tok, PROMPT * 3, max_tokens=3, prefill_step_size=8,
-                 prompt_progress_callback=lambda d, t: calls.append((d, t)))
+    r = generate(
+        model,
+        tok,
+        PROMPT * 3,
+        max_tokens=3,
+        prefill_step_size=8,
+        prompt_progress_callback=lambda d, t: calls.append((d, t)),
+    )
     total = len(tok.encode(PROMPT * 3, add_special_tokens=False))
     assert calls[0] == (0, total) and calls[-1] == (total, total)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)

@@ -26,8 +26,9 @@ def _hf_from_gguf(gguf_path, config_folder=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     extra = {"config": AutoConfig.from_pretrained(str(config_folder))} if config_folder else {}
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.float32, **extra).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, **extra
+    ).eval()
     return model, AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
 
 
@@ -42,11 +43,15 @@ def test_tensor_name_map():
     assert hf_name("blk.1.rope_freqs.weight") is None
 
 
-@pytest.mark.parametrize("base,qtypes,tied", [
-    (DENSE, ("Q8_0", "Q4_0", "Q5_1", "F16", "Q4_1", "Q5_0"), False),
-    (DENSE, ("BF16", "Q8_0"), True),
-    (MOE, ("Q8_0", "Q4_0", "F16"), False),
-], ids=["dense-mixed-types", "dense-tied-bf16", "moe"])
+@pytest.mark.parametrize(
+    "base,qtypes,tied",
+    [
+        (DENSE, ("Q8_0", "Q4_0", "Q5_1", "F16", "Q4_1", "Q5_0"), False),
+        (DENSE, ("BF16", "Q8_0"), True),
+        (MOE, ("Q8_0", "Q4_0", "F16"), False),
+    ],
+    ids=["dense-mixed-types", "dense-tied-bf16", "moe"],
+)
 def test_gguf_matches_transformers(tmp_path, base, qtypes, tied):
     import mlx.core as mx
     import torch
@@ -96,4 +101,6 @@ def test_gguf_special_tokens_and_template(tmp_path):
     from tokenizers import Tokenizer
 
     t = Tokenizer.from_file(str(out / "tokenizer.json"))
-    assert len(t.encode("<|im_start|>user").ids) >= 2 and t.encode("<|im_start|>").ids == [t.token_to_id("<|im_start|>")]
+    assert len(t.encode("<|im_start|>user").ids) >= 2 and t.encode("<|im_start|>").ids == [
+        t.token_to_id("<|im_start|>")
+    ]

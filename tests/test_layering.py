@@ -48,8 +48,13 @@ def project_imports(path: Path) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
-                   for stmt in block.body for n in ast.walk(stmt)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and _is_type_checking(block.test)
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
         if id(node) in typing_only:
             continue  # `if TYPE_CHECKING:` imports never run
@@ -70,7 +75,8 @@ def project_imports(path: Path) -> set[str]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _exists(module: str) -> bool:
@@ -107,8 +113,13 @@ def test_imports_flow_downwards_only():
 
 
 def test_model_code_imports_only_model_code():
-    outside = sorted(f"{m} -> {i}" for m, imps in GRAPH.items() if layer_of(m) == "models"
-                     for i in imps if layer_of(i) not in ("models", "base"))
+    outside = sorted(
+        f"{m} -> {i}"
+        for m, imps in GRAPH.items()
+        if layer_of(m) == "models"
+        for i in imps
+        if layer_of(i) not in ("models", "base")
+    )
     assert not outside, outside
 
 
@@ -117,7 +128,7 @@ def test_no_import_cycles():
 
     def visit(m):
         if m in stack:
-            cycles.append(stack[stack.index(m):] + [m])
+            cycles.append(stack[stack.index(m) :] + [m])
             return
         if m in seen:
             return
@@ -135,9 +146,11 @@ def test_no_import_cycles():
 
 def test_the_checker_finds_a_planted_upward_import_and_cycle(tmp_path, monkeypatch):
     """The rules above fail on the knots the layout removed (the model importing a command line)."""
-    graph = {"qwen2_mlx.models.model": {"qwen2_mlx.distributed"},
-             "qwen2_mlx.distributed": {"qwen2_mlx.generation.chat"},
-             "qwen2_mlx.generation.chat": {"qwen2_mlx.models.model"}}
+    graph = {
+        "qwen2_mlx.models.model": {"qwen2_mlx.distributed"},
+        "qwen2_mlx.distributed": {"qwen2_mlx.generation.chat"},
+        "qwen2_mlx.generation.chat": {"qwen2_mlx.models.model"},
+    }
     monkeypatch.setattr(sys.modules[__name__], "GRAPH", graph)
     with pytest.raises(AssertionError, match="qwen2_mlx.models.model -> qwen2_mlx.distributed"):
         test_model_code_imports_only_model_code()
@@ -148,9 +161,14 @@ def test_the_checker_finds_a_planted_upward_import_and_cycle(tmp_path, monkeypat
 
 
 def _imports_after(code: str) -> set[str]:
-    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={"PATH": "/usr/bin:/bin", "QWEN2_MLX_NO_OPENBLAS": "1", "HOME": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "QWEN2_MLX_NO_OPENBLAS": "1", "HOME": str(ROOT)},
+    )
     assert out.returncode == 0, out.stderr
     return set(out.stdout.split())
 
@@ -158,8 +176,11 @@ def _imports_after(code: str) -> set[str]:
 def test_importing_the_model_loads_no_generation_chat_or_command_line():
     loaded = _imports_after("import qwen2_mlx.models.model")
     assert "mlx.core" in loaded
-    assert not {m for m in loaded if m.startswith(("qwen2_mlx.generation", "qwen2_mlx.loading", "qwen2_mlx.cli",
-                                                   "qwen2_mlx.distributed", "tui"))}
+    assert not {
+        m
+        for m in loaded
+        if m.startswith(("qwen2_mlx.generation", "qwen2_mlx.loading", "qwen2_mlx.cli", "qwen2_mlx.distributed", "tui"))
+    }
 
 
 def test_public_names_load_lazily():
@@ -168,14 +189,23 @@ def test_public_names_load_lazily():
     assert {"mlx.core", "qwen2_mlx.generation.chat", "qwen2_mlx.loading.loader"} <= loaded
 
 
-ENTRY_POINTS = ["tui.__main__", "qwen2_mlx.convert.cli", "qwen2_mlx.eval.__main__", "qwen2_mlx.bench.compare",
-                "qwen2_mlx.bench.long", "qwen2_mlx.bench.batch", "qwen2_mlx.distributed"]
+ENTRY_POINTS = [
+    "tui.__main__",
+    "qwen2_mlx.convert.cli",
+    "qwen2_mlx.eval.__main__",
+    "qwen2_mlx.bench.compare",
+    "qwen2_mlx.bench.long",
+    "qwen2_mlx.bench.batch",
+    "qwen2_mlx.distributed",
+]
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 @pytest.mark.parametrize("argv", [["--help"], ["--no-such-option"]])
 def test_help_and_argument_errors_answer_without_importing_mlx(entry, argv):
-    code = (f"from {entry} import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
-            f"    assert e.code == (0 if {argv!r} == ['--help'] else 2), e.code\n"
-            f"else:\n    raise AssertionError('main returned')")
+    code = (
+        f"from {entry} import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
+        f"    assert e.code == (0 if {argv!r} == ['--help'] else 2), e.code\n"
+        f"else:\n    raise AssertionError('main returned')"
+    )
     assert "mlx.core" not in _imports_after(code)

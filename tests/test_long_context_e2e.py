@@ -72,8 +72,10 @@ def reference_dca_logits(tm, ids, chunk_size, local_size):
     inv_freq = plain_inv_freq(D, cfg.rope_parameters["rope_theta"])
 
     def dca_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        out = [ref.attention(q.numpy(), k.numpy(), v.numpy(), inv_freq, chunk_size, local_size)
-               for q, k, v in zip(query, key, value)]
+        out = [
+            ref.attention(q.numpy(), k.numpy(), v.numpy(), inv_freq, chunk_size, local_size)
+            for q, k, v in zip(query, key, value)
+        ]
         return torch.from_numpy(np.stack(out)).transpose(1, 2).to(query.dtype), None
 
     AttentionInterface.register("dca_reference", dca_reference_attention)
@@ -96,13 +98,13 @@ def test_dca_logits_match_reference_prefill_and_decode(dca_checkpoint):
     got = np.array(model(mx.array(ids)[None], cache=model.make_cache())[0])
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     cache = model.make_cache()
-    steps = [np.array(model(mx.array(ids[t:t + 1])[None], cache=cache)[0, 0]) for t in range(len(ids))]
+    steps = [np.array(model(mx.array(ids[t : t + 1])[None], cache=cache)[0, 0]) for t in range(len(ids))]
     np.testing.assert_allclose(np.stack(steps), want, atol=1e-4, rtol=1e-4)
     # sanity: the reference really is DCA (plain attention differs past M + 1)
     with torch.no_grad():
         plain = tm(torch.tensor(ids)[None]).logits[0].numpy()
-    np.testing.assert_allclose(plain[:DCA["chunk_size"] + 1], want[:DCA["chunk_size"] + 1], atol=1e-4, rtol=1e-4)
-    assert np.abs(plain[DCA["chunk_size"] + 1:] - want[DCA["chunk_size"] + 1:]).max() > 1e-2
+    np.testing.assert_allclose(plain[: DCA["chunk_size"] + 1], want[: DCA["chunk_size"] + 1], atol=1e-4, rtol=1e-4)
+    assert np.abs(plain[DCA["chunk_size"] + 1 :] - want[DCA["chunk_size"] + 1 :]).max() > 1e-2
 
 
 def test_dca_short_inputs_equal_plain_model(dca_checkpoint):
@@ -127,4 +129,4 @@ def test_dca_greedy_generation_equals_fresh_prefill(dca_checkpoint):
     for _ in range(30):
         logits = model(mx.array(seq)[None], cache=model.make_cache())[0, -1]
         seq.append(int(mx.argmax(logits).item()))
-    assert got == seq[len(prompt):]
+    assert got == seq[len(prompt) :]

@@ -54,7 +54,7 @@ def test_prefill_then_decode_matches_transformers(checkpoint):
     prefill = 25
     out = [np.array(model(mx.array(ids[:, :prefill]), cache=cache))]
     for t in range(prefill, ids.shape[1]):
-        out.append(np.array(model(mx.array(ids[:, t:t + 1]), cache=cache)))
+        out.append(np.array(model(mx.array(ids[:, t : t + 1]), cache=cache)))
     got = np.concatenate(out, axis=1)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     assert cache[0].offset == ids.shape[1]

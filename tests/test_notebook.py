@@ -65,8 +65,7 @@ def test_display_stream_updates_one_jupyter_display(mt, monkeypatch):
     monkeypatch.setitem(sys.modules, "IPython", fake.ipython)
     monkeypatch.setitem(sys.modules, "IPython.display", fake.display_module)
     ids = tok.encode("The quick brown fox", add_special_tokens=False)
-    reply = display_stream(stream_generate(model, tok, "Hi", max_tokens=len(ids), sampler=scripted(ids)),
-                           interval=0.0)
+    reply = display_stream(stream_generate(model, tok, "Hi", max_tokens=len(ids), sampler=scripted(ids)), interval=0.0)
     assert fake.displays == [""]  # one display, updated in place
     assert len(fake.updates) >= 3
     assert all(fake.updates[i + 1].startswith(fake.updates[i]) for i in range(len(fake.updates) - 2))

@@ -10,8 +10,16 @@ import pytest
 from mlx.utils import tree_flatten
 from api_support import tiny_model
 
-from qwen2_mlx import (PromptCacheError, can_trim_prompt_cache, load_prompt_cache, make_prompt_cache,
-                       prefill_prompt_cache, save_prompt_cache, stream_generate, trim_prompt_cache)
+from qwen2_mlx import (
+    PromptCacheError,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    prefill_prompt_cache,
+    save_prompt_cache,
+    stream_generate,
+    trim_prompt_cache,
+)
 from qwen2_mlx.models.config import DCAConfig
 from qwen2_mlx.models.model import Model
 
@@ -78,14 +86,24 @@ def test_reusing_a_prefilled_cache_equals_generating_from_the_full_prompt(mt):
         assert cache[0].offset == held
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"rope_theta": 500000.0}, "rope_theta"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}},
-     "rope_scaling"),
-    ({"dual_chunk_attention_config": DCAConfig(chunk_size=256, local_size=32,
-                                               original_max_position_embeddings=1024)},
-     "dual_chunk_attention_config"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"rope_theta": 500000.0}, "rope_theta"),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}},
+            "rope_scaling",
+        ),
+        (
+            {
+                "dual_chunk_attention_config": DCAConfig(
+                    chunk_size=256, local_size=32, original_max_position_embeddings=1024
+                )
+            },
+            "dual_chunk_attention_config",
+        ),
+    ],
+)
 def test_refuses_a_model_with_other_long_context_settings(mt, tmp_path, changes, field):
     model, tok = mt
     path = tmp_path / "c.safetensors"

@@ -77,9 +77,12 @@ def test_decode_with_a_cache_equals_the_unfused_reference(tiny_model):
     attn = tiny_model.layers[1].self_attn
     caches = [make_prompt_cache(tiny_model)[0] for _ in range(2)]
     xs = mx.random.normal((1, 12, tiny_model.args.hidden_size), key=mx.random.key(2))
-    for fused_out, ref_out in [(attn(xs[:, :9], "causal", caches[0]), unfused_attention(attn, xs[:, :9], caches[1]))] + [
-            (attn(xs[:, i:i + 1], None, caches[0]), unfused_attention(attn, xs[:, i:i + 1], caches[1]))
-            for i in range(9, 12)]:
+    for fused_out, ref_out in [
+        (attn(xs[:, :9], "causal", caches[0]), unfused_attention(attn, xs[:, :9], caches[1]))
+    ] + [
+        (attn(xs[:, i : i + 1], None, caches[0]), unfused_attention(attn, xs[:, i : i + 1], caches[1]))
+        for i in range(9, 12)
+    ]:
         assert same(fused_out, ref_out)
     assert caches[0].offset == caches[1].offset == 12
     assert same(caches[0].keys[..., :12, :], caches[1].keys[..., :12, :])
@@ -134,8 +137,14 @@ def test_quantized_weights_stack_and_mixed_bits_fall_back(tmp_path):
     # head_dim 32: the smallest group size mx.quantize takes.
     path, _ = make_checkpoint(tmp_path / "m", DENSE, num_attention_heads=2, num_key_value_heads=1)
     model, _ = qwen2_mlx.load(path)
-    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: (
-        {"group_size": 32, "bits": 8} if p.endswith("v_proj") else hasattr(m, "to_quantized")))
+    nn.quantize(
+        model,
+        group_size=32,
+        bits=4,
+        class_predicate=lambda p, m: (
+            {"group_size": 32, "bits": 8} if p.endswith("v_proj") else hasattr(m, "to_quantized")
+        ),
+    )
     x = mx.random.normal((1, 6, model.args.hidden_size), key=mx.random.key(4))
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     assert same(attn(x, "causal"), unfused_attention(attn, x))
@@ -147,13 +156,16 @@ def test_quantized_weights_stack_and_mixed_bits_fall_back(tmp_path):
 
 def test_greedy_tokens_and_logprobs_equal_the_unfused_forward(tiny_model, monkeypatch):
     """300 tokens (past KVCache's 256-position growth) with the stacked and an unfused forward."""
+
     def run():
         return [(t, lp) for t, lp in generate_step(PROMPT, tiny_model, max_tokens=300)]
+
     fused = run()
     from qwen2_mlx.models import attention, mlp
 
-    monkeypatch.setattr(attention.Attention, "__call__",
-                        lambda self, x, mask=None, cache=None: unfused_attention(self, x, cache))
+    monkeypatch.setattr(
+        attention.Attention, "__call__", lambda self, x, mask=None, cache=None: unfused_attention(self, x, cache)
+    )
     monkeypatch.setattr(mlp.MLP, "__call__", unfused_mlp)
     ref = run()
     assert [t for t, _ in fused] == [t for t, _ in ref]

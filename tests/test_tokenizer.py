@@ -6,8 +6,10 @@ from qwen2_mlx.loading.tokenizer import Tokenizer, load_tokenizer
 
 CONVERSATIONS = {
     "single": [{"role": "user", "content": "Write a haiku about autumn."}],
-    "system": [{"role": "system", "content": "你是一个乐于助人的助手。"},
-               {"role": "user", "content": "用中文解释一下量子计算。"}],
+    "system": [
+        {"role": "system", "content": "你是一个乐于助人的助手。"},
+        {"role": "user", "content": "用中文解释一下量子计算。"},
+    ],
     "multi-turn": [
         {"role": "user", "content": "こんにちは！元気ですか？"},
         {"role": "assistant", "content": "はい、元気です。🙂 何かお手伝いできますか？"},
@@ -45,8 +47,9 @@ def test_chat_template_ids_equal_transformers(real_tokenizers, name, gen):
     conv = CONVERSATIONS[name]
     expected = theirs.apply_chat_template(conv, add_generation_prompt=gen, tokenize=True, return_dict=False)
     assert ours.apply_chat_template(conv, add_generation_prompt=gen, tokenize=True) == list(expected)
-    assert ours.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False) == \
-        theirs.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False)
+    assert ours.apply_chat_template(conv, add_generation_prompt=gen, tokenize=False) == theirs.apply_chat_template(
+        conv, add_generation_prompt=gen, tokenize=False
+    )
 
 
 @pytest.mark.real_model

@@ -43,7 +43,9 @@ async def test_send_streams_markdown_reply_and_saves_it(tmp_path):
         assert app.prompt.text == ""
         path = app.store.path(app.chat.chat_id)
         assert [(m.role, m.content, m.status) for m in path] == [
-            ("user", "什么是量子计算？", "done"), ("assistant", CJK_REPLY, "done")]
+            ("user", "什么是量子计算？", "done"),
+            ("assistant", CJK_REPLY, "done"),
+        ]
         assert path[1].stats["finish_reason"] == "stop"
         assert app.title == "什么是量子计算？"
         stats = str(app.status.query_one("#status-stats").render())
@@ -76,7 +78,9 @@ async def test_text_and_enter_in_one_burst_are_not_lost(tmp_path):
         for ch in "继续写完代码":
             app.post_message(events.Key(ch, ch))
         app.post_message(events.Key("enter", "\r"))
-        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1] == ("assistant", "ok", "done"))
+        await wait_until(
+            pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1] == ("assistant", "ok", "done")
+        )
         assert app.transcript.views[0].content == "继续写完代码" and app.prompt.text == ""
 
 
@@ -167,8 +171,14 @@ async def test_edit_an_earlier_message_and_switch_branches(tmp_path):
         assert app.prompt.text == "one" and app.chat.edit_target is not None
         app.prompt.set_text("uno")
         await pilot.press("enter")
-        await wait_until(pilot, lambda: app.chat.job is None and len(app.transcript.views) == 2
-                         and app.transcript.views[-1].content == "echo: uno")
+        await wait_until(
+            pilot,
+            lambda: (
+                app.chat.job is None
+                and len(app.transcript.views) == 2
+                and app.transcript.views[-1].content == "echo: uno"
+            ),
+        )
         assert texts(app) == [("user", "uno", "done"), ("assistant", "echo: uno", "done")]
         assert app.transcript.views[0].branch == (2, 2)
         assert app.backend.calls[-1]["history"] == [{"role": "user", "content": "uno"}]
@@ -319,8 +329,10 @@ async def test_engine_error_keeps_the_prompt_and_app_recovers(tmp_path):
         await send(pilot, "hello")
         assert texts(app)[-1] == ("assistant", "fine now", "done")
         # the failed reply is not part of what the model is given
-        assert app.backend.calls[-1]["history"] == [{"role": "user", "content": "please FAIL now"},
-                                                    {"role": "user", "content": "hello"}]
+        assert app.backend.calls[-1]["history"] == [
+            {"role": "user", "content": "please FAIL now"},
+            {"role": "user", "content": "hello"},
+        ]
 
 
 async def test_reply_interrupted_by_a_crash_is_kept_and_marked(tmp_path):
@@ -338,15 +350,18 @@ async def test_reply_interrupted_by_a_crash_is_kept_and_marked(tmp_path):
 
 async def test_keymap_file_rebinds_keys(tmp_path, data_home):
     (data_home / "qwen2-mlx").mkdir(parents=True)
-    (data_home / "qwen2-mlx" / "keymap.json").write_text(json.dumps(
-        {"prompt.submit": "ctrl+j", "prompt.newline": "enter,shift+enter", "app.regenerate": "f5"}))
+    (data_home / "qwen2-mlx" / "keymap.json").write_text(
+        json.dumps({"prompt.submit": "ctrl+j", "prompt.newline": "enter,shift+enter", "app.regenerate": "f5"})
+    )
     app = make_app(tmp_path, replies=["one", "two"])
     async with app.run_test(size=(80, 24)) as pilot:
         await ready(pilot)
         await pilot.press("a", "enter", "b")
         assert app.prompt.text == "a\nb" and app.transcript.views == []
         await pilot.press("ctrl+j")
-        await wait_until(pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1] == ("assistant", "one", "done"))
+        await wait_until(
+            pilot, lambda: len(app.transcript.views) == 2 and texts(app)[-1] == ("assistant", "one", "done")
+        )
         assert app.transcript.views[0].content == "a\nb"
         await pilot.press("f5")
         await wait_until(pilot, lambda: texts(app)[-1] == ("assistant", "two", "done"))
@@ -434,7 +449,9 @@ async def test_settings_panel_saves_per_chat(tmp_path):
         await wait_until(pilot, lambda: isinstance(app.screen, SettingsScreen))
         app.screen.query_one("#set-top_p").value = "2"
         await pilot.press("ctrl+s")
-        await wait_until(pilot, lambda: "top_p must be between" in str(app.screen.query_one("#settings-error").render()))
+        await wait_until(
+            pilot, lambda: "top_p must be between" in str(app.screen.query_one("#settings-error").render())
+        )
 
 
 async def test_load_failure_exits_with_status_2(tmp_path):

@@ -48,14 +48,17 @@ def test_store_history_skips_repeats_and_blank(tmp_path):
     assert store.history() == ["a", "b", "a"]
 
 
-@pytest.mark.parametrize("title,stem", [
-    ("量子计算入门", "量子计算入门"),
-    ("Привет, мир!", "Привет-мир"),
-    ("日本語のテスト: a/b\\c", "日本語のテスト-a-b-c"),
-    ("café  ☕ ", "café"),
-    ("///", "chat"),
-    ("../../etc/passwd", "etc-passwd"),
-])
+@pytest.mark.parametrize(
+    "title,stem",
+    [
+        ("量子计算入门", "量子计算入门"),
+        ("Привет, мир!", "Привет-мир"),
+        ("日本語のテスト: a/b\\c", "日本語のテスト-a-b-c"),
+        ("café  ☕ ", "café"),
+        ("///", "chat"),
+        ("../../etc/passwd", "etc-passwd"),
+    ],
+)
 def test_slugify_keeps_every_script(title, stem):
     assert slugify(title) == stem
 
@@ -71,26 +74,45 @@ def test_export_never_overwrites(tmp_path):
     p2 = export_chat("问候", "be kind", msgs, "md", directory=tmp_path)
     p3 = export_chat("问候", "be kind", msgs, "jsonl", directory=tmp_path)
     assert (p1.name, p2.name, p3.name) == ("问候.md", "问候-2.md", "问候.jsonl")
-    assert [json.loads(x)["role"] for x in p3.read_text(encoding="utf-8").splitlines()] == ["system", "user", "assistant"]
+    assert [json.loads(x)["role"] for x in p3.read_text(encoding="utf-8").splitlines()] == [
+        "system",
+        "user",
+        "assistant",
+    ]
     with pytest.raises(ValueError):
         export_chat("x", None, msgs, "pdf", directory=tmp_path)
 
 
-@pytest.mark.parametrize("text,key,value", [
-    ("/set temp 0.7", "temperature", 0.7), ("/set top_p 0.9", "top_p", 0.9), ("/set top_k 40", "top_k", 40),
-    ("/set rep 1.1", "repetition_penalty", 1.1), ("/max 256", "max_tokens", 256), ("/max none", "max_tokens", None),
-    ("/set seed 42", "seed", 42), ("/set context drop_oldest", "context_policy", "drop_oldest"),
-])
+@pytest.mark.parametrize(
+    "text,key,value",
+    [
+        ("/set temp 0.7", "temperature", 0.7),
+        ("/set top_p 0.9", "top_p", 0.9),
+        ("/set top_k 40", "top_k", 40),
+        ("/set rep 1.1", "repetition_penalty", 1.1),
+        ("/max 256", "max_tokens", 256),
+        ("/max none", "max_tokens", None),
+        ("/set seed 42", "seed", 42),
+        ("/set context drop_oldest", "context_policy", "drop_oldest"),
+    ],
+)
 def test_set_commands(text, key, value):
     cmd = commands.parse(text)
     assert (cmd.name, cmd.key, cmd.value) == ("set", key, value)
 
 
-@pytest.mark.parametrize("text,error", [
-    ("/set temp hot", "temp needs a number"), ("/set top_p 2", "between"), ("/set", "usage"),
-    ("/set color red", "unknown setting"), ("/max", "usage"),
-    ("/set context forget", "context must be"), ("/rename", "usage"),
-])
+@pytest.mark.parametrize(
+    "text,error",
+    [
+        ("/set temp hot", "temp needs a number"),
+        ("/set top_p 2", "between"),
+        ("/set", "usage"),
+        ("/set color red", "unknown setting"),
+        ("/max", "usage"),
+        ("/set context forget", "context must be"),
+        ("/rename", "usage"),
+    ],
+)
 def test_bad_commands_say_why(text, error):
     with pytest.raises(commands.CommandError, match=error):
         commands.parse(text)
@@ -237,7 +259,9 @@ def test_fake_backend_timing_is_fixed():
     # snapshot tests rely on the stats not depending on the clock
     b = FakeBackend(["a b"])
     rs = list(b.generate([{"role": "user", "content": "x"}], None, {}, threading.Event()))
-    assert {(r.prompt_tps, r.generation_tps, r.peak_memory, r.time_to_first_token) for r in rs} == {(120.0, 30.0, 0.5, 0.25)}
+    assert {(r.prompt_tps, r.generation_tps, r.peak_memory, r.time_to_first_token) for r in rs} == {
+        (120.0, 30.0, 0.5, 0.25)
+    }
 
 
 def test_piped_stdin_joins_the_prompt(monkeypatch, capsys):

@@ -31,13 +31,18 @@ async def test_app_answers_a_chinese_question_in_chinese(real_model_path, tmp_pa
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     backend = ModelBackend(real_model_path, dtype="float32")
-    app = ChatApp(backend, Store(tmp_path / "chats.sqlite3"),
-                  default_settings={"max_tokens": 16, "temperature": 0.0}, animate=False)
+    app = ChatApp(
+        backend,
+        Store(tmp_path / "chats.sqlite3"),
+        default_settings={"max_tokens": 16, "temperature": 0.0},
+        animate=False,
+    )
     async with app.run_test(size=(100, 30)) as pilot:
         await wait_until(pilot, lambda: app.loaded, timeout=300)
         await send(pilot, QUESTION, wait=False)
-        await wait_until(pilot, lambda: app.chat.job is None and app.transcript.views[-1].status != "streaming",
-                         timeout=300)
+        await wait_until(
+            pilot, lambda: app.chat.job is None and app.transcript.views[-1].status != "streaming", timeout=300
+        )
         reply = app.transcript.views[-1]
         assert reply.status in ("done", "length"), reply.error
         assert CJK.search(reply.content), reply.content
@@ -51,8 +56,20 @@ async def test_app_answers_a_chinese_question_in_chinese(real_model_path, tmp_pa
 def test_prompt_flag_prints_a_chinese_reply(real_model_path, capsys):
     from tui.__main__ import main
 
-    code = main(["--model", str(real_model_path), "--dtype", "float32", "--prompt", QUESTION,
-                 "--max-tokens", "16", "--temp", "0"])
+    code = main(
+        [
+            "--model",
+            str(real_model_path),
+            "--dtype",
+            "float32",
+            "--prompt",
+            QUESTION,
+            "--max-tokens",
+            "16",
+            "--temp",
+            "0",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and CJK.search(out), out
 

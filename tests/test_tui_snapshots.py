@@ -11,8 +11,10 @@ import pytest
 
 from tui_helpers import CJK_REPLY, make_app, ready, send
 
-JA_REPLY = ("はい、量子コンピュータは**量子ビット**を使います。古典的なビットとは違い、0と1の重ね合わせの状態を"
-            "同時に取ることができます。これにより、特定の問題を非常に速く解くことができます。")
+JA_REPLY = (
+    "はい、量子コンピュータは**量子ビット**を使います。古典的なビットとは違い、0と1の重ね合わせの状態を"
+    "同時に取ることができます。これにより、特定の問題を非常に速く解くことができます。"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -62,8 +64,10 @@ def test_empty_chat_with_cjk_input_80x24(snap_compare, tmp_path):
 
     async def run_before(pilot):
         await ready(pilot)
-        app.prompt.set_text("请解释一下这段代码的作用，並且用日本語でもう一度説明してください。"
-                            "長い行は正しく折り返されるべきです。\n第二行")
+        app.prompt.set_text(
+            "请解释一下这段代码的作用，並且用日本語でもう一度説明してください。"
+            "長い行は正しく折り返されるべきです。\n第二行"
+        )
         quiet(app)
         await pilot.pause()
 

@@ -18,8 +18,12 @@ def hf_yarn(D, base, scaling, max_pos=32768):
     from transformers import Qwen2Config
     from transformers.modeling_rope_utils import _compute_yarn_parameters
 
-    cfg = Qwen2Config(hidden_size=D * 2, num_attention_heads=2, max_position_embeddings=max_pos,
-                      rope_parameters=dict(scaling, rope_type="yarn", rope_theta=base))
+    cfg = Qwen2Config(
+        hidden_size=D * 2,
+        num_attention_heads=2,
+        max_position_embeddings=max_pos,
+        rope_parameters=dict(scaling, rope_type="yarn", rope_theta=base),
+    )
     inv, af = _compute_yarn_parameters(cfg)
     return inv.double().numpy(), af
 
@@ -36,9 +40,10 @@ def test_frequencies_match_transformers_and_mlx_lm(D, base, factor):
     np.testing.assert_allclose(rope.inv_freq, inv_hf, rtol=1e-6)
     # mx.fast.rope takes periods: what the rope call actually uses
     np.testing.assert_allclose(1.0 / np.array(rope.freqs, dtype=np.float64), inv_hf, rtol=1e-6)
-    assert rope.attention_scale == pytest.approx(af_hf ** 2, rel=1e-12)
-    ml = YarnRoPE(D, base=base, scaling_factor=factor, original_max_position_embeddings=32768,
-                  max_position_embeddings=131072)
+    assert rope.attention_scale == pytest.approx(af_hf**2, rel=1e-12)
+    ml = YarnRoPE(
+        D, base=base, scaling_factor=factor, original_max_position_embeddings=32768, max_position_embeddings=131072
+    )
     np.testing.assert_allclose(1.0 / np.array(ml._freqs, dtype=np.float64), rope.inv_freq, rtol=1e-6)
     assert ml.mscale == pytest.approx(math.sqrt(rope.attention_scale), rel=1e-6)
 
@@ -48,7 +53,7 @@ def test_qwen_7b_values():
     scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     inv, af = yarn_parameters(128, 1e6, scaling, 131072)
     plain = plain_inv_freq(128, 1e6)
-    np.testing.assert_allclose(inv[:24], plain[:24], rtol=1e-12)     # d <= lo keeps theta_d
+    np.testing.assert_allclose(inv[:24], plain[:24], rtol=1e-12)  # d <= lo keeps theta_d
     np.testing.assert_allclose(inv[40:], plain[40:] / 4, rtol=1e-12)  # d >= hi: theta_d / f
     assert np.all(inv[24:40] < plain[24:40]) and np.all(inv[24:40] > plain[24:40] / 4)
     assert af == pytest.approx(1.1386294, abs=1e-7) and af * af == pytest.approx(1.2964770, abs=1e-7)
@@ -64,8 +69,12 @@ def test_factor_at_most_one_and_options():
     assert af == 1.0
     _, af = yarn_parameters(64, 1e6, {"factor": 0.5, "original_max_position_embeddings": 4096}, 4096)
     assert af == 1.0
-    for extra in ({"truncate": False}, {"beta_fast": 16, "beta_slow": 2}, {"attention_factor": 1.5},
-                  {}):  # missing original_max_position_embeddings: max_position_embeddings
+    for extra in (
+        {"truncate": False},
+        {"beta_fast": 16, "beta_slow": 2},
+        {"attention_factor": 1.5},
+        {},
+    ):  # missing original_max_position_embeddings: max_position_embeddings
         scaling = dict({"factor": 4.0, "original_max_position_embeddings": 8192}, **extra)
         if not extra:
             scaling.pop("original_max_position_embeddings")
@@ -79,8 +88,16 @@ def test_yarn_attention_is_plain_softmax_with_mscale_squared():
     """The module's YaRN attention == softmax(mscale^2 q'k'/sqrt(D)) with YaRN-rotated q', k'."""
     Hq, Hkv, D, L = 4, 2, 16, 40
     scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
-    args = ModelArgs(model_type="qwen2", hidden_size=Hq * D, num_hidden_layers=1, intermediate_size=8,
-                     num_attention_heads=Hq, num_key_value_heads=Hkv, vocab_size=8, rope_scaling=scaling)
+    args = ModelArgs(
+        model_type="qwen2",
+        hidden_size=Hq * D,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        num_attention_heads=Hq,
+        num_key_value_heads=Hkv,
+        vocab_size=8,
+        rope_scaling=scaling,
+    )
     mx.random.seed(0)
     attn = Attention(args)
     r = np.random.default_rng(0)
@@ -94,7 +111,8 @@ def test_yarn_attention_is_plain_softmax_with_mscale_squared():
         return y.reshape(L, heads, D).transpose(1, 0, 2)
 
     mscale = 0.1 * math.log(4.0) + 1
-    o = ref.attention(proj(attn.q_proj, Hq), proj(attn.k_proj, Hkv), proj(attn.v_proj, Hkv), attn.rope.inv_freq,
-                      tau=mscale ** 2)
+    o = ref.attention(
+        proj(attn.q_proj, Hq), proj(attn.k_proj, Hkv), proj(attn.v_proj, Hkv), attn.rope.inv_freq, tau=mscale**2
+    )
     want = o.transpose(1, 0, 2).reshape(L, -1) @ np.array(attn.o_proj.weight, np.float64).T
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)

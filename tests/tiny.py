@@ -19,15 +19,32 @@ QWEN_TEMPLATE = (
 )
 
 DENSE = dict(
-    model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64, intermediate_size=160,
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-    max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    hidden_act="silu", torch_dtype="float32",
+    model_type="qwen2",
+    architectures=["Qwen2ForCausalLM"],
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    hidden_act="silu",
+    torch_dtype="float32",
 )
 MOE = dict(
-    DENSE, model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_experts=8,
-    num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=96,
-    norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
+    DENSE,
+    model_type="qwen2_moe",
+    architectures=["Qwen2MoeForCausalLM"],
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=48,
+    shared_expert_intermediate_size=96,
+    norm_topk_prob=False,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
 )
 
 
@@ -78,14 +95,32 @@ def write_tokenizer(path: Path, vocab_size: int = 512) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = ["The quick brown fox jumps over the lazy dog.", "你好，世界！今天天气很好。",
-              "こんにちは世界", "Hello, how are you? I am fine, thank you.", "def main():\n    return 42\n",
-              "Привет мир", "🙂 emoji 🎉"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [
+        "The quick brown fox jumps over the lazy dog.",
+        "你好，世界！今天天气很好。",
+        "こんにちは世界",
+        "Hello, how are you? I am fine, thank you.",
+        "def main():\n    return 42\n",
+        "Привет мир",
+        "🙂 emoji 🎉",
+    ] * 20
     tok.train_from_iterator(corpus, trainer)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
-        "chat_template": QWEN_TEMPLATE, "model_max_length": 4096,
-    }, indent=2))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "chat_template": QWEN_TEMPLATE,
+                "model_max_length": 4096,
+            },
+            indent=2,
+        )
+    )

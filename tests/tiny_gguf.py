@@ -14,11 +14,15 @@ import numpy as np
 _LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
     "mlp.gate.weight": "ffn_gate_inp.weight",
     "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
@@ -50,7 +54,8 @@ def _gguf_tensors(hf_folder: Path, cfg: dict) -> dict[str, np.ndarray]:
             first = f"{p}mlp.experts.0.{proj}.weight"
             if first in w:
                 out[f"blk.{i}.{gg}.weight"] = np.stack(
-                    [w[f"{p}mlp.experts.{e}.{proj}.weight"] for e in range(cfg["num_experts"])])
+                    [w[f"{p}mlp.experts.{e}.{proj}.weight"] for e in range(cfg["num_experts"])]
+                )
             elif f"{p}mlp.experts.gate_up_proj" in w and proj != "down_proj":
                 gate, up = np.split(w[f"{p}mlp.experts.gate_up_proj"], 2, axis=1)
                 out[f"blk.{i}.{gg}.weight"] = gate if proj == "gate_proj" else up
@@ -59,8 +64,9 @@ def _gguf_tensors(hf_folder: Path, cfg: dict) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def write_gguf(path: Path, hf_folder: Path, cfg: dict, qtypes=("Q8_0",), arch: str | None = None,
-               chat_template: str | None = None) -> Path:
+def write_gguf(
+    path: Path, hf_folder: Path, cfg: dict, qtypes=("Q8_0",), arch: str | None = None, chat_template: str | None = None
+) -> Path:
     """Write `hf_folder` (tests/tiny.py checkpoint) as a GGUF; 2-D weights cycle through `qtypes`."""
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -71,7 +77,9 @@ def write_gguf(path: Path, hf_folder: Path, cfg: dict, qtypes=("Q8_0",), arch: s
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"] if arch != "qwen2moe" else cfg["shared_expert_intermediate_size"])
+    w.add_feed_forward_length(
+        cfg["intermediate_size"] if arch != "qwen2moe" else cfg["shared_expert_intermediate_size"]
+    )
     w.add_head_count(cfg["num_attention_heads"])
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_rope_freq_base(cfg["rope_theta"])

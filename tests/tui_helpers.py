@@ -10,8 +10,10 @@ from tui.app import ChatApp
 from tui.fake import FakeBackend
 from tui.store import Store
 
-CJK_REPLY = ("量子计算利用**叠加**和纠缠来处理信息。日本語では「量子コンピュータ」と言います。🙂\n\n"
-             "```python\nprint('你好，世界')\n```\n")
+CJK_REPLY = (
+    "量子计算利用**叠加**和纠缠来处理信息。日本語では「量子コンピュータ」と言います。🙂\n\n"
+    "```python\nprint('你好，世界')\n```\n"
+)
 
 
 def make_app(tmp_path: Path, replies=None, delay: float = 0.0, **backend_kw) -> ChatApp:
@@ -52,8 +54,16 @@ async def send(pilot, text: str, wait: bool = True) -> None:
         await wait_until(pilot, lambda: _message_count(app) > before)
     else:
         await wait_until(pilot, lambda: _message_count(app) >= before + 2)
-    await wait_until(pilot, lambda: app.chat.job is None and app.chat.reply_view is None and (
-        not app.transcript.views or app.transcript.views[-1].status not in ("streaming", "waiting", "stopping")))
+    await wait_until(
+        pilot,
+        lambda: (
+            app.chat.job is None
+            and app.chat.reply_view is None
+            and (
+                not app.transcript.views or app.transcript.views[-1].status not in ("streaming", "waiting", "stopping")
+            )
+        ),
+    )
     await pilot.pause()
 
 

@@ -21,9 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwen2-chat",
         description="Chat with a Qwen2 model in the terminal (MLX, in-process). "
-                    "With --prompt or piped stdin, print one reply and exit.")
-    p.add_argument("--model", type=Path, default=None,
-                   help=f"converted model folder (default: {default_model_path()})")
+        "With --prompt or piped stdin, print one reply and exit.",
+    )
+    p.add_argument("--model", type=Path, default=None, help=f"converted model folder (default: {default_model_path()})")
     p.add_argument("--prompt", "-p", default=None, help="print one reply to this prompt on stdout and exit")
     p.add_argument("--system", "-s", default=None, help="system prompt for new chats")
     p.add_argument("--temp", type=float, default=None, help="sampling temperature (default 0.7)")
@@ -31,8 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default 20)")
     p.add_argument("--max-tokens", type=int, default=None, help="longest reply in tokens (default 1024)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable replies")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                   help="cast the weights (float32 is the fast choice on a CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="cast the weights (float32 is the fast choice on a CPU)",
+    )
     p.add_argument("--inline", "-i", action="store_true", help="run under the prompt instead of full screen")
     p.add_argument("--chat", type=int, default=None, metavar="ID", help="reopen a saved chat by id")
     p.add_argument("--last", action="store_true", help="reopen the most recent chat")
@@ -42,13 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> dict:
-    pairs = {"temperature": args.temp, "top_p": args.top_p, "top_k": args.top_k,
-             "max_tokens": args.max_tokens, "seed": args.seed}
+    pairs = {
+        "temperature": args.temp,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "max_tokens": args.max_tokens,
+        "seed": args.seed,
+    }
     return {k: v for k, v in pairs.items() if v is not None}
 
 
-def run_once(backend, text: str, system: Optional[str], settings: dict, out: Optional[TextIO] = None,
-             err: Optional[TextIO] = None) -> int:
+def run_once(
+    backend,
+    text: str,
+    system: Optional[str],
+    settings: dict,
+    out: Optional[TextIO] = None,
+    err: Optional[TextIO] = None,
+) -> int:
     """Load, answer `text` once on `out` (progress and notes on `err`); returns the exit status."""
     from .backend import DEFAULT_SETTINGS
 
@@ -74,8 +89,9 @@ def run_once(backend, text: str, system: Optional[str], settings: dict, out: Opt
     cancel = threading.Event()
     reason = None
     try:
-        for r in backend.generate([{"role": "user", "content": text}], system,
-                                  {**DEFAULT_SETTINGS, **settings}, cancel):
+        for r in backend.generate(
+            [{"role": "user", "content": text}], system, {**DEFAULT_SETTINGS, **settings}, cancel
+        ):
             if r.text:
                 out.write(r.text)
                 out.flush()
@@ -141,8 +157,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.last and chat_id is None:
         chats = store.chats()
         chat_id = chats[0].id if chats else None
-    app = ChatApp(backend, store, chat_id=chat_id, default_system=args.system, default_settings=settings,
-                  backend_factory=lambda path: ModelBackend(path, dtype=args.dtype, overrides=backend.overrides))
+    app = ChatApp(
+        backend,
+        store,
+        chat_id=chat_id,
+        default_system=args.system,
+        default_settings=settings,
+        backend_factory=lambda path: ModelBackend(path, dtype=args.dtype, overrides=backend.overrides),
+    )
     code = app.run(inline=args.inline)
     store.close()
     return code if isinstance(code, int) else (app.return_code or 0)

@@ -68,9 +68,17 @@ class ChatApp(App):
         Binding("f1", "help", "Help", id="app.help"),
     ]
 
-    def __init__(self, backend, store: Optional[Store] = None, chat_id: Optional[int] = None,
-                 default_system: Optional[str] = None, default_settings: Optional[dict] = None,
-                 model_label: str = "", animate: bool = True, backend_factory=None):
+    def __init__(
+        self,
+        backend,
+        store: Optional[Store] = None,
+        chat_id: Optional[int] = None,
+        default_system: Optional[str] = None,
+        default_settings: Optional[dict] = None,
+        model_label: str = "",
+        animate: bool = True,
+        backend_factory=None,
+    ):
         super().__init__()
         cjk_wrap.install()
         self.backend = backend
@@ -81,8 +89,9 @@ class ChatApp(App):
         self.loaded = False
         self.context_limit = 0
         self.load_seconds = 0.0
-        self.chat = ChatScreen(self.store, self.engine, chat_id, default_system,
-                               {**DEFAULT_SETTINGS, **(default_settings or {})})
+        self.chat = ChatScreen(
+            self.store, self.engine, chat_id, default_system, {**DEFAULT_SETTINGS, **(default_settings or {})}
+        )
         if not animate:
             self.animation_level = "none"
 
@@ -115,8 +124,9 @@ class ChatApp(App):
             return
         try:
             keymap = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(keymap, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in keymap.items()):
+            if not isinstance(keymap, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in keymap.items()
+            ):
                 raise ValueError("expected a JSON object from binding id to keys")
         except (OSError, ValueError) as e:
             self.notify(f"{path}: ignored ({e})", severity="warning")
@@ -163,19 +173,22 @@ class ChatApp(App):
         elif isinstance(ev, LoadFailed) and not ev.initial:
             self.loaded = True  # the previous model is still loaded and answers
             self.status.set_state("ready")
-            self.notify(f"Cannot load that model: {ev.error}. Still using {self.model_label}.",
-                        severity="error", timeout=8)
+            self.notify(
+                f"Cannot load that model: {ev.error}. Still using {self.model_label}.", severity="error", timeout=8
+            )
         elif isinstance(ev, LoadFailed):
-            self.exit(return_code=2, message=f"qwen2-chat: cannot load the model: {ev.error}\n"
-                                             "hint: run `python convert.py` to create the default model")
+            self.exit(
+                return_code=2,
+                message=f"qwen2-chat: cannot load the model: {ev.error}\n"
+                "hint: run `python convert.py` to create the default model",
+            )
         else:  # a reply's event: in turn with the chat screen's own messages
             self.chat.call_later(self.chat.job_event, ev)
 
     def switch_model(self, target: str) -> None:
         """Load another converted model in place of this one (the chats stay as they are)."""
         if self.backend_factory is None:
-            self.notify("This app was started without a model loader; restart with --model PATH.",
-                        severity="warning")
+            self.notify("This app was started without a model loader; restart with --model PATH.", severity="warning")
             return
         if self.chat.job is not None or not self.loaded:
             self.notify("Wait for the reply (or the load) to finish first.", severity="warning")

@@ -41,8 +41,9 @@ class Backend(Protocol):
 
     def load(self, progress: Callable[[float, str], None]) -> None: ...
 
-    def generate(self, history: list[dict], system: Optional[str], settings: dict,
-                 cancel: threading.Event) -> Iterator[Any]: ...
+    def generate(
+        self, history: list[dict], system: Optional[str], settings: dict, cancel: threading.Event
+    ) -> Iterator[Any]: ...
 
     def count_tokens(self, history: list[dict], system: Optional[str]) -> int: ...
 
@@ -128,7 +129,7 @@ class ModelBackend:
         n = len(prefix)
         if have == prefix:
             replies = chat.stream(last["content"], cancel=cancel, **kw)  # a new turn
-        elif have[:n + 1] == history and len(have) <= n + 2:
+        elif have[: n + 1] == history and len(have) <= n + 2:
             replies = chat.regenerate(cancel=cancel, **kw)  # a new reply to the same message
         elif have[:n] == prefix and len(have) > n and have[n]["role"] == "user":
             chat.edit(n + offset, last["content"])  # an edited message: Chat keeps the cache before it

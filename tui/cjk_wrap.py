@@ -13,14 +13,16 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-CJK = ("\u1100-\u11ff\u2e80-\u2fdf\u2ff0-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff"
-       "\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0003ffff")
-NO_START = ("、。，．：；？！）］｝」』】〕〉》〙〗〟’”…‥ー々ゝゞヽヾぁぃぅぇぉっゃゅょゎァィゥェォッャュョヮヵヶ・"
-            ",.!?;:%)]}")
+CJK = (
+    "\u1100-\u11ff\u2e80-\u2fdf\u2ff0-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff"
+    "\ufe30-\ufe4f\uff00-\uffef\U00020000-\U0003ffff"
+)
+NO_START = (
+    "、。，．：；？！）］｝」』】〕〉》〙〗〟’”…‥ー々ゝゞヽヾぁぃぅぇぉっゃゅょゎァィゥェォッャュョヮヵヶ・,.!?;:%)]}"
+)
 NO_END = "（［｛「『【〔〈《〘〖〝‘“"
 
-_unit = (f"(?:[{re.escape(NO_END)}]*[{CJK}][{re.escape(NO_START)}]*"
-         f"|[^\\s{CJK}]+[{re.escape(NO_START)}]*)")
+_unit = f"(?:[{re.escape(NO_END)}]*[{CJK}][{re.escape(NO_START)}]*|[^\\s{CJK}]+[{re.escape(NO_START)}]*)"
 re_word = re.compile(rf"\s*{_unit}\s*")  # Rich's shape: leading and trailing whitespace
 re_chunk = re.compile(rf"{_unit}\s*|\s+")  # Textual's shape: trailing whitespace only
 

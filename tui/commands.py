@@ -13,15 +13,27 @@ from typing import Any, Optional
 
 # Accepted spellings of each setting, and how to read its value.
 ALIASES = {
-    "temp": "temperature", "temperature": "temperature", "t": "temperature",
-    "top_p": "top_p", "topp": "top_p", "top-p": "top_p",
-    "top_k": "top_k", "topk": "top_k", "top-k": "top_k",
-    "min_p": "min_p", "minp": "min_p", "min-p": "min_p",
-    "rep": "repetition_penalty", "repeat_penalty": "repetition_penalty",
+    "temp": "temperature",
+    "temperature": "temperature",
+    "t": "temperature",
+    "top_p": "top_p",
+    "topp": "top_p",
+    "top-p": "top_p",
+    "top_k": "top_k",
+    "topk": "top_k",
+    "top-k": "top_k",
+    "min_p": "min_p",
+    "minp": "min_p",
+    "min-p": "min_p",
+    "rep": "repetition_penalty",
+    "repeat_penalty": "repetition_penalty",
     "repetition_penalty": "repetition_penalty",
     "seed": "seed",
-    "max": "max_tokens", "max_tokens": "max_tokens", "num_predict": "max_tokens",
-    "context": "context_policy", "context_policy": "context_policy",
+    "max": "max_tokens",
+    "max_tokens": "max_tokens",
+    "num_predict": "max_tokens",
+    "context": "context_policy",
+    "context_policy": "context_policy",
 }
 POLICIES = ("refuse", "drop_oldest")
 
@@ -55,9 +67,15 @@ def parse_setting(key: str, raw: str) -> tuple[str, Any]:
     except ValueError:
         kind = "a whole number" if name in ("top_k", "seed", "max_tokens") else "a number"
         raise CommandError(f"{key} needs {kind}, not {raw!r}") from None
-    ranges = {"temperature": (0.0, 10.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0),
-              "top_k": (0, 1 << 20), "repetition_penalty": (0.01, 10.0), "max_tokens": (1, 1 << 30),
-              "seed": (0, 2**63 - 1)}
+    ranges = {
+        "temperature": (0.0, 10.0),
+        "top_p": (0.0, 1.0),
+        "min_p": (0.0, 1.0),
+        "top_k": (0, 1 << 20),
+        "repetition_penalty": (0.01, 10.0),
+        "max_tokens": (1, 1 << 30),
+        "seed": (0, 2**63 - 1),
+    }
     lo, hi = ranges[name]
     if not lo <= value <= hi:
         raise CommandError(f"{key} must be between {lo:g} and {hi:g}, not {raw}")

@@ -196,7 +196,8 @@ class Engine:
             text = getattr(self.backend, "last_reply", None)
             text = "".join(parts) if text is None else text
             reason = (last.finish_reason if last is not None else None) or (
-                "cancelled" if job.cancel.is_set() else "stop")
+                "cancelled" if job.cancel.is_set() else "stop"
+            )
             used = getattr(self.backend, "context_used", 0) or 0
             stats = Stats.from_response(last, used, limit) if last is not None else Stats(context_limit=limit)
             self.post(Finished(job.id, reason, text, stats))
@@ -223,6 +224,7 @@ class _use_stream:
     def __enter__(self):
         if self.stream is not None:
             import mlx.core as mx
+
             self.ctx = mx.stream(self.stream)
             self.ctx.__enter__()
 

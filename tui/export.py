@@ -44,12 +44,19 @@ def to_markdown(title: str, system: Optional[str], messages: list[dict]) -> str:
 
 def to_jsonl(system: Optional[str], messages: list[dict]) -> str:
     rows = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": m["role"], "content": m["content"]} for m in messages]
+        {"role": m["role"], "content": m["content"]} for m in messages
+    ]
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def export_chat(title: str, system: Optional[str], messages: list[dict], fmt: str = "md",
-                directory: Optional[Path] = None, path: Optional[Path] = None) -> Path:
+def export_chat(
+    title: str,
+    system: Optional[str],
+    messages: list[dict],
+    fmt: str = "md",
+    directory: Optional[Path] = None,
+    path: Optional[Path] = None,
+) -> Path:
     """Write the chat and return the file; never overwrites (adds -2, -3, ... to the name)."""
     if fmt not in ("md", "jsonl"):
         raise ValueError(f"unknown export format {fmt!r}: use md or jsonl")

@@ -30,8 +30,9 @@ class FakeResponse:
 
 def split_tokens(text: str) -> list[str]:
     """Cut text into word-ish pieces (each CJK character alone), roughly like a BPE tokenizer."""
-    return re.findall(r"\s*[\u3040-\u30ff\u3400-\u9fff\uff00-\uffef]|\s*[^\s\u3040-\u30ff\u3400-\u9fff\uff00-\uffef]+|\s+",
-                      text)
+    return re.findall(
+        r"\s*[\u3040-\u30ff\u3400-\u9fff\uff00-\uffef]|\s*[^\s\u3040-\u30ff\u3400-\u9fff\uff00-\uffef]+|\s+", text
+    )
 
 
 Reply = Union[str, Callable[[str], str]]
@@ -45,9 +46,17 @@ class FakeBackend:
     """Replies from a script: `replies` is a list used in turn (then the last repeats), or a function
     of the user's text. A reply containing `fail_marker` in the prompt raises instead."""
 
-    def __init__(self, replies: Optional[list[Reply]] = None, delay: float = 0.0, load_delay: float = 0.0,
-                 context_limit: int = 4096, name: str = "fake-model", fail_on: str = "FAIL",
-                 load_error: Optional[str] = None, load_gate: Optional[threading.Event] = None):
+    def __init__(
+        self,
+        replies: Optional[list[Reply]] = None,
+        delay: float = 0.0,
+        load_delay: float = 0.0,
+        context_limit: int = 4096,
+        name: str = "fake-model",
+        fail_on: str = "FAIL",
+        load_error: Optional[str] = None,
+        load_gate: Optional[threading.Event] = None,
+    ):
         self.replies = list(replies or ["Hello! **How** can I help?"])
         self.delay = delay
         self.load_delay = load_delay
@@ -91,8 +100,10 @@ class FakeBackend:
         max_tokens = settings.get("max_tokens")
         room = self.context_limit - prompt
         if room <= 0 and settings.get("context_policy", "refuse") == "refuse":
-            raise ContextOverflowError(f"the conversation needs {prompt} tokens, more than the context "
-                                       f"window of {self.context_limit} tokens allows")
+            raise ContextOverflowError(
+                f"the conversation needs {prompt} tokens, more than the context "
+                f"window of {self.context_limit} tokens allows"
+            )
         n, out, reason = 0, [], "stop"
         if self.prefill_progress is not None:  # report reading in two steps, as a chunked prefill does
             for done in (prompt // 2, prompt):

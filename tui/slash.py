@@ -103,8 +103,9 @@ async def model(chat: ChatScreen, cmd: Command) -> None:
     if cmd.arg:
         app.switch_model(cmd.arg)
         return
-    info = (f"Model: {app.model_label} · context {app.context_limit:,} tokens"
-            + (f", loaded in {app.load_seconds:.1f}s" if app.loaded else " (loading)"))
+    info = f"Model: {app.model_label} · context {app.context_limit:,} tokens" + (
+        f", loaded in {app.load_seconds:.1f}s" if app.loaded else " (loading)"
+    )
     if app.backend_factory is None:
         chat.notify(info)
         return
@@ -117,25 +118,31 @@ async def model(chat: ChatScreen, cmd: Command) -> None:
 
 
 COMMANDS: dict[str, SlashCommand] = {
-    "system": SlashCommand("/system [text]", "show or set this chat's system prompt (/system off removes it)",
-                           system_prompt),
-    "set": SlashCommand("/set KEY VALUE", "temp, top_p, top_k, min_p, rep (repetition penalty), seed, max, context",
-                        set_setting),
+    "system": SlashCommand(
+        "/system [text]", "show or set this chat's system prompt (/system off removes it)", system_prompt
+    ),
+    "set": SlashCommand(
+        "/set KEY VALUE", "temp, top_p, top_k, min_p, rep (repetition penalty), seed, max, context", set_setting
+    ),
     # parse() reads `/max N` as `/set max N`; this entry is its line in /help.
-    "max": SlashCommand("/max N", "longest reply in tokens (/max none: until done or the context is full)",
-                        set_setting),
+    "max": SlashCommand(
+        "/max N", "longest reply in tokens (/max none: until done or the context is full)", set_setting
+    ),
     "regen": SlashCommand("/regen", "regenerate the last reply (keeps the old one as a branch)", regenerate),
-    "clear": SlashCommand("/clear", "start a new, empty chat with the same settings (the old one stays in the list)",
-                          clear),
+    "clear": SlashCommand(
+        "/clear", "start a new, empty chat with the same settings (the old one stays in the list)", clear
+    ),
     "new": SlashCommand("/new", "start a new chat with default settings", new_chat),
     "chats": SlashCommand("/chats", "open the chat list (reopen, rename, delete)", chat_list),
     "rename": SlashCommand("/rename TITLE", "rename this chat", rename),
-    "export": SlashCommand("/export [md|jsonl] [PATH]",
-                           "write this chat to a file (default: Markdown in the current folder)", export),
+    "export": SlashCommand(
+        "/export [md|jsonl] [PATH]", "write this chat to a file (default: Markdown in the current folder)", export
+    ),
     "copy": SlashCommand("/copy [code]", "copy the last reply (or its code blocks) to the clipboard", copy),
     "settings": SlashCommand("/settings", "open the settings panel (system prompt and sampling)", settings),
-    "model": SlashCommand("/model [NAME|PATH]",
-                          "pick a converted model from a list, or load this one (the chats stay)", model),
+    "model": SlashCommand(
+        "/model [NAME|PATH]", "pick a converted model from a list, or load this one (the chats stay)", model
+    ),
     "help": SlashCommand("/help", "this list, with the keys", show_help),
     "quit": SlashCommand("/quit", "leave the app", quit_app),
 }

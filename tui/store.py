@@ -99,20 +99,30 @@ class Store:
         self.db.close()
 
     # chats
-    def new_chat(self, title: str = "", system: Optional[str] = None, settings: Optional[dict] = None,
-                 model: str = "") -> ChatRecord:
+    def new_chat(
+        self, title: str = "", system: Optional[str] = None, settings: Optional[dict] = None, model: str = ""
+    ) -> ChatRecord:
         now = time.time()
         cur = self.db.execute(
             "INSERT INTO chats(title, system, settings, model, created, updated) VALUES (?,?,?,?,?,?)",
-            (title, system, json.dumps(settings or {}, ensure_ascii=False), model, now, now))
+            (title, system, json.dumps(settings or {}, ensure_ascii=False), model, now, now),
+        )
         return self.chat(cur.lastrowid)
 
     def chat(self, chat_id: int) -> Optional[ChatRecord]:
         row = self.db.execute("SELECT * FROM chats WHERE id=?", (chat_id,)).fetchone()
         if row is None:
             return None
-        return ChatRecord(row["id"], row["title"], row["system"], json.loads(row["settings"] or "{}"),
-                          row["model"], row["leaf_id"], row["created"], row["updated"])
+        return ChatRecord(
+            row["id"],
+            row["title"],
+            row["system"],
+            json.loads(row["settings"] or "{}"),
+            row["model"],
+            row["leaf_id"],
+            row["created"],
+            row["updated"],
+        )
 
     def chats(self) -> list[ChatRecord]:
         rows = self.db.execute("SELECT id FROM chats ORDER BY updated DESC, id DESC").fetchall()
@@ -134,27 +144,38 @@ class Store:
 
     # messages
     def _message(self, row) -> Message:
-        return Message(row["id"], row["chat_id"], row["parent_id"], row["role"], row["content"],
-                       row["status"], json.loads(row["stats"] or "{}"), row["created"])
+        return Message(
+            row["id"],
+            row["chat_id"],
+            row["parent_id"],
+            row["role"],
+            row["content"],
+            row["status"],
+            json.loads(row["stats"] or "{}"),
+            row["created"],
+        )
 
     def message(self, message_id: int) -> Optional[Message]:
         row = self.db.execute("SELECT * FROM messages WHERE id=?", (message_id,)).fetchone()
         return self._message(row) if row else None
 
-    def add_message(self, chat_id: int, parent_id: Optional[int], role: str, content: str,
-                    status: str = "done") -> Message:
+    def add_message(
+        self, chat_id: int, parent_id: Optional[int], role: str, content: str, status: str = "done"
+    ) -> Message:
         """Append a message under `parent_id` and make it the chat's leaf, in one transaction."""
         now = time.time()
         with self.db:
             self.db.execute("BEGIN")
             cur = self.db.execute(
                 "INSERT INTO messages(chat_id, parent_id, role, content, status, created) VALUES (?,?,?,?,?,?)",
-                (chat_id, parent_id, role, content, status, now))
+                (chat_id, parent_id, role, content, status, now),
+            )
             self.db.execute("UPDATE chats SET leaf_id=?, updated=? WHERE id=?", (cur.lastrowid, now, chat_id))
         return self.message(cur.lastrowid)
 
-    def update_message(self, message_id: int, content: Optional[str] = None, status: Optional[str] = None,
-                       stats: Optional[dict] = None) -> None:
+    def update_message(
+        self, message_id: int, content: Optional[str] = None, status: Optional[str] = None, stats: Optional[dict] = None
+    ) -> None:
         fields: dict[str, Any] = {}
         if content is not None:
             fields["content"] = content
@@ -168,11 +189,13 @@ class Store:
 
     def children(self, chat_id: int, parent_id: Optional[int]) -> list[Message]:
         if parent_id is None:
-            rows = self.db.execute("SELECT * FROM messages WHERE chat_id=? AND parent_id IS NULL ORDER BY id",
-                                   (chat_id,)).fetchall()
+            rows = self.db.execute(
+                "SELECT * FROM messages WHERE chat_id=? AND parent_id IS NULL ORDER BY id", (chat_id,)
+            ).fetchall()
         else:
-            rows = self.db.execute("SELECT * FROM messages WHERE chat_id=? AND parent_id=? ORDER BY id",
-                                   (chat_id, parent_id)).fetchall()
+            rows = self.db.execute(
+                "SELECT * FROM messages WHERE chat_id=? AND parent_id=? ORDER BY id", (chat_id, parent_id)
+            ).fetchall()
         return [self._message(r) for r in rows]
 
     def siblings(self, message: Message) -> list[Message]:

@@ -14,11 +14,21 @@ import sys
 import time
 
 QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about autumn.", "Explain recursion in one sentence.",
-    "List three prime numbers.", "用一句话解释量子计算。", "What does HTTP stand for?",
-    "Name a famous painting.", "How many legs does a spider have?", "Translate 'good morning' into Spanish.",
-    "What is the boiling point of water?", "Give a synonym for 'happy'.", "Write a Python one-liner that sums a list.",
-    "Who wrote Hamlet?", "What is 17 times 3?", "Describe the colour blue to someone who cannot see.",
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "Explain recursion in one sentence.",
+    "List three prime numbers.",
+    "用一句话解释量子计算。",
+    "What does HTTP stand for?",
+    "Name a famous painting.",
+    "How many legs does a spider have?",
+    "Translate 'good morning' into Spanish.",
+    "What is the boiling point of water?",
+    "Give a synonym for 'happy'.",
+    "Write a Python one-liner that sums a list.",
+    "Who wrote Hamlet?",
+    "What is 17 times 3?",
+    "Describe the colour blue to someone who cannot see.",
     "Why is the sky blue?",
 ]
 
@@ -31,8 +41,12 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=8, help="number of prompts (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="batch_generate's batch size (default: %(default)s)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="cast the weights (float32 is the fast type on a CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="cast the weights (float32 is the fast type on a CPU)",
+    )
     args = p.parse_args(argv)
     from qwen2_mlx.cli.blas import ensure_openblas
 
@@ -52,9 +66,12 @@ def main(argv=None) -> int:
     except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-                                             add_generation_prompt=True, tokenize=False)
-               for i in range(args.prompts)]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], add_generation_prompt=True, tokenize=False
+        )
+        for i in range(args.prompts)
+    ]
     no_eos = {t: -1e9 for t in tokenizer.eos_token_ids}
     kw = dict(logit_bias=no_eos)
 
@@ -78,13 +95,19 @@ def main(argv=None) -> int:
 
     single_tps = single_tokens / decode_time if decode_time else 0.0
     same = sum(a == b for a, b in zip(single, res.token_ids))
-    print(f"model: {args.model}  device: {mx.default_device()}  prompts: {args.prompts}  "
-          f"max_tokens: {args.max_tokens}  batch_size: {args.batch_size}")
+    print(
+        f"model: {args.model}  device: {mx.default_device()}  prompts: {args.prompts}  "
+        f"max_tokens: {args.max_tokens}  batch_size: {args.batch_size}"
+    )
     print(f"one by one : decode {single_tps:8.1f} tok/s   wall {single_wall:7.2f} s")
-    print(f"batched    : decode {res.stats.generation_tps:8.1f} tok/s   wall {batch_wall:7.2f} s   "
-          f"(prefill {res.stats.prompt_tps:.1f} tok/s)")
-    print(f"speed-up   : decode x{res.stats.generation_tps / single_tps if single_tps else 0:.2f}   "
-          f"wall x{single_wall / batch_wall if batch_wall else 0:.2f}")
+    print(
+        f"batched    : decode {res.stats.generation_tps:8.1f} tok/s   wall {batch_wall:7.2f} s   "
+        f"(prefill {res.stats.prompt_tps:.1f} tok/s)"
+    )
+    print(
+        f"speed-up   : decode x{res.stats.generation_tps / single_tps if single_tps else 0:.2f}   "
+        f"wall x{single_wall / batch_wall if batch_wall else 0:.2f}"
+    )
     print(f"identical token ids: {same}/{args.prompts} prompts")
     return 0
 

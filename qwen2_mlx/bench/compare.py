@@ -35,14 +35,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m qwen2_mlx.bench", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model folder (config.json + safetensors + tokenizer)")
-    src.add_argument("--random", choices=sorted(PRESETS), metavar="PRESET",
-                     help=f"random weights of a real shape: {', '.join(PRESETS)}")
+    src.add_argument(
+        "--random",
+        choices=sorted(PRESETS),
+        metavar="PRESET",
+        help=f"random weights of a real shape: {', '.join(PRESETS)}",
+    )
     ap.add_argument("--random-dir", help="where --random writes its folder (default: ~/.cache/qwen2-mlx/random)")
     ap.add_argument("--compare-mlx-lm", action="store_true", help="also run mlx-lm on the same folder")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     ap.add_argument("--gen-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    ap.add_argument("--dtype", choices=DTYPES,
-                    help="cast weights to this dtype (default: as stored; --random: float32 on a CPU, else bfloat16)")
+    ap.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="cast weights to this dtype (default: as stored; --random: float32 on a CPU, else bfloat16)",
+    )
     ap.add_argument("--dca-chunk-size", type=int, help="switch Dual Chunk Attention on (ours only)")
     ap.add_argument("--dca-local-size", type=int, help="DCA local window (default: chunk size / 8)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per library (default 3)")
@@ -154,9 +161,14 @@ def summarize(runs: list[dict]) -> dict:
 def machine_description() -> dict:
     import mlx.core as mx
 
-    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-            "device": str(mx.default_device()), "cpu_count": os.cpu_count(),
-            "ld_preload": os.environ.get("LD_PRELOAD", "")}
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "device": str(mx.default_device()),
+        "cpu_count": os.cpu_count(),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
+    }
     try:
         info["device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (str, int, float))}
     except Exception:  # not every backend describes itself
@@ -196,8 +208,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     dtype_name = args.dtype
     if args.random:
         dtype_name = dtype_name or ("float32" if on_cpu else "bfloat16")
-        base = Path(args.random_dir).expanduser() if args.random_dir else \
-            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-mlx" / "random"
+        base = (
+            Path(args.random_dir).expanduser()
+            if args.random_dir
+            else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-mlx" / "random"
+        )
         path = base / f"{args.random}-{dtype_name}"
         log(f"random weights of {args.random} ({dtype_name}) in {path} ...")
         write_random_model(args.random, path, getattr(mx, dtype_name))
@@ -239,29 +254,40 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         for name, model, step in libs:
             res = time_run(step, model, prompt, args.gen_tokens, weights[name])
             runs[name].append(res)
-            log(f"run {r + 1}/{args.runs} {name:9s} prefill {res['prefill_tps']:8.1f} tok/s  "
+            log(
+                f"run {r + 1}/{args.runs} {name:9s} prefill {res['prefill_tps']:8.1f} tok/s  "
                 f"ttft {res['ttft_s'] * 1e3:8.1f} ms  decode {res['decode_tps']:7.2f} tok/s  "
-                f"peak {res['peak_memory_gb']:.3f} GB")
+                f"peak {res['peak_memory_gb']:.3f} GB"
+            )
 
     medians = {name: summarize(rs) for name, rs in runs.items()}
     result = {
-        "model": str(path), "random_preset": args.random, "dtype": dtype_name or "as stored",
-        "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs, "dca": dca,
-        "machine": machine_description(), "versions": versions(),
+        "model": str(path),
+        "random_preset": args.random,
+        "dtype": dtype_name or "as stored",
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "runs": args.runs,
+        "dca": dca,
+        "machine": machine_description(),
+        "versions": versions(),
         "per_run": {n: [{k: v for k, v in r.items() if k != "tokens"} for r in rs] for n, rs in runs.items()},
         "median": medians,
     }
     if "mlx_lm" in medians:
         a, b = medians["qwen2_mlx"], medians["mlx_lm"]
         result["ratio_ours_over_mlx_lm"] = {
-            "prefill_tps": a["prefill_tps"] / b["prefill_tps"], "decode_tps": a["decode_tps"] / b["decode_tps"],
-            "ttft_s": a["ttft_s"] / b["ttft_s"], "peak_memory_gb": a["peak_memory_gb"] / b["peak_memory_gb"],
+            "prefill_tps": a["prefill_tps"] / b["prefill_tps"],
+            "decode_tps": a["decode_tps"] / b["decode_tps"],
+            "ttft_s": a["ttft_s"] / b["ttft_s"],
+            "peak_memory_gb": a["peak_memory_gb"] / b["peak_memory_gb"],
         }
         # Each run of ours is paired with the mlx-lm run right after it: on a loaded machine the median of
         # these per-pair ratios is steadier than the ratio of the medians.
         result["paired_ratio_median"] = {
             k: statistics.median(x[k] / y[k] for x, y in zip(runs["qwen2_mlx"], runs["mlx_lm"]))
-            for k in ("prefill_tps", "decode_tps")}
+            for k in ("prefill_tps", "decode_tps")
+        }
         ours_tokens, their_tokens = runs["qwen2_mlx"][0]["tokens"], runs["mlx_lm"][0]["tokens"]
         diff = next((i for i, (x, y) in enumerate(zip(ours_tokens, their_tokens)) if x != y), None)
         result["greedy_tokens_match_mlx_lm"] = diff is None
@@ -277,40 +303,60 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     bw = max(copy_bw, matvec_bw)
     bytes_per_token = per_tok + kv
     result["roofline"] = {
-        "weight_bytes_per_token": per_tok, "kv_bytes_per_token": kv, "bytes_per_token": bytes_per_token,
-        "copy_bandwidth_gbs": copy_bw / 1e9, "matvec_bandwidth_gbs": matvec_bw / 1e9,
-        "bandwidth_gbs": bw / 1e9, "roofline_decode_tps": bw / bytes_per_token,
+        "weight_bytes_per_token": per_tok,
+        "kv_bytes_per_token": kv,
+        "bytes_per_token": bytes_per_token,
+        "copy_bandwidth_gbs": copy_bw / 1e9,
+        "matvec_bandwidth_gbs": matvec_bw / 1e9,
+        "bandwidth_gbs": bw / 1e9,
+        "roofline_decode_tps": bw / bytes_per_token,
         "fraction": {n: m["decode_tps"] * bytes_per_token / bw for n, m in medians.items()},
     }
     return result
 
 
 def report(res: dict) -> str:
-    lines = [f"model: {res['model']}  dtype: {res['dtype']}  prompt {res['prompt_tokens']} tokens, "
-             f"generate {res['gen_tokens']}, {res['runs']} runs (medians)",
-             f"device: {res['machine']['device']}  {res['machine'].get('cpu', '')}  "
-             f"versions: {', '.join(f'{k} {v}' for k, v in res['versions'].items())}"]
+    lines = [
+        f"model: {res['model']}  dtype: {res['dtype']}  prompt {res['prompt_tokens']} tokens, "
+        f"generate {res['gen_tokens']}, {res['runs']} runs (medians)",
+        f"device: {res['machine']['device']}  {res['machine'].get('cpu', '')}  "
+        f"versions: {', '.join(f'{k} {v}' for k, v in res['versions'].items())}",
+    ]
     if res["dca"]:
         lines.append(f"DCA on for qwen2_mlx: {res['dca']} (mlx-lm has no DCA: full attention)")
-    lines.append(f"{'':12s}{'prefill tok/s':>15s}{'TTFT ms':>10s}{'decode tok/s':>14s}{'peak GB':>10s}{'roofline':>10s}")
+    lines.append(
+        f"{'':12s}{'prefill tok/s':>15s}{'TTFT ms':>10s}{'decode tok/s':>14s}{'peak GB':>10s}{'roofline':>10s}"
+    )
     roof = res["roofline"]
     for name, m in res["median"].items():
-        lines.append(f"{name:12s}{m['prefill_tps']:15.1f}{m['ttft_s'] * 1e3:10.1f}{m['decode_tps']:14.2f}"
-                     f"{m['peak_memory_gb']:10.3f}{roof['fraction'][name] * 100:9.1f}%")
+        lines.append(
+            f"{name:12s}{m['prefill_tps']:15.1f}{m['ttft_s'] * 1e3:10.1f}{m['decode_tps']:14.2f}"
+            f"{m['peak_memory_gb']:10.3f}{roof['fraction'][name] * 100:9.1f}%"
+        )
     if "ratio_ours_over_mlx_lm" in res:
         r = res["ratio_ours_over_mlx_lm"]
-        lines.append(f"{'ours/mlx-lm':12s}{r['prefill_tps']:14.2f}x{r['ttft_s']:9.2f}x{r['decode_tps']:13.2f}x"
-                     f"{r['peak_memory_gb']:9.2f}x")
+        lines.append(
+            f"{'ours/mlx-lm':12s}{r['prefill_tps']:14.2f}x{r['ttft_s']:9.2f}x{r['decode_tps']:13.2f}x"
+            f"{r['peak_memory_gb']:9.2f}x"
+        )
         p = res["paired_ratio_median"]
-        lines.append(f"{'paired runs':12s}{p['prefill_tps']:14.2f}x{'':10s}{p['decode_tps']:13.2f}x"
-                     "   (median of per-pair ratios)")
-        same = "yes" if res["greedy_tokens_match_mlx_lm"] else f"no (first difference at token {res['first_token_difference']})"
+        lines.append(
+            f"{'paired runs':12s}{p['prefill_tps']:14.2f}x{'':10s}{p['decode_tps']:13.2f}x"
+            "   (median of per-pair ratios)"
+        )
+        same = (
+            "yes"
+            if res["greedy_tokens_match_mlx_lm"]
+            else f"no (first difference at token {res['first_token_difference']})"
+        )
         lines.append(f"greedy tokens identical to mlx-lm: {same}")
-    lines.append(f"roofline: {roof['bytes_per_token'] / 1e9:.3f} GB read per decoded token "
-                 f"(weights {roof['weight_bytes_per_token'] / 1e9:.3f} GB + KV cache {roof['kv_bytes_per_token'] / 1e6:.1f} MB) "
-                 f"at a measured bandwidth of {roof['bandwidth_gbs']:.1f} GB/s (copy {roof['copy_bandwidth_gbs']:.1f}, "
-                 f"float32 matvec {roof['matvec_bandwidth_gbs']:.1f}) "
-                 f"-> at most {roof['roofline_decode_tps']:.1f} tok/s")
+    lines.append(
+        f"roofline: {roof['bytes_per_token'] / 1e9:.3f} GB read per decoded token "
+        f"(weights {roof['weight_bytes_per_token'] / 1e9:.3f} GB + KV cache {roof['kv_bytes_per_token'] / 1e6:.1f} MB) "
+        f"at a measured bandwidth of {roof['bandwidth_gbs']:.1f} GB/s (copy {roof['copy_bandwidth_gbs']:.1f}, "
+        f"float32 matvec {roof['matvec_bandwidth_gbs']:.1f}) "
+        f"-> at most {roof['roofline_decode_tps']:.1f} tok/s"
+    )
     return "\n".join(lines)
 
 

@@ -26,15 +26,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-size", type=int, default=256, help="DCA local_size for the real-model runs")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--prefill-step-size", type=int, default=2048, help="tokens per prefill step (default 2048)")
-    p.add_argument("--memory-lengths", type=str, default="4096,8192,16384",
-                   help="comma-separated prompt lengths for the memory runs")
+    p.add_argument(
+        "--memory-lengths",
+        type=str,
+        default="4096,8192,16384",
+        help="comma-separated prompt lengths for the memory runs",
+    )
     p.add_argument("--memory-chunk-size", type=int, default=4096)
     p.add_argument("--memory-local-size", type=int, default=512)
     p.add_argument("--skip-real", action="store_true", help="only the small-model memory runs")
-    p.add_argument("--cpu-time", action="store_true",
-                   help="time with process CPU seconds (CPU backend on a shared machine) instead of wall time")
-    p.add_argument("--random-weights", action="store_true",
-                   help="time random weights of the model's shapes (only config.json is read)")
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with process CPU seconds (CPU backend on a shared machine) instead of wall time",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="time random weights of the model's shapes (only config.json is read)",
+    )
     a = p.parse_args(argv)
     from qwen2_mlx.cli.blas import ensure_openblas
 
@@ -56,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not a.skip_real:
             real_args = ModelArgs.from_file(Path(path) / "config.json")
-            long_runs.bench_real(Path(path), a.chunk_size, a.local_size, a.decode_tokens, a.prefill_step_size,
-                       a.random_weights)
+            long_runs.bench_real(
+                Path(path), a.chunk_size, a.local_size, a.decode_tokens, a.prefill_step_size, a.random_weights
+            )
         elif a.model is not None:
             real_args = ModelArgs.from_file(Path(path) / "config.json")
     except (ConfigError, ModelLoadError) as e:

@@ -41,7 +41,7 @@ def prefill(model: Model, tokens: mx.array, step: int) -> tuple[list, float]:
     mx.synchronize()
     tic = clock()
     for s in range(0, tokens.size, step):
-        model(tokens[s:s + step][None], cache=cache)
+        model(tokens[s : s + step][None], cache=cache)
         mx.eval([c.state for c in cache])
     mx.synchronize()
     return cache, clock() - tic
@@ -78,11 +78,15 @@ def bench_real(path: Path, chunk: int, local: int, n_decode: int, step: int, ran
     warm = mx.array(rng.integers(0, 1000, chunk + 64), dtype=mx.uint32)  # both paths, briefly
     for m in (plain, dca):  # first-call costs (allocation, kernels) out of the timed runs
         prefill(m, warm, step)
-    print(f"model {path} (float32{', random weights' if random_weights else ''}) on {mx.default_device()}, "
-          f"DCA chunk_size {chunk}, local_size {local} (period {chunk - local}); prefill step {step}, "
-          f"{n_decode} decode tokens; {'CPU' if clock is time.process_time else 'wall'} time")
-    print(f"{'context':>8} | {'decode plain':>12} {'decode DCA':>11} {'ratio':>6} | "
-          f"{'prefill plain':>13} {'prefill DCA':>12} {'ratio':>6}")
+    print(
+        f"model {path} (float32{', random weights' if random_weights else ''}) on {mx.default_device()}, "
+        f"DCA chunk_size {chunk}, local_size {local} (period {chunk - local}); prefill step {step}, "
+        f"{n_decode} decode tokens; {'CPU' if clock is time.process_time else 'wall'} time"
+    )
+    print(
+        f"{'context':>8} | {'decode plain':>12} {'decode DCA':>11} {'ratio':>6} | "
+        f"{'prefill plain':>13} {'prefill DCA':>12} {'ratio':>6}"
+    )
     for n_chunks in (1, 2, 4):
         L = n_chunks * chunk
         toks = mx.array(rng.integers(0, min(vocab, 150000), L), dtype=mx.uint32)
@@ -96,19 +100,34 @@ def bench_real(path: Path, chunk: int, local: int, n_decode: int, step: int, ran
             row[f"decode {name}"] = decode(m, cache, int(toks[-1].item()), n_decode)
             del cache
             mx.clear_cache()
-        print(f"{L:>8} | {row['decode plain']:>10.2f}/s {row['decode dca']:>9.2f}/s "
-              f"{row['decode dca'] / row['decode plain']:>6.2f} | {row['prefill plain']:>11.1f}/s "
-              f"{row['prefill dca']:>10.1f}/s {row['prefill dca'] / row['prefill plain']:>6.2f}", flush=True)
+        print(
+            f"{L:>8} | {row['decode plain']:>10.2f}/s {row['decode dca']:>9.2f}/s "
+            f"{row['decode dca'] / row['decode plain']:>6.2f} | {row['prefill plain']:>11.1f}/s "
+            f"{row['prefill dca']:>10.1f}/s {row['prefill dca'] / row['prefill plain']:>6.2f}",
+            flush=True,
+        )
     print("goals: decode DCA/plain >= 0.8 at each length; prefill DCA/plain >= 0.7 at 4 chunks")
 
 
 def small_model(args: ModelArgs | None) -> Model:
     """Two layers with the real model's attention shape (heads, KV heads, head dim), random weights."""
-    base = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=2, intermediate_size=1024,
-                num_attention_heads=14, num_key_value_heads=2, vocab_size=1024, rope_theta=1e6)
+    base = dict(
+        model_type="qwen2",
+        hidden_size=896,
+        num_hidden_layers=2,
+        intermediate_size=1024,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        rope_theta=1e6,
+    )
     if args is not None:
-        base.update(hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-                    num_key_value_heads=args.num_key_value_heads, rope_theta=args.rope_theta)
+        base.update(
+            hidden_size=args.hidden_size,
+            num_attention_heads=args.num_attention_heads,
+            num_key_value_heads=args.num_key_value_heads,
+            rope_theta=args.rope_theta,
+        )
     mx.random.seed(0)
     m = Model(ModelArgs(**base))
     mx.eval(m.parameters())
@@ -119,9 +138,11 @@ def bench_memory(args: ModelArgs | None, lengths: list[int], chunk: int, local: 
     plain = small_model(args)
     dca = twin(plain, DCAConfig(chunk, local, 0))
     a = plain.args
-    print(f"\npeak memory of a prefill (small random model: {a.num_hidden_layers} layers, heads "
-          f"{a.num_attention_heads}/{a.num_key_value_heads}, head dim {a.head_dim}, float32; prefill step {step}; "
-          f"DCA chunk_size {chunk}, local_size {local})")
+    print(
+        f"\npeak memory of a prefill (small random model: {a.num_hidden_layers} layers, heads "
+        f"{a.num_attention_heads}/{a.num_key_value_heads}, head dim {a.head_dim}, float32; prefill step {step}; "
+        f"DCA chunk_size {chunk}, local_size {local})"
+    )
     print(f"{'tokens':>8} | {'plain peak':>10} {'DCA peak':>10} | {'KV cache':>9}  (MB; peak above weights)")
     weights = sum(v.nbytes for _, v in tree_flatten(plain.parameters()))
     rng = np.random.default_rng(1)
@@ -134,7 +155,7 @@ def bench_memory(args: ModelArgs | None, lengths: list[int], chunk: int, local: 
             log(f"{name}: prefill {L} tokens")
             cache, _ = prefill(m, toks, step)
             row[name] = (mx.get_peak_memory() - weights) / 2**20
-            kv = sum(c.keys[..., :c.offset, :].nbytes + c.values[..., :c.offset, :].nbytes for c in cache) / 2**20
+            kv = sum(c.keys[..., : c.offset, :].nbytes + c.values[..., : c.offset, :].nbytes for c in cache) / 2**20
             del cache
         print(f"{L:>8} | {row['plain']:>10.0f} {row['dca']:>10.0f} | {kv:>9.0f}", flush=True)
     print("goal: DCA peak grows linearly with the length (no L x L term)")

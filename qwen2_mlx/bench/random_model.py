@@ -36,26 +36,42 @@ def tensor_shapes(cfg: dict) -> dict[str, tuple]:
         shapes["lm_head.weight"] = (cfg["vocab_size"], h)
     for i in range(L):
         p = f"model.layers.{i}"
-        shapes.update({
-            f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,),
-            f"{p}.self_attn.q_proj.weight": (nh * d, h), f"{p}.self_attn.q_proj.bias": (nh * d,),
-            f"{p}.self_attn.k_proj.weight": (nkv * d, h), f"{p}.self_attn.k_proj.bias": (nkv * d,),
-            f"{p}.self_attn.v_proj.weight": (nkv * d, h), f"{p}.self_attn.v_proj.bias": (nkv * d,),
-            f"{p}.self_attn.o_proj.weight": (h, nh * d),
-        })
+        shapes.update(
+            {
+                f"{p}.input_layernorm.weight": (h,),
+                f"{p}.post_attention_layernorm.weight": (h,),
+                f"{p}.self_attn.q_proj.weight": (nh * d, h),
+                f"{p}.self_attn.q_proj.bias": (nh * d,),
+                f"{p}.self_attn.k_proj.weight": (nkv * d, h),
+                f"{p}.self_attn.k_proj.bias": (nkv * d,),
+                f"{p}.self_attn.v_proj.weight": (nkv * d, h),
+                f"{p}.self_attn.v_proj.bias": (nkv * d,),
+                f"{p}.self_attn.o_proj.weight": (h, nh * d),
+            }
+        )
         if cfg["model_type"] == "qwen2_moe":
             E, mi, si = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"]
-            shapes.update({
-                f"{p}.mlp.gate.weight": (E, h), f"{p}.mlp.shared_expert_gate.weight": (1, h),
-                f"{p}.mlp.switch_mlp.gate_proj.weight": (E, mi, h), f"{p}.mlp.switch_mlp.up_proj.weight": (E, mi, h),
-                f"{p}.mlp.switch_mlp.down_proj.weight": (E, h, mi),
-                f"{p}.mlp.shared_expert.gate_proj.weight": (si, h), f"{p}.mlp.shared_expert.up_proj.weight": (si, h),
-                f"{p}.mlp.shared_expert.down_proj.weight": (h, si),
-            })
+            shapes.update(
+                {
+                    f"{p}.mlp.gate.weight": (E, h),
+                    f"{p}.mlp.shared_expert_gate.weight": (1, h),
+                    f"{p}.mlp.switch_mlp.gate_proj.weight": (E, mi, h),
+                    f"{p}.mlp.switch_mlp.up_proj.weight": (E, mi, h),
+                    f"{p}.mlp.switch_mlp.down_proj.weight": (E, h, mi),
+                    f"{p}.mlp.shared_expert.gate_proj.weight": (si, h),
+                    f"{p}.mlp.shared_expert.up_proj.weight": (si, h),
+                    f"{p}.mlp.shared_expert.down_proj.weight": (h, si),
+                }
+            )
         else:
             mi = cfg["intermediate_size"]
-            shapes.update({f"{p}.mlp.gate_proj.weight": (mi, h), f"{p}.mlp.up_proj.weight": (mi, h),
-                           f"{p}.mlp.down_proj.weight": (h, mi)})
+            shapes.update(
+                {
+                    f"{p}.mlp.gate_proj.weight": (mi, h),
+                    f"{p}.mlp.up_proj.weight": (mi, h),
+                    f"{p}.mlp.down_proj.weight": (h, mi),
+                }
+            )
     return shapes
 
 
@@ -80,10 +96,19 @@ def write_tokenizer(path: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(_SPECIALS)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
-        "chat_template": _TEMPLATE, "model_max_length": 32768, "tokenizer_class": "Qwen2Tokenizer",
-    }, indent=2))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "bos_token": None,
+                "chat_template": _TEMPLATE,
+                "model_max_length": 32768,
+                "tokenizer_class": "Qwen2Tokenizer",
+            },
+            indent=2,
+        )
+    )
 
 
 def write_random_model(preset: str, path: Union[str, Path], dtype: mx.Dtype = mx.bfloat16, seed: int = 0) -> Path:

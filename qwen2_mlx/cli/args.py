@@ -1,8 +1,8 @@
 """Long-context switches shared by the command-line tools (chat app, evaluation, benchmarks).
 
-    add_long_context_args(parser)
-    overrides = long_context_overrides(args, parser)   # {"dca": ..., "rope_scaling": ...}
-    model, tokenizer = load(path, **overrides)
+add_long_context_args(parser)
+overrides = long_context_overrides(args, parser)   # {"dca": ..., "rope_scaling": ...}
+model, tokenizer = load(path, **overrides)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def mlx_dtype(name: Optional[str]):
 
 def _number(kind: type, minimum: float, inclusive: bool):
     """An argparse type: `kind` (int or float) at least (or above) `minimum`, with a one-line error."""
+
     def parse(text: str):
         try:
             v = kind(text)
@@ -37,6 +38,7 @@ def _number(kind: type, minimum: float, inclusive: bool):
             rule = "must not be negative" if inclusive else "must be positive"
             raise argparse.ArgumentTypeError(f"{rule}, got {text}")
         return v
+
     return parse
 
 
@@ -48,24 +50,44 @@ _positive_float = _number(float, 0, inclusive=False)
 def add_long_context_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add --dca-* and --yarn-* switches (all optional; absent means: as config.json says)."""
     g = parser.add_argument_group(
-        "long context", "Push a model past its training length with Dual Chunk Attention or YaRN "
-        "(overrides config.json)")
-    g.add_argument("--dca-chunk-size", type=_positive_int, metavar="N",
-                   help="switch Dual Chunk Attention on: the largest relative position used "
-                        "(e.g. the training length, 32768)")
-    g.add_argument("--dca-local-size", type=_positive_int, metavar="N",
-                   help="DCA local window; the chunk period is chunk size minus this (default: chunk size / 8)")
-    g.add_argument("--dca-original-max-position-embeddings", type=_non_negative_int, metavar="N", default=0,
-                   help="length beyond which DCA raises the attention temperature (default 0: never)")
-    g.add_argument("--yarn-factor", type=_positive_float, metavar="F",
-                   help="switch static YaRN on with this context-extension factor (e.g. 4.0)")
-    g.add_argument("--yarn-original-max-position-embeddings", type=_positive_int, metavar="N",
-                   help="training length YaRN scales from (default: the model's max_position_embeddings)")
+        "long context",
+        "Push a model past its training length with Dual Chunk Attention or YaRN (overrides config.json)",
+    )
+    g.add_argument(
+        "--dca-chunk-size",
+        type=_positive_int,
+        metavar="N",
+        help="switch Dual Chunk Attention on: the largest relative position used (e.g. the training length, 32768)",
+    )
+    g.add_argument(
+        "--dca-local-size",
+        type=_positive_int,
+        metavar="N",
+        help="DCA local window; the chunk period is chunk size minus this (default: chunk size / 8)",
+    )
+    g.add_argument(
+        "--dca-original-max-position-embeddings",
+        type=_non_negative_int,
+        metavar="N",
+        default=0,
+        help="length beyond which DCA raises the attention temperature (default 0: never)",
+    )
+    g.add_argument(
+        "--yarn-factor",
+        type=_positive_float,
+        metavar="F",
+        help="switch static YaRN on with this context-extension factor (e.g. 4.0)",
+    )
+    g.add_argument(
+        "--yarn-original-max-position-embeddings",
+        type=_positive_int,
+        metavar="N",
+        help="training length YaRN scales from (default: the model's max_position_embeddings)",
+    )
     return parser
 
 
-def long_context_overrides(args: argparse.Namespace,
-                           parser: Optional[argparse.ArgumentParser] = None) -> dict:
+def long_context_overrides(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> dict:
     """`dict(dca=..., rope_scaling=...)` for `load(path, **overrides)`; None values change nothing.
 
     Bad combinations raise ConfigError naming the switch, or exit 2 via `parser.error` if a parser is given.
@@ -85,8 +107,11 @@ def _overrides(args: argparse.Namespace) -> dict:
     dca = None
     if chunk is None:
         if local is not None or temp_len:
-            raise ConfigError("command line", "--dca-chunk-size",
-                              "is required with --dca-local-size / --dca-original-max-position-embeddings")
+            raise ConfigError(
+                "command line",
+                "--dca-chunk-size",
+                "is required with --dca-local-size / --dca-original-max-position-embeddings",
+            )
     else:
         if local is None:
             local = max(1, chunk // 8)  # vLLM's default ratio (1024 / 8192)
@@ -98,12 +123,16 @@ def _overrides(args: argparse.Namespace) -> dict:
     rope_scaling = None
     if factor is None:
         if orig is not None:
-            raise ConfigError("command line", "--yarn-factor",
-                              "is required with --yarn-original-max-position-embeddings")
+            raise ConfigError(
+                "command line", "--yarn-factor", "is required with --yarn-original-max-position-embeddings"
+            )
     else:
         if dca is not None:
-            raise ConfigError("command line", "--yarn-factor",
-                              "cannot be combined with --dca-chunk-size (DCA uses plain RoPE frequencies)")
+            raise ConfigError(
+                "command line",
+                "--yarn-factor",
+                "cannot be combined with --dca-chunk-size (DCA uses plain RoPE frequencies)",
+            )
         rope_scaling = {"rope_type": "yarn", "factor": factor}
         if orig is not None:
             rope_scaling["original_max_position_embeddings"] = orig

@@ -32,9 +32,13 @@ OPENBLAS_PATHS: tuple[str, ...] = (
 )
 
 
-def openblas_to_preload(environ: Mapping[str, str], platform: str, cpu_backend: bool,
-                        exists: Callable[[str], bool] = os.path.exists,
-                        candidates: Sequence[str] = OPENBLAS_PATHS) -> Optional[str]:
+def openblas_to_preload(
+    environ: Mapping[str, str],
+    platform: str,
+    cpu_backend: bool,
+    exists: Callable[[str], bool] = os.path.exists,
+    candidates: Sequence[str] = OPENBLAS_PATHS,
+) -> Optional[str]:
     """The OpenBLAS library to preload, or None when the process should run as it is.
 
     Pure decision: Linux, MLX on its CPU backend, not turned off, not already re-executed,
@@ -58,18 +62,23 @@ def mlx_uses_cpu() -> bool:
     """
     from importlib import metadata
 
-    cuda = any((d.metadata.get("Name") or "").lower().replace("_", "-").startswith("mlx-cuda")
-               for d in metadata.distributions())
+    cuda = any(
+        (d.metadata.get("Name") or "").lower().replace("_", "-").startswith("mlx-cuda")
+        for d in metadata.distributions()
+    )
     return not (cuda and os.path.exists("/dev/nvidiactl"))
 
 
-NO_OPENBLAS_HINT = ("qwen2-mlx: MLX runs on the CPU without OpenBLAS, so float32 is about 30x slower; install it "
-                    "with `sudo apt install libopenblas0-pthread` (Debian/Ubuntu) or `sudo dnf install openblas` "
-                    f"(Fedora); {DISABLE_ENV}=1 hides this line")
+NO_OPENBLAS_HINT = (
+    "qwen2-mlx: MLX runs on the CPU without OpenBLAS, so float32 is about 30x slower; install it "
+    "with `sudo apt install libopenblas0-pthread` (Debian/Ubuntu) or `sudo dnf install openblas` "
+    f"(Fedora); {DISABLE_ENV}=1 hides this line"
+)
 
 
-def openblas_missing(environ: Mapping[str, str], platform: str, cpu_backend: bool,
-                     exists: Callable[[str], bool] = os.path.exists) -> bool:
+def openblas_missing(
+    environ: Mapping[str, str], platform: str, cpu_backend: bool, exists: Callable[[str], bool] = os.path.exists
+) -> bool:
     """True when OpenBLAS would be preloaded here but none is installed (say so: it costs ~30x)."""
     wanted = openblas_to_preload(environ, platform, cpu_backend, exists=lambda _: True) is not None
     return wanted and openblas_to_preload(environ, platform, cpu_backend, exists=exists) is None
@@ -93,8 +102,11 @@ def ensure_openblas(main_argv: Optional[Sequence[str]] = None) -> None:
     env["LD_PRELOAD"] = f"{lib}:{env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else lib
     env[GUARD_ENV] = "1"
     args = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
-    print(f"qwen2-mlx: MLX runs on the CPU; re-running with OpenBLAS preloaded ({lib}) for fast "
-          f"float32 matmul (set {DISABLE_ENV}=1 to turn this off)", file=sys.stderr)
+    print(
+        f"qwen2-mlx: MLX runs on the CPU; re-running with OpenBLAS preloaded ({lib}) for fast "
+        f"float32 matmul (set {DISABLE_ENV}=1 to turn this off)",
+        file=sys.stderr,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     try:

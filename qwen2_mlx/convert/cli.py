@@ -37,19 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwen2-convert",
         description="Convert a Qwen2 / Qwen2-MoE model (hub repo, local folder or GGUF file) to an MLX folder. "
-                    "With no source, build the default model the chat app opens.")
+        "With no source, build the default model the chat app opens.",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--hf-path", "--model", help="Hub repo id (e.g. Qwen/Qwen2-0.5B-Instruct) or a local folder.")
     src.add_argument("--gguf", help="A llama.cpp GGUF file (any quantization type the gguf package reads).")
-    p.add_argument("--mlx-path", default=None,
-                   help="Where to write the MLX model (default: mlx_model; with no source: the default model folder).")
+    p.add_argument(
+        "--mlx-path",
+        default=None,
+        help="Where to write the MLX model (default: mlx_model; with no source: the default model folder).",
+    )
     p.add_argument("-q", "--quantize", action="store_true", help="Generate a quantized model.")
     p.add_argument("--q-group-size", type=int, default=None, help="Group size for quantization.")
     p.add_argument("--q-bits", type=int, default=None, help="Bits per weight for quantization.")
     p.add_argument("--q-mode", default="affine", choices=Q_MODES, help="The quantization mode.")
     p.add_argument("--quant-predicate", choices=QUANT_RECIPES, default=None, help="Mixed-bit quantization recipe.")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="Type to save the non-quantized parameters. Defaults to config.json's `torch_dtype`.")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="Type to save the non-quantized parameters. Defaults to config.json's `torch_dtype`.",
+    )
     p.add_argument("-d", "--dequantize", action="store_true", help="Dequantize a quantized model.")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for --hf-path.")
     p.add_argument("--force", action="store_true", help="Replace the output folder if it exists.")
@@ -148,8 +156,10 @@ def _run(args) -> int:
                 args.quantize = True  # 4-bit: fast and small on Apple silicon
             else:
                 args.dtype = "float32"
-                _log("Keeping float32 (no 4-bit): on MLX's CPU backend quantized matmul is ~25x slower than "
-                     "float32 with OpenBLAS (0.35 vs 8.6 tok/s measured).")
+                _log(
+                    "Keeping float32 (no 4-bit): on MLX's CPU backend quantized matmul is ~25x slower than "
+                    "float32 with OpenBLAS (0.35 vs 8.6 tok/s measured)."
+                )
     elif args.gguf:
         require("gguf", "reading a GGUF file (--gguf)")
         source, label = GGUFSource(Path(args.gguf).expanduser()), args.gguf
@@ -158,10 +168,20 @@ def _run(args) -> int:
             raise ConvertError(f"--revision applies to hub repos; {args.hf_path} is a local folder")
         source, label = _folder_source(resolve(args.hf_path, args.revision, _log)), args.hf_path
 
-    result = convert(source, target, quantize=args.quantize, q_group_size=args.q_group_size, q_bits=args.q_bits,
-                     q_mode=args.q_mode, quant_predicate=args.quant_predicate, dtype=args.dtype,
-                     dequantize=args.dequantize, force=args.force,
-                     max_shard_bytes=args.max_shard_size or MAX_SHARD_BYTES, log=_log)
+    result = convert(
+        source,
+        target,
+        quantize=args.quantize,
+        q_group_size=args.q_group_size,
+        q_bits=args.q_bits,
+        q_mode=args.q_mode,
+        quant_predicate=args.quant_predicate,
+        dtype=args.dtype,
+        dequantize=args.dequantize,
+        force=args.force,
+        max_shard_bytes=args.max_shard_size or MAX_SHARD_BYTES,
+        log=_log,
+    )
     q = result.quantization
     how = (args.quant_predicate or f"{q['bits']}-bit {q['mode']}") if q else (result.dtype or "original dtype")
     if q and len(q) > 3:

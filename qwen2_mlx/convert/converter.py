@@ -49,14 +49,23 @@ def _progress(total: int, desc: str):
         from tqdm import tqdm
     except ImportError:  # tqdm comes with huggingface_hub; be safe anyway
         return None
-    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not sys.stderr.isatty(),
-                leave=False)
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
 
-def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: Optional[int] = None,
-            q_bits: Optional[int] = None, q_mode: str = "affine", quant_predicate: Optional[str] = None,
-            dtype: Optional[str] = None, dequantize: bool = False, force: bool = False,
-            max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable[[str], None] = _log) -> Result:
+def convert(
+    source,
+    mlx_path: str | Path,
+    quantize: bool = False,
+    q_group_size: Optional[int] = None,
+    q_bits: Optional[int] = None,
+    q_mode: str = "affine",
+    quant_predicate: Optional[str] = None,
+    dtype: Optional[str] = None,
+    dequantize: bool = False,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    log: Callable[[str], None] = _log,
+) -> Result:
     """Write `source` (GGUFSource or FolderSource) as an MLX model folder at `mlx_path`."""
     from qwen2_mlx.models.model import Model
 
@@ -66,8 +75,9 @@ def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: 
         raise ConvertError("choose either -q/--quantize or -d/--dequantize, not both")
     src_quant = source.quantization
     if quantize and src_quant:
-        raise ConvertError(f"{source.path}: is already quantized; add -d to dequantize it, or convert from the "
-                           "float checkpoint")
+        raise ConvertError(
+            f"{source.path}: is already quantized; add -d to dequantize it, or convert from the float checkpoint"
+        )
     if (q_bits or q_group_size or quant_predicate) and not quantize:
         raise ConvertError("--q-bits, --q-group-size and --quant-predicate need -q/--quantize")
     if dtype is not None and dtype not in DTYPES:
@@ -103,8 +113,10 @@ def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: 
     for n in weights:
         layer, kind = n.rsplit(".", 1)
         if not (kind == "weight" and layer in quantized_layers) and tuple(source.shape(n)) != tuple(expected[n].shape):
-            raise ConvertError(f"{source.path}: tensor {n} has shape {tuple(source.shape(n))}, "
-                               f"the config implies {tuple(expected[n].shape)}")
+            raise ConvertError(
+                f"{source.path}: tensor {n} has shape {tuple(source.shape(n))}, "
+                f"the config implies {tuple(expected[n].shape)}"
+            )
 
     # Plan every tensor (and the bytes it will take) before writing anything.
     jobs = []
@@ -112,12 +124,18 @@ def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: 
     for n in weights:
         layer, kind = n.rsplit(".", 1)
         shape = tuple(expected[n].shape)
-        size = (out_dtype.size if out_dtype is not None else source.dtype(n).size)
+        size = out_dtype.size if out_dtype is not None else source.dtype(n).size
         if kind == "weight" and layer in quantized_layers:
             action = ("dequantize", src_layer_params(layer)) if dequantize else ("copy", None)
-            needed += _numel(shape) * size if dequantize else sum(
-                _numel(source.shape(f"{layer}.{s}")) * source.dtype(f"{layer}.{s}").size
-                for s in ("weight", "scales", "biases") if f"{layer}.{s}" in present)
+            needed += (
+                _numel(shape) * size
+                if dequantize
+                else sum(
+                    _numel(source.shape(f"{layer}.{s}")) * source.dtype(f"{layer}.{s}").size
+                    for s in ("weight", "scales", "biases")
+                    if f"{layer}.{s}" in present
+                )
+            )
         elif plan is not None and kind == "weight" and (params := plan.params_for(layer)) is not None:
             action = ("quantize", params)
             needed += quantized_nbytes(shape, size, params)
@@ -139,8 +157,11 @@ def convert(source, mlx_path: str | Path, quantize: bool = False, q_group_size: 
                         writer.add(f"{layer}.{s}", source.tensor(f"{layer}.{s}"))
                         _release(source, f"{layer}.{s}")
             elif action == "dequantize":
-                parts = {s: source.tensor(f"{layer}.{s}") for s in ("weight", "scales", "biases")
-                         if f"{layer}.{s}" in present}
+                parts = {
+                    s: source.tensor(f"{layer}.{s}")
+                    for s in ("weight", "scales", "biases")
+                    if f"{layer}.{s}" in present
+                }
                 w = dequantize_tensor(parts, params)
                 writer.add(n, w.astype(out_dtype) if out_dtype is not None else w)
                 for s in parts:
@@ -186,6 +207,7 @@ def _release(source, name: str) -> None:
 
 def _source_layer_params(quant: Optional[dict]):
     """Per-layer quantization parameters of an already quantized (mlx-lm) source."""
+
     def params(layer: str) -> dict:
         q = quant or {}
         p = q.get(layer)
@@ -193,4 +215,5 @@ def _source_layer_params(quant: Optional[dict]):
         if isinstance(p, dict):
             base.update(p)
         return base
+
     return params

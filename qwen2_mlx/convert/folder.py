@@ -19,11 +19,32 @@ from qwen2_mlx.models.config import ConfigError, ModelArgs
 from .errors import ConvertError
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
-_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2,
-              "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_ST_DTYPES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -84,8 +105,10 @@ class FolderSource:
         raw, self.args = read_config(self.path)
         qc = raw.get("quantization_config")
         if isinstance(qc, dict) and qc.get("quant_method"):
-            raise ConvertError(f"{self.path / 'config.json'}: field 'quantization_config': checkpoints quantized "
-                               f"with {qc['quant_method']!r} are not supported; use the float checkpoint or a GGUF file")
+            raise ConvertError(
+                f"{self.path / 'config.json'}: field 'quantization_config': checkpoints quantized "
+                f"with {qc['quant_method']!r} are not supported; use the float checkpoint or a GGUF file"
+            )
         self.quantization: Optional[dict] = raw.get("quantization")
         for key in ("quantization", "quantization_config", "_name_or_path"):
             raw.pop(key, None)

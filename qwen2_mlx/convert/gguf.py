@@ -169,15 +169,18 @@ class GGUFSource:
             "use_sliding_window": False,
         }
         if hidden != cfg["hidden_size"]:
-            raise ConvertError(f"{self.path}: token_embd.weight has width {hidden}, "
-                               f"{self.arch}.embedding_length says {cfg['hidden_size']}")
+            raise ConvertError(
+                f"{self.path}: token_embd.weight has width {hidden}, "
+                f"{self.arch}.embedding_length says {cfg['hidden_size']}"
+            )
         key_len = self._meta("attention.key_length", False)
         if key_len and key_len != cfg["hidden_size"] // heads:
             cfg["head_dim"] = key_len
         rope_type = self._meta("rope.scaling.type", False)
         if rope_type in ("yarn", "linear"):
             cfg["rope_scaling"] = {
-                "type": rope_type, "rope_type": rope_type,
+                "type": rope_type,
+                "rope_type": rope_type,
                 "factor": float(self._meta("rope.scaling.factor")),
             }
             orig = self._meta("rope.scaling.original_context_length", False)
@@ -237,8 +240,9 @@ class GGUFSource:
         try:
             data = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
-            raise ConvertError(f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, "
-                               "which the gguf package cannot dequantize") from None
+            raise ConvertError(
+                f"{self.path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package cannot dequantize"
+            ) from None
         return mx.array(np.ascontiguousarray(data, dtype=np.float32).reshape(self.shape(name)))
 
     def tensors(self) -> Iterator[tuple[str, mx.array]]:
@@ -252,8 +256,9 @@ class GGUFSource:
     def write_tokenizer(self, dest: Path) -> None:
         tokenizer, tok_config = build_tokenizer(self.reader, self.path)
         tokenizer.save(str(Path(dest) / "tokenizer.json"))
-        (Path(dest) / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False),
-                                                          encoding="utf-8")
+        (Path(dest) / "tokenizer_config.json").write_text(
+            json.dumps(tok_config, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
         eos = self.config.get("eos_token_id")
         if eos is not None:
             gen = {"bos_token_id": self.config.get("bos_token_id"), "eos_token_id": eos}
@@ -284,14 +289,24 @@ def build_tokenizer(reader, path: Path):
     for i, tok in enumerate(tokens):
         spelled = tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))
         vocab.setdefault(spelled, i)
-    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], dropout=None, unk_token=None,
-                     continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+    bpe = models.BPE(
+        vocab=vocab,
+        merges=[tuple(m.split(" ", 1)) for m in merges],
+        dropout=None,
+        unk_token=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
+        byte_fallback=False,
+    )
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
 
     # Token type 3 (control) is a special token, 4 (user-defined, e.g. <tool_call>) an added plain token.
@@ -311,8 +326,11 @@ def build_tokenizer(reader, path: Path):
     bos, eos, pad = token_at("bos_token_id"), token_at("eos_token_id"), token_at("padding_token_id")
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
     if add_bos and bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, int(_field(reader, "tokenizer.ggml.bos_token_id")))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, int(_field(reader, "tokenizer.ggml.bos_token_id")))],
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
@@ -329,8 +347,14 @@ def build_tokenizer(reader, path: Path):
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "added_tokens_decoder": {
-            str(i): {"content": a.content, "lstrip": False, "normalized": False,
-                                           "rstrip": False, "single_word": False, "special": a.special}
+            str(i): {
+                "content": a.content,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": a.special,
+            }
             for i, a in added
         },
     }

@@ -14,8 +14,14 @@ from typing import Callable, Optional
 from .errors import ConvertError
 
 ALLOW_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "*.json", "tokenizer.model", "merges.txt",
-    "vocab.json", "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.json",
+    "tokenizer.model",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
 ]
 PROBE_TIMEOUT_S = 10.0
 
@@ -50,8 +56,12 @@ def resolve(hf_path: str, revision: Optional[str] = None, log: Callable[[str], N
         raise ConvertError(f"{hf_path}: no such folder (and not a hub repo id like Qwen/Qwen2-0.5B-Instruct)")
 
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     token = os.environ.get("HF_TOKEN") or None
     rev = f" at revision {revision}" if revision else ""
@@ -63,17 +73,22 @@ def resolve(hf_path: str, revision: Optional[str] = None, log: Callable[[str], N
         if offline():
             log(f"Using {hf_path}{rev} from the hub cache (HF_HUB_OFFLINE is set): {path}")
     except GatedRepoError:
-        raise ConvertError(f"{hf_path}: the repo is gated; accept its license on huggingface.co and set HF_TOKEN "
-                           f"to a token with access (or {WHAT_TO_DO})") from None
+        raise ConvertError(
+            f"{hf_path}: the repo is gated; accept its license on huggingface.co and set HF_TOKEN "
+            f"to a token with access (or {WHAT_TO_DO})"
+        ) from None
     except RevisionNotFoundError:
         raise ConvertError(f"{hf_path}: revision {revision!r} not found on the hub") from None
     except RepositoryNotFoundError:
-        raise ConvertError(f"{hf_path}: repo not found on the hub (check the name; for a private repo set "
-                           "HF_TOKEN)") from None
+        raise ConvertError(
+            f"{hf_path}: repo not found on the hub (check the name; for a private repo set HF_TOKEN)"
+        ) from None
     except LocalEntryNotFoundError:
         if offline():
-            raise ConvertError(f"{hf_path}{rev}: not in the local hub cache and HF_HUB_OFFLINE is set "
-                               f"(unset it to download, or {WHAT_TO_DO})") from None
+            raise ConvertError(
+                f"{hf_path}{rev}: not in the local hub cache and HF_HUB_OFFLINE is set "
+                f"(unset it to download, or {WHAT_TO_DO})"
+            ) from None
         raise HubUnreachable(hf_path, "file not found in the cache and no connection") from None
     except HubUnreachable:
         raise

@@ -25,8 +25,14 @@ Params = dict
 class QuantPlan:
     """Which layers to quantize and how, for one model skeleton and the user's options."""
 
-    def __init__(self, model: nn.Module, group_size: Optional[int] = None, bits: Optional[int] = None,
-                 mode: str = "affine", recipe: Optional[str] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        group_size: Optional[int] = None,
+        bits: Optional[int] = None,
+        mode: str = "affine",
+        recipe: Optional[str] = None,
+    ):
         if mode not in MODE_DEFAULTS:
             raise ConvertError(f"unknown --q-mode {mode!r} (choose from {', '.join(MODE_DEFAULTS)})")
         dg, db = MODE_DEFAULTS[mode]
@@ -37,8 +43,9 @@ class QuantPlan:
         try:  # let MLX say which combinations it supports, before any file is written
             mx.eval(mx.quantize(mx.zeros((1, self.group_size * 4)), **self.default))
         except (ValueError, RuntimeError) as e:
-            raise ConvertError(f"--q-bits {self.bits} --q-group-size {self.group_size} --q-mode {mode}: "
-                               f"not supported by MLX ({e})") from None
+            raise ConvertError(
+                f"--q-bits {self.bits} --q-group-size {self.group_size} --q-mode {mode}: not supported by MLX ({e})"
+            ) from None
         self.modules = dict(model.named_modules())
         self.model_predicate = getattr(model, "quant_predicate", None)
         self.recipe = None
@@ -70,8 +77,11 @@ class QuantPlan:
             return None
         if choice is True:
             return dict(self.default)
-        params = {"group_size": choice.get("group_size", self.group_size), "bits": choice.get("bits", self.bits),
-                  "mode": choice.get("mode", "affine")}
+        params = {
+            "group_size": choice.get("group_size", self.group_size),
+            "bits": choice.get("bits", self.bits),
+            "mode": choice.get("mode", "affine"),
+        }
         if module.weight.shape[-1] % params["group_size"] != 0:
             return None
         if params != self.default:
@@ -104,6 +114,11 @@ def quantized_nbytes(shape: tuple, dtype_size: int, params: Params) -> int:
 
 
 def dequantize_tensor(tensors: dict[str, mx.array], params: Params) -> mx.array:
-    return mx.dequantize(tensors["weight"], tensors["scales"], tensors.get("biases"),
-                         group_size=params["group_size"], bits=params["bits"], mode=params.get("mode", "affine"))
-
+    return mx.dequantize(
+        tensors["weight"],
+        tensors["scales"],
+        tensors.get("biases"),
+        group_size=params["group_size"],
+        bits=params["bits"],
+        mode=params.get("mode", "affine"),
+    )

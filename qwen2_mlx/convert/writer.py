@@ -39,7 +39,7 @@ def remove_stale_partials(target: Path) -> None:
     """Remove temporary folders left beside `target` by converter runs that were killed (SIGKILL)."""
     prefix = f".{target.name}{_PARTIAL}"
     for p in target.parent.glob(prefix + "*"):
-        pid = p.name[len(prefix):].split("-")[0]
+        pid = p.name[len(prefix) :].split("-")[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 
@@ -57,8 +57,9 @@ def check_disk_space(target: Path, needed: int) -> None:
     free = shutil.disk_usage(parent).free
     want = int(needed * 1.02) + (16 << 20)
     if free < want:
-        raise ConvertError(f"not enough disk space in {parent}: the model needs {format_size(want)}, "
-                           f"{format_size(free)} is free")
+        raise ConvertError(
+            f"not enough disk space in {parent}: the model needs {format_size(want)}, {format_size(free)} is free"
+        )
 
 
 def _existing_parent(p: Path) -> Path:
@@ -95,8 +96,7 @@ class ModelWriter:
         check_target(self.target, self.force)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.target)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}{_PARTIAL}{os.getpid()}-",
-                                         dir=self.target.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}{_PARTIAL}{os.getpid()}-", dir=self.target.parent))
         # SIGTERM unwinds like Ctrl-C, so the temporary folder is removed on the way out.
         try:
             self._old_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -155,10 +155,13 @@ class ModelWriter:
             os.replace(self.tmp / f"shard-{i:05d}.safetensors", self.tmp / final)
             weight_map.update({k: final for k in names})
         if n > 1:
-            self.write_json("model.safetensors.index.json", {
-                "metadata": {"total_size": self.total_bytes},
-                "weight_map": dict(sorted(weight_map.items())),
-            })
+            self.write_json(
+                "model.safetensors.index.json",
+                {
+                    "metadata": {"total_size": self.total_bytes},
+                    "weight_map": dict(sorted(weight_map.items())),
+                },
+            )
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a model folder is an ordinary folder

@@ -6,8 +6,14 @@ use, so the command line's `--help` imports neither MLX nor matplotlib.
 
 import importlib
 
-_EXPORTS = {"run_passkey": "passkey", "run_niah": "niah", "plot_heatmap": "niah", "perplexity": "ppl",
-            "ResultsFile": "results", "ResultsError": "results"}
+_EXPORTS = {
+    "run_passkey": "passkey",
+    "run_niah": "niah",
+    "plot_heatmap": "niah",
+    "perplexity": "ppl",
+    "ResultsFile": "results",
+    "ResultsError": "results",
+}
 __all__ = list(_EXPORTS)
 
 

@@ -21,9 +21,10 @@ from qwen2_mlx.extras import MissingPackage, require
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qwen2_mlx.eval",
-                                     description="Long-context evaluation: passkey retrieval, needle in a "
-                                                 "haystack and sliding-window perplexity.")
+    parser = argparse.ArgumentParser(
+        prog="python -m qwen2_mlx.eval",
+        description="Long-context evaluation: passkey retrieval, needle in a haystack and sliding-window perplexity.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("passkey", help="retrieve a 5-digit pass key hidden in filler text")
@@ -34,22 +35,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("niah", help="needle-in-a-haystack grid of lengths x depths, drawn as a heatmap")
     p.add_argument("--lengths", required=True, metavar="N,N,...", help="context lengths in tokens")
-    p.add_argument("--depths", default="0,25,50,75,100", metavar="D,D,...",
-                   help="needle depths in percent (default: %(default)s)")
+    p.add_argument(
+        "--depths", default="0,25,50,75,100", metavar="D,D,...", help="needle depths in percent (default: %(default)s)"
+    )
     p.add_argument("--trials", type=int, default=1, metavar="K", help="trials per cell (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for needles and filler order (default: %(default)s)")
-    p.add_argument("--haystack", type=Path, default=None, metavar="TEXT",
-                   help="a text file to use as filler instead of the built-in sentences")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE.png",
-                   help="the heatmap; the raw grid is written beside it as FILE.json")
+    p.add_argument(
+        "--haystack",
+        type=Path,
+        default=None,
+        metavar="TEXT",
+        help="a text file to use as filler instead of the built-in sentences",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE.png",
+        help="the heatmap; the raw grid is written beside it as FILE.json",
+    )
     p.add_argument("--title", default=None, help="figure title (default: model and long-context settings)")
     add_model_args(p)
 
     p = sub.add_parser("ppl", help="perplexity of a text file with a sliding window")
     p.add_argument("--file", type=Path, required=True, metavar="TEXT", help="a UTF-8 text file")
     p.add_argument("--context", type=int, default=4096, metavar="N", help="window length (default: %(default)s)")
-    p.add_argument("--stride", type=int, default=None, metavar="S",
-                   help="tokens between window starts (default: context / 2)")
+    p.add_argument(
+        "--stride", type=int, default=None, metavar="S", help="tokens between window starts (default: context / 2)"
+    )
     add_model_args(p)
     return parser
 
@@ -99,8 +112,10 @@ def _validate(args: argparse.Namespace) -> None:
             outputs.append((args.out.with_suffix(".json"), "--out's grid"))
         for path, what in outputs:
             if path is not None and path.absolute() == args.results.absolute():
-                raise EvalError(f"--results {args.results}: the same file as {what}, which would overwrite it; "
-                                "give the results file another name")
+                raise EvalError(
+                    f"--results {args.results}: the same file as {what}, which would overwrite it; "
+                    "give the results file another name"
+                )
     _check_packages(args)
 
 
@@ -136,8 +151,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "passkey":
         results = ResultsFile(args.results, _settings(args, lm.settings, {"length": args.length, "seed": args.seed}))
         with progress(args.trials, "passkey") as bar:
-            summary = passkey.run_passkey(lm.model, lm.tokenizer, args.length, args.trials, args.seed, results,
-                                          args.prefill_step_size, bar)
+            summary = passkey.run_passkey(
+                lm.model, lm.tokenizer, args.length, args.trials, args.seed, results, args.prefill_step_size, bar
+            )
         report = passkey.format_report(summary)
         summary = {"command": "passkey", "settings": results.settings, "length": args.length, **summary}
 
@@ -145,8 +161,18 @@ def run(args: argparse.Namespace) -> dict:
         extra = {"seed": args.seed, "haystack": _digest(args.haystack) if args.haystack else "built-in"}
         results = ResultsFile(args.results, _settings(args, lm.settings, extra))
         with progress(len(args.lengths) * len(args.depths) * args.trials, "niah") as bar:
-            grid = niah.run_niah(lm.model, lm.tokenizer, args.lengths, args.depths, args.trials, args.seed,
-                                 haystack, results, args.prefill_step_size, bar)
+            grid = niah.run_niah(
+                lm.model,
+                lm.tokenizer,
+                args.lengths,
+                args.depths,
+                args.trials,
+                args.seed,
+                haystack,
+                results,
+                args.prefill_step_size,
+                bar,
+            )
         title = args.title or f"Needle in a haystack\n{lm.label}"
         summary = {"command": "niah", "settings": results.settings, "label": lm.label, "title": title, **grid}
         write_json(args.out.with_suffix(".json"), summary)  # the results first: a failed drawing loses nothing
@@ -157,14 +183,18 @@ def run(args: argparse.Namespace) -> dict:
         tokens = lm.tokenizer.encode(text, add_special_tokens=False)
         if len(tokens) < 2:
             raise EvalError(f"{args.file}: fewer than 2 tokens of text; nothing to score")
-        extra = {"file_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "context": args.context,
-                 "stride": args.stride}
+        extra = {
+            "file_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "context": args.context,
+            "stride": args.stride,
+        }
         results = ResultsFile(args.results, _settings(args, lm.settings, extra))
         with progress(len(ppl.windows(len(tokens), args.context, args.stride)), "ppl") as bar:
-            summary = ppl.perplexity(lm.model, tokens, args.context, args.stride, results,
-                                     args.prefill_step_size, bar)
-        report = (f"perplexity: {summary['perplexity']:.4f}\ntokens: {summary['tokens']} "
-                  f"(scored {summary['scored_tokens']}, {len(summary['windows'])} windows)")
+            summary = ppl.perplexity(lm.model, tokens, args.context, args.stride, results, args.prefill_step_size, bar)
+        report = (
+            f"perplexity: {summary['perplexity']:.4f}\ntokens: {summary['tokens']} "
+            f"(scored {summary['scored_tokens']}, {len(summary['windows'])} windows)"
+        )
         summary = {"command": "ppl", "settings": results.settings, "file": str(args.file), **summary}
 
     if args.json is not None:
@@ -204,8 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted" + (f"; finished units are kept in {args.results}" if args.results else ""),
-              file=sys.stderr)
+        print("interrupted" + (f"; finished units are kept in {args.results}" if args.results else ""), file=sys.stderr)
         return 130
     return 0
 

@@ -25,14 +25,23 @@ def default_dtype() -> str:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None,
-                        help=f"model folder (default: {default_model_path()})")
-    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default=default_dtype(),
-                        help="compute dtype (default: %(default)s; 'auto' keeps the checkpoint's)")
-    parser.add_argument("--prefill-step-size", type=int, default=512, metavar="N",
-                        help="tokens per prefill step (default: %(default)s)")
-    parser.add_argument("--results", type=Path, default=None, metavar="FILE",
-                        help="resumable results file (JSON lines): finished units are skipped on re-run")
+    parser.add_argument("--model", type=Path, default=None, help=f"model folder (default: {default_model_path()})")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPE_NAMES],
+        default=default_dtype(),
+        help="compute dtype (default: %(default)s; 'auto' keeps the checkpoint's)",
+    )
+    parser.add_argument(
+        "--prefill-step-size", type=int, default=512, metavar="N", help="tokens per prefill step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="resumable results file (JSON lines): finished units are skipped on re-run",
+    )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results as JSON")
     add_long_context_args(parser)
 
@@ -50,9 +59,10 @@ class LoadedModel:
         parts = [self.path.name]
         dca = self.settings.get("dca")
         if dca:
-            parts.append(f"DCA chunk {dca['chunk_size']}, local {dca['local_size']}"
-                         + (f", L0 {dca['original_max_position_embeddings']}"
-                            if dca["original_max_position_embeddings"] else ""))
+            parts.append(
+                f"DCA chunk {dca['chunk_size']}, local {dca['local_size']}"
+                + (f", L0 {dca['original_max_position_embeddings']}" if dca["original_max_position_embeddings"] else "")
+            )
         rs = self.settings.get("rope_scaling")
         if rs:
             parts.append(f"YaRN x{rs['factor']:g}")
@@ -76,8 +86,12 @@ def load_for_eval(args: argparse.Namespace) -> LoadedModel:
         model, tokenizer = load(path, dtype=dtype, **overrides)
     except (ModelLoadError, ConfigError, TokenizerError) as e:
         raise EvalError(str(e)) from None
-    settings = {"model": str(path), "dtype": args.dtype, "dca": overrides.get("dca"),
-                "rope_scaling": overrides.get("rope_scaling")}
+    settings = {
+        "model": str(path),
+        "dtype": args.dtype,
+        "dca": overrides.get("dca"),
+        "rope_scaling": overrides.get("rope_scaling"),
+    }
     return LoadedModel(model, tokenizer, path, settings)
 
 

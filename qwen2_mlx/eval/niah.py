@@ -26,9 +26,18 @@ def cell_seed(seed: int, length: int, depth: int, trial: int) -> int:
     return random.Random(f"niah:{seed}:{length}:{depth}:{trial}").randrange(1 << 31)
 
 
-def run_niah(model, tokenizer, lengths: Sequence[int], depths: Sequence[int], trials: int = 1, seed: int = 0,
-             haystack: Optional[Sequence[str]] = None, results: Optional[ResultsFile] = None,
-             prefill_step_size: int = 512, bar=None) -> dict:
+def run_niah(
+    model,
+    tokenizer,
+    lengths: Sequence[int],
+    depths: Sequence[int],
+    trials: int = 1,
+    seed: int = 0,
+    haystack: Optional[Sequence[str]] = None,
+    results: Optional[ResultsFile] = None,
+    prefill_step_size: int = 512,
+    bar=None,
+) -> dict:
     """Run (or resume) the grid; `scores[d][l]` is the fraction found at depths[d] %, lengths[l] tokens."""
     results = results or ResultsFile(None, {})
     scores, cells = [], []
@@ -41,8 +50,15 @@ def run_niah(model, tokenizer, lengths: Sequence[int], depths: Sequence[int], tr
                 record = results.get(unit)
                 if record is None:
                     prompt = niah_prompt(tokenizer, length, depth / 100, cell_seed(seed, length, depth, t), haystack)
-                    record = results.add({"id": unit, "length": length, "depth": depth, "trial": t,
-                                          **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar)})
+                    record = results.add(
+                        {
+                            "id": unit,
+                            "length": length,
+                            "depth": depth,
+                            "trial": t,
+                            **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar),
+                        }
+                    )
                 cells.append(record)
                 found += bool(record["ok"])
                 if bar is not None:
@@ -50,8 +66,14 @@ def run_niah(model, tokenizer, lengths: Sequence[int], depths: Sequence[int], tr
             row.append(found / trials)
         scores.append(row)
     flat = [s for row in scores for s in row]
-    return {"lengths": list(lengths), "depths": list(depths), "trials": trials, "scores": scores,
-            "accuracy": sum(flat) / len(flat), "cells": cells}
+    return {
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "trials": trials,
+        "scores": scores,
+        "accuracy": sum(flat) / len(flat),
+        "cells": cells,
+    }
 
 
 def plot_heatmap(grid: dict, out: Path, title: str) -> None:

@@ -16,8 +16,16 @@ from .retrieval import answer, spread_depth
 MAX_NEW_TOKENS = 8  # a space, five digits and a full stop, with room to spare
 
 
-def run_passkey(model, tokenizer, length: int, trials: int, seed: int = 0,
-                results: Optional[ResultsFile] = None, prefill_step_size: int = 512, bar=None) -> dict:
+def run_passkey(
+    model,
+    tokenizer,
+    length: int,
+    trials: int,
+    seed: int = 0,
+    results: Optional[ResultsFile] = None,
+    prefill_step_size: int = 512,
+    bar=None,
+) -> dict:
     """Run (or resume) `trials` trials; returns {"accuracy", "trials": [records]}."""
     results = results or ResultsFile(None, {})
     records = []
@@ -27,8 +35,14 @@ def run_passkey(model, tokenizer, length: int, trials: int, seed: int = 0,
         if record is None:
             depth = spread_depth(i)
             prompt = passkey_prompt(tokenizer, length, depth, random_key(seed, i))
-            record = results.add({"id": unit, "trial": i, "depth": depth,
-                                  **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar)})
+            record = results.add(
+                {
+                    "id": unit,
+                    "trial": i,
+                    "depth": depth,
+                    **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar),
+                }
+            )
         records.append(record)
         if bar is not None:
             bar.update(1)
@@ -39,6 +53,8 @@ def run_passkey(model, tokenizer, length: int, trials: int, seed: int = 0,
 def format_report(summary: dict) -> str:
     lines = [f"accuracy: {summary['accuracy']:.3f}"]
     for r in summary["trials"]:
-        lines.append(f"trial {r['trial']}: depth {r['depth'] * 100:5.1f}%  tokens {r['tokens']}  "
-                     f"expected {r['expected']}  got {r['got']!r}  {'ok' if r['ok'] else 'FAIL'}")
+        lines.append(
+            f"trial {r['trial']}: depth {r['depth'] * 100:5.1f}%  tokens {r['tokens']}  "
+            f"expected {r['expected']}  got {r['got']!r}  {'ok' if r['ok'] else 'FAIL'}"
+        )
     return "\n".join(lines)

@@ -52,9 +52,9 @@ def window_nll(model, tokens: Sequence[int], first: int, prefill_step_size: int 
         # Position p predicts token p + 1; scored tokens are first..n-1, so p runs first-1..n-2.
         a, b = max(s, first - 1), min(e, n - 1)
         if a < b:
-            logits = _head(model, h[:, a - s:b - s]).astype(mx.float32)[0]
+            logits = _head(model, h[:, a - s : b - s]).astype(mx.float32)[0]
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            targets = x[a + 1:b + 1]
+            targets = x[a + 1 : b + 1]
             nll = -mx.take_along_axis(logprobs, targets[:, None].astype(mx.int32), axis=-1).sum()
             mx.eval(nll, [c.state for c in cache])
             total += nll.item()
@@ -64,8 +64,15 @@ def window_nll(model, tokens: Sequence[int], first: int, prefill_step_size: int 
     return total, count
 
 
-def perplexity(model, tokens: Sequence[int], context: int, stride: int, results: Optional[ResultsFile] = None,
-               prefill_step_size: int = 512, bar=None) -> dict:
+def perplexity(
+    model,
+    tokens: Sequence[int],
+    context: int,
+    stride: int,
+    results: Optional[ResultsFile] = None,
+    prefill_step_size: int = 512,
+    bar=None,
+) -> dict:
     """Run (or resume) the strided evaluation; returns perplexity, scored token count and per-window sums."""
     if len(tokens) < 2:
         raise ValueError("the text has fewer than 2 tokens: nothing to score")
@@ -83,5 +90,10 @@ def perplexity(model, tokens: Sequence[int], context: int, stride: int, results:
         if bar is not None:
             bar.update(1)
     mean = total / count
-    return {"perplexity": math.exp(mean), "nll_per_token": mean, "tokens": len(tokens), "scored_tokens": count,
-            "windows": records}
+    return {
+        "perplexity": math.exp(mean),
+        "nll_per_token": mean,
+        "tokens": len(tokens),
+        "scored_tokens": count,
+        "windows": records,
+    }

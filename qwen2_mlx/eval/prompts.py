@@ -14,19 +14,35 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                 "I will quiz you about the important information there.")
+PASSKEY_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key?"
 PASSKEY_ANSWER = "The pass key is"
 
-NIAH_INTRO = ("Some special magic numbers are hidden within the following text. "
-              "Make sure to memorize them. I will quiz you about the numbers afterwards.")
+NIAH_INTRO = (
+    "Some special magic numbers are hidden within the following text. "
+    "Make sure to memorize them. I will quiz you about the numbers afterwards."
+)
 NIAH_NEEDLE = "One of the special magic numbers for {key} is: {value}."
 NIAH_QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
 NIAH_ANSWER = "The special magic number for {key} mentioned in the provided text is"
-NIAH_KEYS = ("amber-river", "silent-harbor", "copper-meadow", "velvet-summit", "crimson-lantern", "hollow-pine",
-             "golden-orchard", "misty-canyon", "quiet-glacier", "rustic-bridge", "wandering-comet", "ivory-tower")
+NIAH_KEYS = (
+    "amber-river",
+    "silent-harbor",
+    "copper-meadow",
+    "velvet-summit",
+    "crimson-lantern",
+    "hollow-pine",
+    "golden-orchard",
+    "misty-canyon",
+    "quiet-glacier",
+    "rustic-bridge",
+    "wandering-comet",
+    "ivory-tower",
+)
 
 # A varied, neutral haystack (written for this project) so the needle is not the only sentence that
 # differs from its neighbours, unlike the passkey filler; shuffled per seed.
@@ -78,15 +94,25 @@ class HaystackPrompt:
 def render(tokenizer, user: str, answer_prefix: str) -> str:
     """The user turn through the chat template (plain text if the model has none) plus the answer's start."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+        )
     else:
         text = user + "\n\n"
     return text + answer_prefix
 
 
-def build_haystack_prompt(tokenizer, length: int, depth: float, needle: str, expected: str,
-                          units: Sequence[str], intro: str, question: str, answer_prefix: str) -> HaystackPrompt:
+def build_haystack_prompt(
+    tokenizer,
+    length: int,
+    depth: float,
+    needle: str,
+    expected: str,
+    units: Sequence[str],
+    intro: str,
+    question: str,
+    answer_prefix: str,
+) -> HaystackPrompt:
     """The longest prompt of at most `length` tokens: filler units cycled, the needle after a `depth`
     fraction (0..1) of them. Raises ValueError when even an empty haystack does not fit."""
     if not 0.0 <= depth <= 1.0:
@@ -119,18 +145,31 @@ def build_haystack_prompt(tokenizer, length: int, depth: float, needle: str, exp
     before, _ = parts(lo)
     prefix = render(tokenizer, before, "")
     # The template may add text after the user turn; the needle's start is the length of what precedes it.
-    needle_token = len(tokenizer.encode(prefix[: prefix.rindex(before) + len(before)], add_special_tokens=False)) \
-        if before in prefix else 0
+    needle_token = (
+        len(tokenizer.encode(prefix[: prefix.rindex(before) + len(before)], add_special_tokens=False))
+        if before in prefix
+        else 0
+    )
     return HaystackPrompt(tokens=tokens, needle_token=needle_token, expected=expected)
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> HaystackPrompt:
-    return build_haystack_prompt(tokenizer, length, depth, PASSKEY_NEEDLE.format(key=key), key, [PASSKEY_FILLER],
-                                 PASSKEY_INTRO, PASSKEY_QUESTION, PASSKEY_ANSWER)
+    return build_haystack_prompt(
+        tokenizer,
+        length,
+        depth,
+        PASSKEY_NEEDLE.format(key=key),
+        key,
+        [PASSKEY_FILLER],
+        PASSKEY_INTRO,
+        PASSKEY_QUESTION,
+        PASSKEY_ANSWER,
+    )
 
 
-def niah_prompt(tokenizer, length: int, depth: float, seed: int, haystack: Optional[Sequence[str]] = None,
-                key: Optional[str] = None) -> HaystackPrompt:
+def niah_prompt(
+    tokenizer, length: int, depth: float, seed: int, haystack: Optional[Sequence[str]] = None, key: Optional[str] = None
+) -> HaystackPrompt:
     """One needle-in-a-haystack cell: the key (unless given), the 7-digit value and the filler order come
     from `seed`."""
     rng = random.Random(seed)
@@ -139,8 +178,17 @@ def niah_prompt(tokenizer, length: int, depth: float, seed: int, haystack: Optio
     units = list(haystack or NIAH_FILLER)
     if haystack is None:
         rng.shuffle(units)
-    return build_haystack_prompt(tokenizer, length, depth, NIAH_NEEDLE.format(key=key, value=value), value, units,
-                                 NIAH_INTRO, NIAH_QUESTION.format(key=key), NIAH_ANSWER.format(key=key))
+    return build_haystack_prompt(
+        tokenizer,
+        length,
+        depth,
+        NIAH_NEEDLE.format(key=key, value=value),
+        value,
+        units,
+        NIAH_INTRO,
+        NIAH_QUESTION.format(key=key),
+        NIAH_ANSWER.format(key=key),
+    )
 
 
 def random_key(seed: int, trial: int) -> str:

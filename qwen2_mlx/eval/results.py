@@ -59,8 +59,7 @@ class ResultsFile:
             raise ResultsError(f"{self.path}: not a qwen2_mlx.eval results file (no '{FORMAT}' header)")
         diff = _first_difference(header.get("settings") or {}, self.settings)
         if diff:
-            raise ResultsError(f"{self.path}: made with different settings ({diff}); "
-                               "use another --results file")
+            raise ResultsError(f"{self.path}: made with different settings ({diff}); use another --results file")
         for n, line in enumerate(lines[1:], start=2):
             try:
                 record = json.loads(line)

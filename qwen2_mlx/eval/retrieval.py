@@ -12,12 +12,19 @@ def answer(model, tokenizer, prompt: HaystackPrompt, max_tokens: int, prefill_st
     """Run one prompt; the record says what was expected, what came back and whether it matched.
 
     With a tqdm `bar`, its postfix follows the prefill (a long prompt on a CPU takes minutes)."""
+
     def on_prefill(done: int, total: int) -> None:
         bar.set_postfix_str(f"prefill {done}/{total}")
 
     tic = time.perf_counter()
-    got = generate(model, tokenizer, prompt.tokens, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
-                   prompt_progress_callback=on_prefill if bar is not None else None)
+    got = generate(
+        model,
+        tokenizer,
+        prompt.tokens,
+        max_tokens=max_tokens,
+        prefill_step_size=prefill_step_size,
+        prompt_progress_callback=on_prefill if bar is not None else None,
+    )
     return {
         "tokens": len(prompt.tokens),
         "needle_token": prompt.needle_token,

@@ -17,9 +17,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
-from .generate import (DEFAULT_PREFILL_STEP_SIZE, ContextOverflowError, GenerationStats, Reply,
-                       StopStringFilter, as_wrapper, build_sampler, context_limit, fresh_detokenizer,
-                       generation_stream)
+from .generate import (
+    DEFAULT_PREFILL_STEP_SIZE,
+    ContextOverflowError,
+    GenerationStats,
+    Reply,
+    StopStringFilter,
+    as_wrapper,
+    build_sampler,
+    context_limit,
+    fresh_detokenizer,
+    generation_stream,
+)
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -142,24 +151,41 @@ def batch_generate(
     window = context_limit(model)
     for i, ids in enumerate(encoded):
         if len(ids) >= window:
-            raise ContextOverflowError(f"prompts[{i}] ({len(ids)} tokens) does not fit the context window "
-                                       f"of {window} tokens")
+            raise ContextOverflowError(
+                f"prompts[{i}] ({len(ids)} tokens) does not fit the context window of {window} tokens"
+            )
     if seed is not None:
         mx.random.seed(seed)
-    sample, procs = build_sampler(temperature, top_p, top_k, min_p, repetition_penalty,
-                                  repetition_context_size, logit_bias, sampler, logits_processors)
+    sample, procs = build_sampler(
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        repetition_penalty,
+        repetition_context_size,
+        logit_bias,
+        sampler,
+        logits_processors,
+    )
     eos = set(tokenizer.eos_token_ids or [])
     stats = BatchStats()
     results: list[Optional[_Row]] = [None] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         rows = []
-        for i in order[start:start + batch_size]:
+        for i in order[start : start + batch_size]:
             room = window - len(encoded[i])
             m = limits[i]
-            rows.append(_Row(i, encoded[i], room if m is None else min(m, room),
-                             "length" if m is not None and m <= room else "context",
-                             fresh_detokenizer(tokenizer), stop))
+            rows.append(
+                _Row(
+                    i,
+                    encoded[i],
+                    room if m is None else min(m, room),
+                    "length" if m is not None and m <= room else "context",
+                    fresh_detokenizer(tokenizer),
+                    stop,
+                )
+            )
         with mx.stream(generation_stream):
             _run_group(model, rows, sample, procs, eos, prefill_step_size, stats)
         for r in rows:
@@ -167,18 +193,28 @@ def batch_generate(
         if verbose:
             print(f"[batch_generate] {min(start + batch_size, len(order))}/{len(order)} prompts done", flush=True)
     stats.peak_memory = mx.get_peak_memory() / 1e9
-    texts = [Reply("".join(r.parts), r.reason, GenerationStats(prompt_tokens=len(r.prompt),
-                                                               generation_tokens=len(r.tokens)))
-             for r in results]
+    texts = [
+        Reply("".join(r.parts), r.reason, GenerationStats(prompt_tokens=len(r.prompt), generation_tokens=len(r.tokens)))
+        for r in results
+    ]
     if verbose:
-        print(f"[batch_generate] prompt: {stats.prompt_tokens} tok, {stats.prompt_tps:.1f} tok/s; "
-              f"generation: {stats.generation_tokens} tok, {stats.generation_tps:.1f} tok/s; "
-              f"peak memory {stats.peak_memory:.2f} GB")
+        print(
+            f"[batch_generate] prompt: {stats.prompt_tokens} tok, {stats.prompt_tps:.1f} tok/s; "
+            f"generation: {stats.generation_tokens} tok, {stats.generation_tps:.1f} tok/s; "
+            f"peak memory {stats.peak_memory:.2f} GB"
+        )
     return BatchResponse(texts, stats, [r.tokens for r in results])
 
 
-def _run_group(model: nn.Module, rows: list[_Row], sample: Callable, procs: list, eos: set,
-               prefill_step_size: int, stats: BatchStats) -> None:
+def _run_group(
+    model: nn.Module,
+    rows: list[_Row],
+    sample: Callable,
+    procs: list,
+    eos: set,
+    prefill_step_size: int,
+    stats: BatchStats,
+) -> None:
     tic = time.perf_counter()
     width = max(len(r.prompt) for r in rows)
     padding = [width - len(r.prompt) for r in rows]
@@ -187,7 +223,7 @@ def _run_group(model: nn.Module, rows: list[_Row], sample: Callable, procs: list
 
     # Prefill all but the last column, evaluating only the cache; the last goes through the head.
     for a in range(0, width - 1, prefill_step_size):
-        model(tokens[:, a:min(a + prefill_step_size, width - 1)], cache=cache)
+        model(tokens[:, a : min(a + prefill_step_size, width - 1)], cache=cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
 
@@ -200,7 +236,7 @@ def _run_group(model: nn.Module, rows: list[_Row], sample: Callable, procs: list
             for k, r in enumerate(live):
                 if generated:
                     r.history = mx.concatenate([r.history, inputs[k]])
-                row = logits[k:k + 1]
+                row = logits[k : k + 1]
                 for proc in procs:
                     row = proc(r.history, row)
                 rows_logits.append(row)

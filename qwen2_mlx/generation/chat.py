@@ -17,13 +17,37 @@ from typing import Any, Iterator, Optional, Union
 
 import mlx.nn as nn
 
-from .prompt_cache import PromptCacheError, can_trim_prompt_cache, load_prompt_cache, make_prompt_cache, save_prompt_cache, trim_prompt_cache
+from .prompt_cache import (
+    PromptCacheError,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
 from .notebook import chat_markdown
-from .generate import (ContextOverflowError, GenerationResponse, GenerationStats, Reply, as_wrapper,
-                       context_limit, stream_generate)
+from .generate import (
+    ContextOverflowError,
+    GenerationResponse,
+    GenerationStats,
+    Reply,
+    as_wrapper,
+    context_limit,
+    stream_generate,
+)
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size",
-                 "logit_bias", "max_tokens", "seed", "stop")
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "repetition_context_size",
+    "logit_bias",
+    "max_tokens",
+    "seed",
+    "stop",
+)
 CALL_ONLY_KEYS = ("sampler", "logits_processors", "prompt_progress_callback", "prefill_step_size")
 POLICIES = ("refuse", "drop_oldest")
 FILE_FORMAT = "qwen2-mlx-chat"
@@ -102,9 +126,16 @@ class ReplyStream:
 class Chat:
     """A chat session. See the module docstring; sampling settings are stream_generate's."""
 
-    def __init__(self, model: nn.Module, tokenizer, system: Optional[str] = None,
-                 messages: Optional[list] = None, context_policy: str = "refuse",
-                 max_context: Optional[int] = None, **sampling: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        system: Optional[str] = None,
+        messages: Optional[list] = None,
+        context_policy: str = "refuse",
+        max_context: Optional[int] = None,
+        **sampling: Any,
+    ):
         if context_policy not in POLICIES:
             raise ValueError(f"context_policy must be one of {POLICIES}, not {context_policy!r}")
         model_limit = context_limit(model)
@@ -249,8 +280,7 @@ class Chat:
     def _tokens(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         if not messages:
             return []
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     @property
@@ -282,12 +312,13 @@ class Chat:
                 raise ContextOverflowError(
                     f"the conversation needs {len(ids)} tokens with the chat template, more than the "
                     f"context window of {limit} tokens allows; start a new chat, edit or clear it, or use "
-                    f"context_policy='drop_oldest'")
+                    f"context_policy='drop_oldest'"
+                )
             self._drop_oldest_turn(path)
 
     def _path_to(self, node: _Node) -> list[_Node]:
         path = self._path()
-        return path[:path.index(node) + 1]
+        return path[: path.index(node) + 1]
 
     @staticmethod
     def _can_drop(path: list[_Node]) -> bool:
@@ -374,8 +405,9 @@ class Chat:
             raise ValueError("there is no user message to answer: send one first")
         node = users[-1]
         if path.index(node) < len(path) - 2:
-            raise ValueError("regenerate answers the last user message, which must end the chat "
-                             "or be followed by one reply")
+            raise ValueError(
+                "regenerate answers the last user message, which must end the chat or be followed by one reply"
+            )
         ids = self._fit(node, settings["max_tokens"])
         return self._reply(node, ids, cancel, settings)
 
@@ -384,8 +416,7 @@ class Chat:
         parts, last = [], None
         for last in responses:
             parts.append(last.text)
-        return Reply("".join(parts), last.finish_reason if last else "cancelled",
-                     GenerationStats.from_response(last))
+        return Reply("".join(parts), last.finish_reason if last else "cancelled", GenerationStats.from_response(last))
 
     def _reply(self, parent: _Node, ids: list[int], cancel: Any, settings: dict) -> "ReplyStream":
         stream = ReplyStream(self)
@@ -397,8 +428,9 @@ class Chat:
         if self._busy is stream:
             self._busy = None
 
-    def _run(self, parent: _Node, ids: list[int], cancel: Any, settings: dict,
-             stream: "ReplyStream") -> Iterator[GenerationResponse]:
+    def _run(
+        self, parent: _Node, ids: list[int], cancel: Any, settings: dict, stream: "ReplyStream"
+    ) -> Iterator[GenerationResponse]:
         parts: list[str] = []
         generated: list[int] = []
         last: Optional[GenerationResponse] = None
@@ -417,9 +449,16 @@ class Chat:
         try:
             suffix = self._reuse_cache(ids)
             max_tokens = settings.pop("max_tokens")
-            responses = stream_generate(self.model, self.tokenizer, suffix, max_tokens,
-                                        prompt_cache=self._cache, cancel=cancel,
-                                        max_context=self.context_limit, **settings)
+            responses = stream_generate(
+                self.model,
+                self.tokenizer,
+                suffix,
+                max_tokens,
+                prompt_cache=self._cache,
+                cancel=cancel,
+                max_context=self.context_limit,
+                **settings,
+            )
             for r in responses:
                 parts.append(r.text)
                 if r.generation_tokens > len(generated):
@@ -451,10 +490,16 @@ class Chat:
         self._check_idle()
         path = Path(path)
         data = {
-            "format": FILE_FORMAT, "version": FILE_VERSION, "system": self.system,
-            "context_policy": self.context_policy, "max_context": self.max_context,
-            "sampling": self._json_sampling(), "messages": [c.to_dict() for c in self._root.children],
-            "active": self._root.active, "dropped": self.dropped, "cache": None,
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "system": self.system,
+            "context_policy": self.context_policy,
+            "max_context": self.max_context,
+            "sampling": self._json_sampling(),
+            "messages": [c.to_dict() for c in self._root.children],
+            "active": self._root.active,
+            "dropped": self.dropped,
+            "cache": None,
         }
         if include_cache and self._cache is not None and self._cache_tokens:
             cache_path = path.with_name(path.stem + ".kv.safetensors")
@@ -492,7 +537,7 @@ class Chat:
             return ChatFileError(f"{path}: field '{field_name}': {problem}")
 
         if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
-            raise ChatFileError(f"{path}: not a qwen2-mlx chat file (no \"format\": \"{FILE_FORMAT}\")")
+            raise ChatFileError(f'{path}: not a qwen2-mlx chat file (no "format": "{FILE_FORMAT}")')
         if data.get("version") != FILE_VERSION:
             raise bad("version", f"{data.get('version')!r} is not supported (expected {FILE_VERSION})")
         sampling = data.get("sampling") or {}
@@ -507,12 +552,19 @@ class Chat:
         if system is not None and not isinstance(system, str):
             raise bad("system", "must be a string or null")
         try:
-            chat = cls(model, tokenizer, system=system, context_policy=data.get("context_policy", "refuse"),
-                       max_context=data.get("max_context"), **sampling)
+            chat = cls(
+                model,
+                tokenizer,
+                system=system,
+                context_policy=data.get("context_policy", "refuse"),
+                max_context=data.get("max_context"),
+                **sampling,
+            )
         except (ValueError, TypeError) as e:
             raise ChatFileError(f"{path}: {e}") from None
-        chat._root.children = [cls._node_from(m, path, f"messages[{i}]")
-                               for i, m in enumerate(data.get("messages") or [])]
+        chat._root.children = [
+            cls._node_from(m, path, f"messages[{i}]") for i, m in enumerate(data.get("messages") or [])
+        ]
         chat._root.active = cls._active_from(data, len(chat._root.children), path, "active")
         dropped = data.get("dropped") or []
         for i, m in enumerate(dropped):
@@ -523,14 +575,18 @@ class Chat:
         chat.dropped = list(dropped)
         cache = data.get("cache")
         if cache:
-            if not isinstance(cache, dict) or not isinstance(cache.get("file"), str) \
-                    or not isinstance(cache.get("tokens"), list):
+            if (
+                not isinstance(cache, dict)
+                or not isinstance(cache.get("file"), str)
+                or not isinstance(cache.get("tokens"), list)
+            ):
                 raise bad("cache", "must be an object with 'file' and 'tokens'")
             cache_path = path.with_name(cache["file"])
             kv = load_prompt_cache(cache_path, model=model)  # raises PromptCacheError naming the file
             if getattr(kv[0], "offset", None) != len(cache["tokens"]):
-                raise PromptCacheError(f"{cache_path}: holds {getattr(kv[0], 'offset', '?')} tokens, "
-                                       f"{path} lists {len(cache['tokens'])}")
+                raise PromptCacheError(
+                    f"{cache_path}: holds {getattr(kv[0], 'offset', '?')} tokens, {path} lists {len(cache['tokens'])}"
+                )
             chat._cache, chat._cache_tokens = kv, [int(t) for t in cache["tokens"]]
         return chat
 

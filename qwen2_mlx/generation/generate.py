@@ -18,8 +18,7 @@ import mlx.nn as nn
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .prompt_cache import make_prompt_cache
-from .responses import (FINISH_REASONS, ContextOverflowError, GenerationResponse, GenerationStats,
-                        Reply)
+from .responses import FINISH_REASONS, ContextOverflowError, GenerationResponse, GenerationStats, Reply
 
 generation_stream = mx.new_thread_local_stream(mx.default_device())
 DEFAULT_PREFILL_STEP_SIZE = 2048
@@ -33,15 +32,24 @@ def context_limit(model: nn.Module) -> int:
     return args.max_position_embeddings
 
 
-def build_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                  repetition_penalty: Optional[float] = None, repetition_context_size: int = 20,
-                  logit_bias: Optional[dict] = None, sampler=None, logits_processors=None):
+def build_sampler(
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+    logit_bias: Optional[dict] = None,
+    sampler=None,
+    logits_processors=None,
+):
     """mlx-lm's sampler and logits processors from plain keyword settings."""
     if sampler is None:
         sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     procs = list(logits_processors or [])
-    procs += make_logits_processors(logit_bias=logit_bias, repetition_penalty=repetition_penalty,
-                                    repetition_context_size=repetition_context_size)
+    procs += make_logits_processors(
+        logit_bias=logit_bias, repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+    )
     return sampler, procs
 
 
@@ -108,14 +116,15 @@ def generate_step(
             y, logprobs = next_y, next_logprobs
 
 
-def _prefill(model: nn.Module, tokens: mx.array, cache: list, step_size: int,
-             progress: Callable[[int, int], None]) -> int:
+def _prefill(
+    model: nn.Module, tokens: mx.array, cache: list, step_size: int, progress: Callable[[int, int], None]
+) -> int:
     """Run `tokens` into the cache in chunks, evaluating only the cache (no head). Returns the count."""
     total, done = tokens.size, 0
     progress(0, total)
     while done < total:
         n = min(step_size, total - done)
-        model(tokens[done:done + n][None], cache=cache)
+        model(tokens[done : done + n][None], cache=cache)
         mx.eval([c.state for c in cache])
         done += n
         progress(done, total)
@@ -143,8 +152,10 @@ def prefill_prompt_cache(
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     held = getattr(cache[0], "offset", 0) if cache else 0
     if held + tokens.size > context_limit(model):
-        raise ContextOverflowError(f"the prompt ({tokens.size} tokens, {held} more already cached) does not "
-                                   f"fit the context window of {context_limit(model)} tokens")
+        raise ContextOverflowError(
+            f"the prompt ({tokens.size} tokens, {held} more already cached) does not "
+            f"fit the context window of {context_limit(model)} tokens"
+        )
     for c in cache:  # DCA caches give every prompt key the temperature of the whole prompt
         if hasattr(c, "length_hint"):
             c.length_hint = c.offset + tokens.size
@@ -188,14 +199,14 @@ class StopStringFilter:
             if hits:
                 self.stopped = True
                 end = max(min(hits), self.emitted)
-                chunk, self.emitted = text[self.emitted:end], end
+                chunk, self.emitted = text[self.emitted : end], end
                 return chunk
             safe = len(text) if final else len(text) - _held_back(text, self.stops)
         else:
             safe = len(text)
         if safe <= self.emitted:
             return ""
-        chunk, self.emitted = text[self.emitted:safe], safe
+        chunk, self.emitted = text[self.emitted : safe], safe
         return chunk
 
     def add(self, token: int) -> str:
@@ -275,8 +286,17 @@ def stream_generate(
         temperature = temp
     if seed is not None:
         mx.random.seed(seed)
-    sampler, procs = build_sampler(temperature, top_p, top_k, min_p, repetition_penalty,
-                                   repetition_context_size, logit_bias, sampler, logits_processors)
+    sampler, procs = build_sampler(
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        repetition_penalty,
+        repetition_context_size,
+        logit_bias,
+        sampler,
+        logits_processors,
+    )
     prompt = encode_prompt(tokenizer, prompt)
     if prompt.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
@@ -289,7 +309,8 @@ def stream_generate(
     if room <= 0:
         raise ContextOverflowError(
             f"the prompt ({prompt.size} tokens, {start_offset} more already cached) does not fit "
-            f"the context window of {window} tokens")
+            f"the context window of {window} tokens"
+        )
     limit = room if max_tokens is None else min(max_tokens, room)
     length_reason = "length" if max_tokens is not None and max_tokens <= room else "context"
 
@@ -300,9 +321,17 @@ def stream_generate(
     def response(text: str, reason: Optional[str] = None) -> GenerationResponse:
         elapsed = time.perf_counter() - tic
         return GenerationResponse(
-            text=text, token=token, logprobs=logprobs, prompt_tokens=prompt.size, prompt_tps=prompt_tps,
-            generation_tokens=n, generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason, time_to_first_token=ttft)
+            text=text,
+            token=token,
+            logprobs=logprobs,
+            prompt_tokens=prompt.size,
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=reason,
+            time_to_first_token=ttft,
+        )
 
     def progress(done: int, total: int) -> None:
         if cancel is not None and done < total and cancel.is_set():
@@ -310,9 +339,16 @@ def stream_generate(
         if prompt_progress_callback is not None:
             prompt_progress_callback(done, total)
 
-    steps = generate_step(prompt, model, max_tokens=limit, sampler=sampler, logits_processors=procs,
-                          prompt_cache=cache, prefill_step_size=prefill_step_size,
-                          prompt_progress_callback=progress)
+    steps = generate_step(
+        prompt,
+        model,
+        max_tokens=limit,
+        sampler=sampler,
+        logits_processors=procs,
+        prompt_cache=cache,
+        prefill_step_size=prefill_step_size,
+        prompt_progress_callback=progress,
+    )
     reason, pending = None, ""
     try:
         for token, logprobs in steps:
@@ -342,8 +378,9 @@ def stream_generate(
     yield response(chunk, reason or length_reason)
 
 
-def generate(model: nn.Module, tokenizer, prompt, max_tokens: Optional[int] = 256, verbose: bool = False,
-             **kwargs) -> Reply:
+def generate(
+    model: nn.Module, tokenizer, prompt, max_tokens: Optional[int] = 256, verbose: bool = False, **kwargs
+) -> Reply:
     """Generate a whole completion; returns a `Reply` (a str with `.finish_reason` and `.stats`)."""
     parts = []
     last = None
@@ -352,7 +389,9 @@ def generate(model: nn.Module, tokenizer, prompt, max_tokens: Optional[int] = 25
         if verbose:
             print(last.text, end="", flush=True)
     if verbose and last is not None:
-        print(f"\n[{last.finish_reason}] prompt: {last.prompt_tokens} tok, {last.prompt_tps:.1f} tok/s; "
-              f"generation: {last.generation_tokens} tok, {last.generation_tps:.1f} tok/s; "
-              f"peak memory {last.peak_memory:.2f} GB")
+        print(
+            f"\n[{last.finish_reason}] prompt: {last.prompt_tokens} tok, {last.prompt_tps:.1f} tok/s; "
+            f"generation: {last.generation_tokens} tok, {last.generation_tps:.1f} tok/s; "
+            f"peak memory {last.peak_memory:.2f} GB"
+        )
     return Reply("".join(parts), last.finish_reason if last else None, GenerationStats.from_response(last))

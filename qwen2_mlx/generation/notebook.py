@@ -29,8 +29,9 @@ def _jupyter_display():
     return display, Markdown
 
 
-def display_stream(responses: Iterable[GenerationResponse], *, interval: float = 0.1,
-                   file: Optional[TextIO] = None) -> Reply:
+def display_stream(
+    responses: Iterable[GenerationResponse], *, interval: float = 0.1, file: Optional[TextIO] = None
+) -> Reply:
     """Consume a stream of responses (stream_generate, Chat.stream, Chat.regenerate) while showing it.
 
     In Jupyter one Markdown display is updated at most every `interval` seconds and once at the

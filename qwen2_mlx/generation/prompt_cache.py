@@ -39,8 +39,12 @@ def make_prompt_cache(model: nn.Module) -> list:
 def model_signature(model: nn.Module) -> dict:
     """What a saved cache must agree on with the model it is loaded into: shapes and RoPE/DCA settings."""
     args = model.args
-    sig = {"model_type": args.model_type, "num_hidden_layers": args.num_hidden_layers,
-           "num_key_value_heads": args.num_key_value_heads, "head_dim": args.head_dim}
+    sig = {
+        "model_type": args.model_type,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_key_value_heads": args.num_key_value_heads,
+        "head_dim": args.head_dim,
+    }
     sig.update(long_context_signature(args))
     return json.loads(json.dumps(sig))  # the form it takes after a round trip through the file
 
@@ -49,7 +53,7 @@ def _compact(c: Any) -> Any:
     """A KVCache keeps spare capacity (and trimmed tokens) past `offset`: save only what it holds."""
     if isinstance(c, KVCache) and c.keys is not None and c.keys.shape[2] > c.offset:
         out = copy.copy(c)
-        out.keys, out.values = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
+        out.keys, out.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
         return out
     return c
 
@@ -58,8 +62,9 @@ def _atomic_target(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
 
 
-def save_prompt_cache(file_name: Union[str, Path], cache: list, metadata: Optional[dict] = None,
-                      model: Optional[nn.Module] = None) -> None:
+def save_prompt_cache(
+    file_name: Union[str, Path], cache: list, metadata: Optional[dict] = None, model: Optional[nn.Module] = None
+) -> None:
     """Save a prompt cache as safetensors (mlx-lm's layout); with `model`, record its signature.
 
     `metadata` maps strings to strings (no dots in keys, as in mlx-lm). The file is written to a
@@ -98,11 +103,15 @@ def _cache_class(name: str, path: Path):
 
 def _check_signature(path: Path, saved: dict, model: nn.Module) -> None:
     current = model_signature(model)
-    diffs = [f"{k}={saved.get(k)!r} in the file, {current.get(k)!r} in the model"
-             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    diffs = [
+        f"{k}={saved.get(k)!r} in the file, {current.get(k)!r} in the model"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
     if diffs:
-        raise PromptCacheError(f"{path}: this prompt cache was made for a differently configured model: "
-                               + "; ".join(diffs))
+        raise PromptCacheError(
+            f"{path}: this prompt cache was made for a differently configured model: " + "; ".join(diffs)
+        )
 
 
 def _check_shapes(path: Path, cache: list, model: nn.Module) -> None:
@@ -114,11 +123,11 @@ def _check_shapes(path: Path, cache: list, model: nn.Module) -> None:
         if isinstance(keys, mx.array) and (keys.shape[1], keys.shape[3]) != (args.num_key_value_heads, args.head_dim):
             raise PromptCacheError(
                 f"{path}: cached keys have {keys.shape[1]} heads of size {keys.shape[3]}, the model "
-                f"{args.num_key_value_heads} of size {args.head_dim}")
+                f"{args.num_key_value_heads} of size {args.head_dim}"
+            )
 
 
-def load_prompt_cache(file_name: Union[str, Path], return_metadata: bool = False,
-                      model: Optional[nn.Module] = None):
+def load_prompt_cache(file_name: Union[str, Path], return_metadata: bool = False, model: Optional[nn.Module] = None):
     """Load a prompt cache saved by `save_prompt_cache` (or mlx-lm's).
 
     With `model`, refuse (PromptCacheError naming the file and the differing settings) a cache
@@ -157,5 +166,12 @@ def load_prompt_cache(file_name: Union[str, Path], return_metadata: bool = False
     return (cache, metadata) if return_metadata else cache
 
 
-__all__ = ["make_prompt_cache", "save_prompt_cache", "load_prompt_cache", "trim_prompt_cache",
-           "can_trim_prompt_cache", "model_signature", "PromptCacheError"]
+__all__ = [
+    "make_prompt_cache",
+    "save_prompt_cache",
+    "load_prompt_cache",
+    "trim_prompt_cache",
+    "can_trim_prompt_cache",
+    "model_signature",
+    "PromptCacheError",
+]

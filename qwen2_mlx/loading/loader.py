@@ -29,7 +29,9 @@ def resolve_path(path: Union[str, Path]) -> Path:
     if p.is_dir():
         return p
     if p.exists():
-        raise ModelLoadError(f"{p}: is a file; expected a model folder (for a GGUF file run `python convert.py --gguf {p}`)")
+        raise ModelLoadError(
+            f"{p}: is a file; expected a model folder (for a GGUF file run `python convert.py --gguf {p}`)"
+        )
     raise ModelLoadError(f"{p}: no such model folder (run `python convert.py` to create the default model)")
 
 
@@ -73,6 +75,7 @@ def apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> N
 
     Per-layer entries in the block (mlx-lm's mixed-precision recipes) override the default.
     """
+
     def predicate(path, module):
         if path in quantization:
             return quantization[path]
@@ -80,13 +83,23 @@ def apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> N
             return False
         return f"{path}.scales" in weights
 
-    nn.quantize(model, group_size=quantization.get("group_size", 64), bits=quantization.get("bits", 4),
-                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+    nn.quantize(
+        model,
+        group_size=quantization.get("group_size", 64),
+        bits=quantization.get("bits", 4),
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
 
 
-def load_model(path: Union[str, Path], dca: Optional[dict] = None, lazy: bool = False,
-               dtype: Optional[mx.Dtype] = None, args: Optional[ModelArgs] = None,
-               rope_scaling: Optional[dict] = None) -> Model:
+def load_model(
+    path: Union[str, Path],
+    dca: Optional[dict] = None,
+    lazy: bool = False,
+    dtype: Optional[mx.Dtype] = None,
+    args: Optional[ModelArgs] = None,
+    rope_scaling: Optional[dict] = None,
+) -> Model:
     path = resolve_path(path)
     if args is None:
         args = ModelArgs.from_file(path / "config.json")
@@ -112,8 +125,9 @@ def load_model(path: Union[str, Path], dca: Optional[dict] = None, lazy: bool = 
         raise ModelLoadError(f"{path}: weights do not match config.json: " + "; ".join(parts))
     for k, v in weights.items():
         if v.shape != expected[k].shape:
-            raise ModelLoadError(f"{path}: tensor {k} has shape {tuple(v.shape)}, "
-                                 f"config.json implies {tuple(expected[k].shape)}")
+            raise ModelLoadError(
+                f"{path}: tensor {k} has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}"
+            )
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
@@ -124,8 +138,13 @@ def load_model(path: Union[str, Path], dca: Optional[dict] = None, lazy: bool = 
     return model
 
 
-def load(path: Union[str, Path], dca: Optional[dict] = None, lazy: bool = False,
-         dtype: Optional[mx.Dtype] = None, rope_scaling: Optional[dict] = None):
+def load(
+    path: Union[str, Path],
+    dca: Optional[dict] = None,
+    lazy: bool = False,
+    dtype: Optional[mx.Dtype] = None,
+    rope_scaling: Optional[dict] = None,
+):
     """Load a model folder. Returns (model, tokenizer).
 
     `dca={"chunk_size", "local_size", "original_max_position_embeddings"}` switches Dual Chunk

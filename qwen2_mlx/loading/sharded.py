@@ -25,9 +25,20 @@ def materialize(model: nn.Module) -> None:
 
 
 # safetensors dtypes numpy can memory-map (bfloat16 as its raw 16 bits, reinterpreted by MLX).
-_NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32,
-              "I32": np.int32, "U16": np.uint16, "I16": np.int16, "U8": np.uint8, "I8": np.int8,
-              "I64": np.int64, "U64": np.uint64}
+_NP_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "U16": np.uint16,
+    "I16": np.int16,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "I64": np.int64,
+    "U64": np.uint64,
+}
 
 
 def _safetensors_index(files: list[Path]) -> dict:
@@ -85,9 +96,14 @@ def read_own_slices(model: nn.Module, files: list[Path], group: mx.distributed.G
     return len(parts)
 
 
-def sharded_load(path: Union[str, Path], group: Optional[mx.distributed.Group] = None, *,
-                 dtype: Optional[mx.Dtype] = None, dca: Optional[dict] = None,
-                 rope_scaling: Optional[dict] = None):
+def sharded_load(
+    path: Union[str, Path],
+    group: Optional[mx.distributed.Group] = None,
+    *,
+    dtype: Optional[mx.Dtype] = None,
+    dca: Optional[dict] = None,
+    rope_scaling: Optional[dict] = None,
+):
     """Load a model folder split over `group`. Returns (model, tokenizer).
 
     Each rank reads only its slice of every split tensor from disk (`read_own_slices`); tensors that

@@ -65,10 +65,11 @@ class Tokenizer:
         self.bos_token_id = self.convert_tokens_to_ids(self.bos_token) if self.bos_token else None
         self.pad_token_id = self.convert_tokens_to_ids(self.pad_token) if self.pad_token else None
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
-        self.added_special_ids = {
-            t.id if hasattr(t, "id") else i
-            for i, t in self._tok.get_added_tokens_decoder().items() if t.special
-        } if hasattr(self._tok, "get_added_tokens_decoder") else set()
+        self.added_special_ids = (
+            {t.id if hasattr(t, "id") else i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+            if hasattr(self._tok, "get_added_tokens_decoder")
+            else set()
+        )
         self.all_special_ids = sorted(self.added_special_ids)
 
     # --- construction ---------------------------------------------------------------------

@@ -53,11 +53,11 @@ class Attention(nn.Module):
         qkv = self._qkv(self, x).reshape(B, L, nh + 2 * nkv, -1).transpose(0, 2, 1, 3)
 
         if self.dca is not None:  # q and k are rotated to different positions there
-            out = self._dual_chunk(qkv[:, :nh], qkv[:, nh:nh + nkv], qkv[:, nh + nkv:], mask, cache)
+            out = self._dual_chunk(qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :], mask, cache)
         else:
             offset = cache.offset if cache is not None else 0
-            qk = self.rope(qkv[:, :nh + nkv], offset=offset)
-            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
+            qk = self.rope(qkv[:, : nh + nkv], offset=offset)
+            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
@@ -66,12 +66,18 @@ class Attention(nn.Module):
     def _dual_chunk(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[Any], cache: Optional[Any]):
         geom = self.dca
         if cache is not None and not isinstance(cache, DCAKVCache):
-            raise TypeError(f"Dual Chunk Attention needs DCAKVCache layers (from model.make_cache()), "
-                            f"got {type(cache).__name__}")
-        if cache is not None and cache.chunk_size and cache.dca_settings != (
-                geom.chunk_size, geom.local_size, geom.original_max_position_embeddings):
-            raise ValueError(f"this KV cache was built for DCA settings {cache.dca_settings}, the model uses "
-                             f"{(geom.chunk_size, geom.local_size, geom.original_max_position_embeddings)}")
+            raise TypeError(
+                f"Dual Chunk Attention needs DCAKVCache layers (from model.make_cache()), got {type(cache).__name__}"
+            )
+        if (
+            cache is not None
+            and cache.chunk_size
+            and cache.dca_settings != (geom.chunk_size, geom.local_size, geom.original_max_position_embeddings)
+        ):
+            raise ValueError(
+                f"this KV cache was built for DCA settings {cache.dca_settings}, the model uses "
+                f"{(geom.chunk_size, geom.local_size, geom.original_max_position_embeddings)}"
+            )
         L = q.shape[2]
         offset = cache.offset if cache is not None else 0
         total = offset + L
@@ -86,8 +92,9 @@ class Attention(nn.Module):
         if total <= geom.period or (L > 1 and total <= geom.plain_limit):
             # DCA equals plain attention here; decode past c is cheaper on the DCA path than re-rotating.
             q = self.rope(q, offset=offset)
-            return scaled_dot_product_attention(q, plain_keys(self.rope, k, geom), v, cache=None,
-                                                scale=scale, mask=mask)
+            return scaled_dot_product_attention(
+                q, plain_keys(self.rope, k, geom), v, cache=None, scale=scale, mask=mask
+            )
         if isinstance(mask, mx.array):
             raise ValueError("Dual Chunk Attention builds its own causal masks; padded batches are not supported")
         return dca_attention(q, k, v, offset, self.rope, scale, geom)

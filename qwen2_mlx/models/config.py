@@ -125,18 +125,34 @@ class ModelArgs:
                 continue
             out[f.name] = v
         if not self.is_moe:
-            for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                      "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-                      "mlp_only_layers"):
+            for k in (
+                "num_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+                "shared_expert_intermediate_size",
+                "norm_topk_prob",
+                "decoder_sparse_step",
+                "mlp_only_layers",
+            ):
                 out.pop(k, None)
         return out
 
 
 _REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 _INT_FIELDS = (
-    "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts", "num_experts_per_tok",
-    "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "decoder_sparse_step",
 )
 _FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
 _BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob", "rope_traditional")
@@ -161,7 +177,8 @@ def _parse(params: dict, source: str) -> ModelArgs:
     # The architecture first: a llama config should say "unsupported", not "hidden_size is missing".
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            source, "model_type",
+            source,
+            "model_type",
             f"unsupported architecture {json.dumps(mt)} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})",
         )
     for name in _REQUIRED:
@@ -205,11 +222,11 @@ def _parse(params: dict, source: str) -> ModelArgs:
 
     heads, kv = params["num_attention_heads"], params.get("num_key_value_heads") or params["num_attention_heads"]
     if heads % kv:
-        raise ConfigError(source, "num_key_value_heads",
-                          f"{kv} does not divide num_attention_heads ({heads})")
+        raise ConfigError(source, "num_key_value_heads", f"{kv} does not divide num_attention_heads ({heads})")
     if params.get("head_dim") is None and params["hidden_size"] % heads:
-        raise ConfigError(source, "hidden_size",
-                          f"{params['hidden_size']} is not divisible by num_attention_heads ({heads})")
+        raise ConfigError(
+            source, "hidden_size", f"{params['hidden_size']} is not divisible by num_attention_heads ({heads})"
+        )
 
     mlp_only = params.get("mlp_only_layers") or []
     if not isinstance(mlp_only, list) or not all(isinstance(i, int) for i in mlp_only):
@@ -232,8 +249,11 @@ def _parse_rope_scaling(rs: Any, source: str) -> Optional[dict]:
         raise ConfigError(source, "rope_scaling", "must be an object or null")
     rtype = rs.get("rope_type") or rs.get("type") or "default"
     if rtype not in ROPE_TYPES:
-        raise ConfigError(source, "rope_scaling.type",
-                          f"unsupported RoPE scaling {json.dumps(rtype)} (supported: {', '.join(ROPE_TYPES)})")
+        raise ConfigError(
+            source,
+            "rope_scaling.type",
+            f"unsupported RoPE scaling {json.dumps(rtype)} (supported: {', '.join(ROPE_TYPES)})",
+        )
     if rtype == "default":
         return None
     out = dict(rs)
@@ -242,8 +262,14 @@ def _parse_rope_scaling(rs: Any, source: str) -> Optional[dict]:
     factor = out.get("factor")
     if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
         raise ConfigError(source, "rope_scaling.factor", f"must be a positive number, got {json.dumps(factor)}")
-    for key in ("beta_fast", "beta_slow", "attention_factor", "original_max_position_embeddings", "mscale",
-                "mscale_all_dim"):
+    for key in (
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+        "original_max_position_embeddings",
+        "mscale",
+        "mscale_all_dim",
+    ):
         v = out.get(key)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
             raise ConfigError(source, f"rope_scaling.{key}", f"must be a number, got {json.dumps(v)}")
@@ -262,12 +288,16 @@ def parse_dca(dca: Any, source: str = "dca") -> Optional[DCAConfig]:
     for key, default in (("chunk_size", 8192), ("local_size", 1024), ("original_max_position_embeddings", 0)):
         v = dca.get(key, default)  # vLLM's defaults for absent keys
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ConfigError(source, f"dual_chunk_attention_config.{key}",
-                              f"must be a non-negative integer, got {json.dumps(v)}")
+            raise ConfigError(
+                source, f"dual_chunk_attention_config.{key}", f"must be a non-negative integer, got {json.dumps(v)}"
+            )
         vals[key] = v
     if vals["chunk_size"] <= 0:
         raise ConfigError(source, "dual_chunk_attention_config.chunk_size", "must be positive")
     if not 0 < vals["local_size"] < vals["chunk_size"]:
-        raise ConfigError(source, "dual_chunk_attention_config.local_size",
-                          f"must be between 1 and chunk_size-1 ({vals['chunk_size'] - 1}), got {vals['local_size']}")
+        raise ConfigError(
+            source,
+            "dual_chunk_attention_config.local_size",
+            f"must be between 1 and chunk_size-1 ({vals['chunk_size'] - 1}), got {vals['local_size']}",
+        )
     return DCAConfig(**vals)

@@ -75,7 +75,10 @@ def effective_rope_scaling(args) -> Optional[dict]:
         warnings.warn(
             "both rope_scaling and dual_chunk_attention_config are set: Dual Chunk Attention uses plain "
             "RoPE frequencies, so rope_scaling is ignored (its temperature comes from "
-            "dual_chunk_attention_config.original_max_position_embeddings)", UserWarning, stacklevel=3)
+            "dual_chunk_attention_config.original_max_position_embeddings)",
+            UserWarning,
+            stacklevel=3,
+        )
         return None
     return args.rope_scaling
 
@@ -108,7 +111,7 @@ def rotate_keys(rope, k: mx.array, offset: int, geom: DCAGeometry) -> mx.array:
     while t < T:
         r = (offset + t) % c
         n = min(T - t, c - r)
-        parts.append(rope(k[..., t:t + n, :], offset=r))
+        parts.append(rope(k[..., t : t + n, :], offset=r))
         t += n
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
 
@@ -235,7 +238,7 @@ def _decode_step(q, keys, values, offset, rope, geom, groups):
     Hkv = keys.shape[1]
     c = geom.period
     n, r = divmod(offset, c)
-    positions = [geom.inter_position, geom.succ_position(r), r][max(0, 2 - n):]  # key order: inter, succ, intra
+    positions = [geom.inter_position, geom.succ_position(r), r][max(0, 2 - n) :]  # key order: inter, succ, intra
     k = len(positions)
     if k == 1:
         qs = rope(q, offset=r)
@@ -244,17 +247,26 @@ def _decode_step(q, keys, values, offset, rope, geom, groups):
     # (k, Hq, 1, D) -> (1, Hkv, k*G, D): rows [copy0 heads of this KV head, copy1 ..., ...]
     qs = qs.reshape(k, Hkv, groups, D).transpose(1, 0, 2, 3).reshape(1, Hkv, k * groups, D)
     s = _scores(qs, keys)  # (1, Hkv, k*G, p+1)
-    edges = [0, (n - 1) * c, n * c, offset + 1][3 - k:]
+    edges = [0, (n - 1) * c, n * c, offset + 1][3 - k :]
     edges[0] = 0
-    parts = [s[:, :, i * groups:(i + 1) * groups, edges[i]:edges[i + 1]] for i in range(k)]
+    parts = [s[:, :, i * groups : (i + 1) * groups, edges[i] : edges[i + 1]] for i in range(k)]
     s = parts[0] if k == 1 else mx.concatenate(parts, axis=-1)
     p = mx.softmax(s, axis=-1, precise=True)
     o = _pv(p, values)  # (1, Hkv, G, D)
     return o.reshape(1, Hq, 1, -1).astype(q.dtype)
 
 
-def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, rope, scale: float,
-                  geom: DCAGeometry, tile_q: int = TILE_Q, score_budget: int = SCORE_BUDGET) -> mx.array:
+def dca_attention(
+    q: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    offset: int,
+    rope,
+    scale: float,
+    geom: DCAGeometry,
+    tile_q: int = TILE_Q,
+    score_budget: int = SCORE_BUDGET,
+) -> mx.array:
     """DCA for queries at `offset .. offset+T-1` over cached keys `0 .. offset+T-1`.
 
     `q` (B, Hq, T, D) is un-rotated; `keys` are rotated at `j mod c` (and carry the key temperature);
@@ -277,10 +289,13 @@ def dca_attention(q: mx.array, keys: mx.array, values: mx.array, offset: int, ro
     while b < offset + T:
         e = min(offset + T, (b // c + 1) * c, b + tile_q)  # a tile never crosses a chunk edge
         tq = e - b
-        copies = query_copies(rope, q[..., b - offset:e - offset, :], b, geom)
+        copies = query_copies(rope, q[..., b - offset : e - offset, :], b, geom)
         # (B, Hq, tq, D) -> (B, Hkv, G*tq, D): the G query heads of a KV head become rows.
-        copies = {name: x.reshape(B, Hkv, groups * tq, D) for name, x in zip(("intra", "succ", "inter"), copies)
-                  if x is not None}
+        copies = {
+            name: x.reshape(B, Hkv, groups * tq, D)
+            for name, x in zip(("intra", "succ", "inter"), copies)
+            if x is not None
+        }
         if Hq * tq * e <= score_budget:
             o = _attend_concat(copies, keys, values, b, e, groups, tq, geom)
         else:

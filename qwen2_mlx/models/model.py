@@ -91,8 +91,9 @@ class Model(nn.Module):
     def make_cache(self):
         dca = self.args.dual_chunk_attention_config
         if dca is not None:
-            return [DCAKVCache(dca.chunk_size, dca.local_size, dca.original_max_position_embeddings)
-                    for _ in self.layers]
+            return [
+                DCAKVCache(dca.chunk_size, dca.local_size, dca.original_max_position_embeddings) for _ in self.layers
+            ]
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: dict) -> dict:
@@ -117,8 +118,9 @@ class Model(nn.Module):
                 for kind in ("weight", "scales", "biases"):
                     first = f"{prefix}.experts.0.{name}.{kind}"
                     if first in weights:
-                        stacked = [weights.pop(f"{prefix}.experts.{e}.{name}.{kind}")
-                                   for e in range(self.args.num_experts)]
+                        stacked = [
+                            weights.pop(f"{prefix}.experts.{e}.{name}.{kind}") for e in range(self.args.num_experts)
+                        ]
                         weights[f"{prefix}.switch_mlp.{name}.{kind}"] = mx.stack(stacked)
             # transformers 5 names the router `gate.weight` too; nothing to rename.
         return weights
@@ -126,8 +128,10 @@ class Model(nn.Module):
     @property
     def quant_predicate(self):
         """Keep the router and shared-expert gate at 8 bits: routing is sensitive to quantization."""
+
         def predicate(path: str, module) -> Any:
             if path.endswith("mlp.gate") or path.endswith("mlp.shared_expert_gate"):
                 return {"group_size": 64, "bits": 8}
             return True
+
         return predicate

@@ -66,8 +66,14 @@ class RoPE:
     multiplies its softmax scale by it.
     """
 
-    def __init__(self, dims: int, base: float = 10000.0, traditional: bool = False,
-                 scaling: Optional[dict] = None, max_position_embeddings: int = 32768):
+    def __init__(
+        self,
+        dims: int,
+        base: float = 10000.0,
+        traditional: bool = False,
+        scaling: Optional[dict] = None,
+        max_position_embeddings: int = 32768,
+    ):
         self.dims = dims
         self.traditional = traditional
         self.base: Optional[float] = base
@@ -87,5 +93,12 @@ class RoPE:
         self.inv_freq = plain_inv_freq(dims, base) * self.scale if self.freqs is None else inv_freq
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
-        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=self.base,
-                            scale=self.scale, offset=offset, freqs=self.freqs)
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=self.traditional,
+            base=self.base,
+            scale=self.scale,
+            offset=offset,
+            freqs=self.freqs,
+        )

@@ -68,8 +68,10 @@ def shard_problems(model: nn.Module, n: int) -> list[str]:
             in_dims = module.weight.shape[-1] * 32 // module.bits
             if (in_dims // n) % gs and name not in seen:
                 seen.add(name)
-                problems.append(f"{name} ({in_dims}) split over {n} ranks gives {in_dims // n} columns, "
-                                f"not a multiple of the quantization group size {gs}")
+                problems.append(
+                    f"{name} ({in_dims}) split over {n} ranks gives {in_dims // n} columns, "
+                    f"not a multiple of the quantization group size {gs}"
+                )
     return problems
 
 

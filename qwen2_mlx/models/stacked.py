@@ -47,7 +47,7 @@ def stack_linears(mods: Sequence[nn.Module]) -> Optional[nn.Module]:
     for m in mods:
         n = m["weight"].shape[0]
         for k in keys:
-            m[k] = stacked[k][start:start + n]
+            m[k] = stacked[k][start : start + n]
         start += n
     return stacked
 

@@ -35,10 +35,12 @@ from ..widgets.transcript import MessageView, Transcript
 SAVE_EVERY = 1.0  # seconds between saves of a streaming reply
 TITLE_CHARS = 48
 PREFILL_SHOWN = 512  # prompts at least this long (uncached tokens) show reading progress
-EMPTY_HINT = ("Ask anything, in any language.\n\n"
-              "Enter sends · Shift+Enter, Alt+Enter or Ctrl+J add a line · ↑ recalls earlier prompts\n"
-              "Esc stops a reply · Ctrl+R regenerates · Tab moves to the messages (e edit, ← → branches, y copy)\n"
-              "/help lists the slash commands · F1 the keys")
+EMPTY_HINT = (
+    "Ask anything, in any language.\n\n"
+    "Enter sends · Shift+Enter, Alt+Enter or Ctrl+J add a line · ↑ recalls earlier prompts\n"
+    "Esc stops a reply · Ctrl+R regenerates · Tab moves to the messages (e edit, ← → branches, y copy)\n"
+    "/help lists the slash commands · F1 the keys"
+)
 BUSY = "Still answering: press Esc to stop it first."
 
 
@@ -46,8 +48,14 @@ class ChatScreen(Screen):
     class Ready(TMessage):
         """The screen shows its chat and can show load progress: time to start the model."""
 
-    def __init__(self, store: Store, engine: Engine, chat_id: Optional[int] = None,
-                 default_system: Optional[str] = None, default_settings: Optional[dict] = None):
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        chat_id: Optional[int] = None,
+        default_system: Optional[str] = None,
+        default_settings: Optional[dict] = None,
+    ):
         super().__init__()
         self.store = store
         self.engine = engine
@@ -70,7 +78,9 @@ class ChatScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Transcript(id="transcript")
-        yield PromptInput(self.store.history(), id="prompt", placeholder="Message Qwen…  (Enter sends, Shift+Enter new line, /help)")
+        yield PromptInput(
+            self.store.history(), id="prompt", placeholder="Message Qwen…  (Enter sends, Shift+Enter new line, /help)"
+        )
         yield StatusBar(id="status")
         yield Footer()
 
@@ -89,8 +99,10 @@ class ChatScreen(Screen):
     async def on_mount(self) -> None:
         recovered = self.store.recover_interrupted()
         if recovered:
-            self.notify(f"{recovered} reply(s) were cut off when the app last closed; they are kept and marked.",
-                        severity="warning")
+            self.notify(
+                f"{recovered} reply(s) were cut off when the app last closed; they are kept and marked.",
+                severity="warning",
+            )
         if self.chat_id is not None and self.store.chat(self.chat_id) is None:
             self.notify(f"No chat {self.chat_id}; starting a new one.", severity="warning")
             self.chat_id = None
@@ -243,8 +255,11 @@ class ChatScreen(Screen):
 
     async def start_reply(self, user: Message, rerender: bool = False) -> None:
         # Failed and empty replies stay on screen and in the file, but the model never saw them.
-        history = [m.as_dict() for m in self.store.path(self.chat_id, user.id)
-                   if not (m.role == "assistant" and (m.status == "error" or not m.content))]
+        history = [
+            m.as_dict()
+            for m in self.store.path(self.chat_id, user.id)
+            if not (m.role == "assistant" and (m.status == "error" or not m.content))
+        ]
         reply = self.store.add_message(self.chat_id, user.id, "assistant", "", status="streaming")
         self.reply_id, self.reply_text, self.stopping = reply.id, "", False
         self._last_save = time.monotonic()
@@ -281,8 +296,9 @@ class ChatScreen(Screen):
         view = self.reply_view
         if isinstance(ev, Prefill):
             if ev.total >= PREFILL_SHOWN and ev.done < ev.total and not self.stopping:
-                self.status.set_state(f"reading the prompt {bar(ev.done / ev.total)} "
-                                      f"{ev.done:,}/{ev.total:,} tokens  (Esc stops)")
+                self.status.set_state(
+                    f"reading the prompt {bar(ev.done / ev.total)} {ev.done:,}/{ev.total:,} tokens  (Esc stops)"
+                )
             elif ev.done >= ev.total and not self.stopping:
                 self.status.set_state("answering… (Esc stops)")
         elif isinstance(ev, Token):
@@ -297,8 +313,9 @@ class ChatScreen(Screen):
         elif isinstance(ev, Finished):
             status = FINISHED.get(ev.reason, "done")
             self.reply_text = ev.text
-            self.store.update_message(self.reply_id, content=ev.text, status=status,
-                                      stats={**asdict(ev.stats), "finish_reason": ev.reason})
+            self.store.update_message(
+                self.reply_id, content=ev.text, status=status, stats={**asdict(ev.stats), "finish_reason": ev.reason}
+            )
             try:
                 if view is not None and view.is_attached:
                     await view.finish(ev.text, status)
@@ -306,15 +323,15 @@ class ChatScreen(Screen):
                 self._end_job()
             self.last_stats = ev.stats
             self.status.set_stats(ev.stats)
-            self.status.set_state({"stopped": "stopped", "length": "cut at max tokens",
-                                   "context": "context full"}.get(status, "ready"))
+            self.status.set_state(
+                {"stopped": "stopped", "length": "cut at max tokens", "context": "context full"}.get(status, "ready")
+            )
             self.update_context()
             if status in ("length", "context"):
                 self.notify(view.note_text() if view is not None else status, severity="warning")
         elif isinstance(ev, Failed):
             status = "context" if ev.context else "error"
-            self.store.update_message(self.reply_id, content=self.reply_text, status=status,
-                                      stats={"error": ev.error})
+            self.store.update_message(self.reply_id, content=self.reply_text, status=status, stats={"error": ev.error})
             try:
                 if view is not None and view.is_attached:
                     await view.finish(self.reply_text, status, ev.error)
@@ -325,8 +342,9 @@ class ChatScreen(Screen):
                 self.notify(f"{ev.error}. Your message is saved.", severity="warning", timeout=10)
             else:
                 self.status.set_state("error · Ctrl+R retries")
-                self.notify(f"The model failed: {ev.error}. Your message is saved; Ctrl+R retries.",
-                            severity="error", timeout=8)
+                self.notify(
+                    f"The model failed: {ev.error}. Your message is saved; Ctrl+R retries.", severity="error", timeout=8
+                )
 
     def _end_job(self) -> None:
         self.job = None

@@ -99,5 +99,6 @@ class ChatListScreen(ModalScreen[int | None]):
                     self.current = None
                 self._fill()
 
-        self.app.push_screen(ConfirmScreen(f"Delete “{rec.title or 'Untitled'}” and all its messages?",
-                                           yes="Delete", no="Keep"), done)
+        self.app.push_screen(
+            ConfirmScreen(f"Delete “{rec.title or 'Untitled'}” and all its messages?", yes="Delete", no="Keep"), done
+        )

@@ -8,33 +8,59 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Markdown
 
 KEYS = [
-    ("Enter", "send"), ("Shift+Enter · Alt+Enter · Ctrl+J", "new line"),
-    ("Up / Down (first / last line)", "earlier / later prompts"), ("Ctrl+G", "edit the prompt in $EDITOR"),
-    ("Esc · Ctrl+C (while answering)", "stop the reply"), ("Ctrl+R", "regenerate the last reply"),
+    ("Enter", "send"),
+    ("Shift+Enter · Alt+Enter · Ctrl+J", "new line"),
+    ("Up / Down (first / last line)", "earlier / later prompts"),
+    ("Ctrl+G", "edit the prompt in $EDITOR"),
+    ("Esc · Ctrl+C (while answering)", "stop the reply"),
+    ("Ctrl+R", "regenerate the last reply"),
     ("Shift+Tab / Tab", "move between messages and the prompt"),
     ("on a message: ↑ ↓", "previous / next message (↓ after the last returns to the prompt)"),
     ("on a message: y · c", "copy the message · copy its code blocks (click a block copies it too)"),
     ("on a message: e · r · ← →", "edit and resend · regenerate · switch between alternative replies"),
-    ("Ctrl+L", "chat list"), ("Ctrl+N", "new chat"), ("Ctrl+S", "settings (system prompt, sampling)"),
-    ("Ctrl+Q", "quit (Ctrl+C when idle asks first)"), ("Ctrl+P", "command palette (themes, keys)"),
+    ("Ctrl+L", "chat list"),
+    ("Ctrl+N", "new chat"),
+    ("Ctrl+S", "settings (system prompt, sampling)"),
+    ("Ctrl+Q", "quit (Ctrl+C when idle asks first)"),
+    ("Ctrl+P", "command palette (themes, keys)"),
 ]
 
 
-def help_markdown(keymap_path: str, bindings: list[tuple[str, str, str]] = (),
-                  commands: list[tuple[str, str]] = ()) -> str:
+def help_markdown(
+    keymap_path: str, bindings: list[tuple[str, str, str]] = (), commands: list[tuple[str, str]] = ()
+) -> str:
     """The help page: keys, slash commands as (usage, what it does), and the rebindable binding ids."""
     rows = ["| Key | Does |", "|---|---|"] + [f"| {k} | {v} |" for k, v in KEYS]
     cmds = ["| Command | Does |", "|---|---|"] + [f"| `{c}` | {d} |" for c, d in commands]
     ids = ["| Binding id | Keys | Does |", "|---|---|---|"] + [f"| `{i}` | {k} | {d} |" for i, k, d in bindings]
-    return "\n".join(["# Keys", "", *rows, "", "# Slash commands", "", *cmds, "",
-                      "Start a message with `//` to send a leading `/`.", "", "# Changing keys", "",
-                      f"Put a JSON object from binding id to keys in `{keymap_path}`, "
-                      'e.g. `{"prompt.submit": "ctrl+j", "prompt.newline": "enter,shift+enter"}`, and restart.', "", *ids])
+    return "\n".join(
+        [
+            "# Keys",
+            "",
+            *rows,
+            "",
+            "# Slash commands",
+            "",
+            *cmds,
+            "",
+            "Start a message with `//` to send a leading `/`.",
+            "",
+            "# Changing keys",
+            "",
+            f"Put a JSON object from binding id to keys in `{keymap_path}`, "
+            'e.g. `{"prompt.submit": "ctrl+j", "prompt.newline": "enter,shift+enter"}`, and restart.',
+            "",
+            *ids,
+        ]
+    )
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No"),
-                Binding("ctrl+c", "answer(True)", "Yes", show=False)]
+    BINDINGS = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n,escape", "answer(False)", "No"),
+        Binding("ctrl+c", "answer(True)", "Yes", show=False),
+    ]
 
     def __init__(self, question: str, yes: str = "Yes", no: str = "No"):
         super().__init__(classes="dialog-screen")
@@ -79,8 +105,9 @@ class AskScreen(ModalScreen[str | None]):
 class HelpScreen(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,f1", "dismiss", "Close")]
 
-    def __init__(self, keymap_path: str, bindings: list[tuple[str, str, str]] = (),
-                 commands: list[tuple[str, str]] = ()):
+    def __init__(
+        self, keymap_path: str, bindings: list[tuple[str, str, str]] = (), commands: list[tuple[str, str]] = ()
+    ):
         super().__init__(classes="dialog-screen")
         self.keymap_path = keymap_path
         self.bindings = list(bindings)

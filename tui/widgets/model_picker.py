@@ -25,12 +25,20 @@ class ModelScreen(ModalScreen[str | None]):
     def compose(self):
         with Vertical(classes="dialog chats"):
             yield Label(f"Models in {self.folder} — Enter loads · Esc closes", classes="dialog-question")
-            options = [Option(f"{'● ' if m.name == self.current or str(m.path) == self.current else '  '}"
-                              f"{m.name}  ·  {m.kind}  ·  {m.precision}  ·  {m.size_gb:.2f} GB", id=str(i))
-                       for i, m in enumerate(self.models)]
+            options = [
+                Option(
+                    f"{'● ' if m.name == self.current or str(m.path) == self.current else '  '}"
+                    f"{m.name}  ·  {m.kind}  ·  {m.precision}  ·  {m.size_gb:.2f} GB",
+                    id=str(i),
+                )
+                for i, m in enumerate(self.models)
+            ]
             if not options:
-                options = [Option("No converted models here: run `python convert.py`, or /model PATH",
-                                  id="none", disabled=True)]
+                options = [
+                    Option(
+                        "No converted models here: run `python convert.py`, or /model PATH", id="none", disabled=True
+                    )
+                ]
             yield OptionList(*options)
 
     def on_mount(self) -> None:

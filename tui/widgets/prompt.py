@@ -97,15 +97,21 @@ class PromptInput(TextArea):
 
     def action_cursor_down(self, select: bool = False) -> None:
         last_row = self.wrapped_document.height - 1
-        if (not select and self.selection.is_empty and self._visual_row() >= last_row
-                and self.history_index < len(self.prompt_history)):
+        if (
+            not select
+            and self.selection.is_empty
+            and self._visual_row() >= last_row
+            and self.history_index < len(self.prompt_history)
+        ):
             self.history_index += 1
             self._show_history()
             return
         super().action_cursor_down(select)
 
     def _show_history(self) -> None:
-        text = self._draft if self.history_index == len(self.prompt_history) else self.prompt_history[self.history_index]
+        text = (
+            self._draft if self.history_index == len(self.prompt_history) else self.prompt_history[self.history_index]
+        )
         self.text = text
         # End of the first line: another Up goes further back, editing starts where typing would.
         first = text.split("\n", 1)[0]

@@ -10,9 +10,13 @@ from textual.widgets import Button, Input, Label, Select, TextArea
 from ..commands import POLICIES, CommandError, parse_setting
 
 FIELDS = [
-    ("temperature", "Temperature"), ("top_p", "Top-p"), ("top_k", "Top-k (0 = off)"),
-    ("min_p", "Min-p"), ("repetition_penalty", "Repetition penalty"),
-    ("max_tokens", "Max reply tokens (empty = no limit)"), ("seed", "Seed (empty = random)"),
+    ("temperature", "Temperature"),
+    ("top_p", "Top-p"),
+    ("top_k", "Top-k (0 = off)"),
+    ("min_p", "Min-p"),
+    ("repetition_penalty", "Repetition penalty"),
+    ("max_tokens", "Max reply tokens (empty = no limit)"),
+    ("seed", "Seed (empty = random)"),
 ]
 
 
@@ -37,8 +41,12 @@ class SettingsScreen(ModalScreen[tuple[str | None, dict] | None]):
                     value = self.settings.get(key)
                     yield Input("" if value is None else str(value), id=f"set-{key}")
                 yield Label("When the context is full")
-                yield Select([(p, p) for p in POLICIES], value=self.settings.get("context_policy") or "refuse",
-                             allow_blank=False, id="set-context_policy")
+                yield Select(
+                    [(p, p) for p in POLICIES],
+                    value=self.settings.get("context_policy") or "refuse",
+                    allow_blank=False,
+                    id="set-context_policy",
+                )
             yield Label("", id="settings-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save", variant="primary", id="save")

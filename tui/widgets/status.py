@@ -33,7 +33,8 @@ class StatusBar(Horizontal):
             return
         self.query_one("#status-stats", Label).update(
             f"TTFT {stats.time_to_first_token:.2f}s · prompt {stats.prompt_tps:.0f} t/s · "
-            f"gen {stats.generation_tps:.1f} t/s · {stats.peak_memory:.2f} GB")
+            f"gen {stats.generation_tps:.1f} t/s · {stats.peak_memory:.2f} GB"
+        )
 
     def set_context(self, used: int, limit: int) -> None:
         label = self.query_one("#status-context", Label)

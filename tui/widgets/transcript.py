@@ -57,8 +57,16 @@ class MessageView(Vertical, can_focus=True):
             self.action = action
             self.arg = arg
 
-    def __init__(self, role: str, content: str, message_id: Optional[int] = None, status: str = "done",
-                 branch: tuple[int, int] = (1, 1), error: str = "", **kwargs):
+    def __init__(
+        self,
+        role: str,
+        content: str,
+        message_id: Optional[int] = None,
+        status: str = "done",
+        branch: tuple[int, int] = (1, 1),
+        error: str = "",
+        **kwargs,
+    ):
         classes = f"message {role}"
         super().__init__(classes=classes, **kwargs)
         self.role = role
