@@ -60,7 +60,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and editors: the names as plain imports
     from qwen2_mlx.generation.batch import BatchResponse, batch_generate
     from qwen2_mlx.generation.chat import Chat, ChatFileError
-    from qwen2_mlx.generation.notebook import display_stream
     from qwen2_mlx.generation.generate import (
         ContextOverflowError,
         GenerationResponse,
@@ -72,6 +71,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as plain imports
         prefill_prompt_cache,
         stream_generate,
     )
+    from qwen2_mlx.generation.notebook import display_stream
     from qwen2_mlx.generation.prompt_cache import (
         PromptCacheError,
         can_trim_prompt_cache,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-
 from tiny import DENSE, MOE, make_checkpoint
 
 _MODELS: dict = {}

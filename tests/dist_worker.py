@@ -2,8 +2,8 @@
 
 Run under `mlx.launch`. Several models go through one launch because starting the ranks (importing
 mlx-lm, transformers and torch) costs more than the tiny models themselves. For model i rank 0
-writes `out/i.npz`: the logits of every prompt position, the greedy tokens, every rank's sampled tokens, the rank count, each
-rank's parameter count and peak memory after loading in GB (MLX allocator, process RSS).
+writes `out/i.npz`: the logits of every prompt position, the greedy tokens, every rank's sampled tokens,
+the rank count, each rank's parameter count and peak memory after loading in GB (MLX allocator, process RSS).
 """
 
 import argparse
@@ -16,9 +16,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 from qwen2_mlx.distributed import peak_rss_gb
-
-from qwen2_mlx.loading.sharded import sharded_load
 from qwen2_mlx.generation.generate import generate_step
+from qwen2_mlx.loading.sharded import sharded_load
 
 
 def run(path: str, prompt: list, n: int, out: Path, group) -> None:

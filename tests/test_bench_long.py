@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from qwen2_mlx.bench.long import main
 from tiny import DENSE, make_checkpoint
+
+from qwen2_mlx.bench.long import main
 
 
 def test_bench_long_smoke(tmp_path, capsys):

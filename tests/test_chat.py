@@ -154,7 +154,7 @@ def test_cancel_event_from_another_thread(mt):
     cancel, started = threading.Event(), threading.Event()
     worker = threading.Thread(target=lambda: (started.wait(10), cancel.set()))
     worker.start()
-    for r in chat.stream("Count to a thousand", cancel=cancel, logit_bias={next(iter(tok.eos_token_ids)): -1e4}):
+    for r in chat.stream("Count to a thousand", cancel=cancel, logit_bias={next(iter(tok.eos_token_ids)): -1e4}):  # noqa: B007 (read after the loop)
         started.set()
     worker.join()
     assert r.finish_reason == "cancelled" and chat.last_reply.finish_reason == "cancelled"

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from tiny import DENSE, MOE
 
 from qwen2_mlx.models.config import ConfigError, ModelArgs, parse_dca
-from tiny import DENSE, MOE
 
 
 def write(tmp_path, cfg, raw=None):

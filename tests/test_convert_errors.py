@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from tiny import DENSE, make_checkpoint
 from tiny_gguf import write_gguf
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tiny import DENSE, MOE, make_checkpoint
 
 
@@ -120,6 +119,7 @@ def test_moe_gates_stay_at_8_bits(tmp_path, moe):
         assert q[f"model.layers.{i}.mlp.gate"] == {"group_size": 64, "bits": 8, "mode": "affine"}
         assert q[f"model.layers.{i}.mlp.shared_expert_gate"]["bits"] == 8
     import mlx_lm
+
     import qwen2_mlx
 
     for model in (mlx_lm.load(str(out))[0], qwen2_mlx.load(out)[0]):

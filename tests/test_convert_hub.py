@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny import DENSE, make_checkpoint
 from tiny_gguf import write_gguf
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny import DENSE, write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +52,7 @@ def _synthetic_checkpoint(path: Path) -> tuple[int, int]:
     )
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        r = lambda *s: mx.random.normal(s, key=mx.random.key(i)) * 0.03  # noqa: E731
+        r = lambda *s, i=i: mx.random.normal(s, key=mx.random.key(i)) * 0.03  # noqa: E731
         save(
             f"model-layer{i}.safetensors",
             {
@@ -133,9 +132,10 @@ def test_peak_memory_is_one_shard_plus_one_tensor(tmp_path, synthetic):
 
 
 def _tiny_shapes(cfg: dict) -> dict:
+    from mlx.utils import tree_flatten
+
     from qwen2_mlx.models.config import ModelArgs
     from qwen2_mlx.models.model import Model
-    from mlx.utils import tree_flatten
 
     return {k: v.shape for k, v in tree_flatten(Model(ModelArgs.from_dict(cfg)).parameters())}
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 import warnings
 
+import dca_reference as ref
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import dca_reference as ref
 from qwen2_mlx.models.attention import Attention
-from qwen2_mlx.models.kv_cache import DCAKVCache
 from qwen2_mlx.models.config import ConfigError, DCAConfig, ModelArgs, parse_dca
 from qwen2_mlx.models.dca import (
     DCAGeometry,
@@ -23,6 +22,7 @@ from qwen2_mlx.models.dca import (
     rope_constant,
     rotate_keys,
 )
+from qwen2_mlx.models.kv_cache import DCAKVCache
 from qwen2_mlx.models.model import Model
 from qwen2_mlx.models.rope import RoPE
 

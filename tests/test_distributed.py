@@ -15,13 +15,13 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tiny import DENSE, MOE, make_checkpoint
 
-from qwen2_mlx.models.config import ModelArgs
-from qwen2_mlx.models.sharding import ShardingError, check_shardable
 from qwen2_mlx.generation.generate import generate, generate_step
 from qwen2_mlx.loading.loader import load
+from qwen2_mlx.models.config import ModelArgs
 from qwen2_mlx.models.model import Model
-from tiny import DENSE, MOE, make_checkpoint
+from qwen2_mlx.models.sharding import ShardingError, check_shardable
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
@@ -392,9 +392,9 @@ class RankGroup(FakeGroup):
 @pytest.mark.parametrize("kind", ["dense-f32", "dense-bf16", "moe-4bit"])
 def test_slices_read_from_disk_equal_the_sliced_tensors(tmp_path, kind):
     """read_own_slices reads each rank's rows/columns straight from the file: same values as slicing."""
+    from qwen2_mlx.loading.loader import weight_files
     from qwen2_mlx.loading.sharded import read_own_slices
     from qwen2_mlx.models.sharding import shard_model
-    from qwen2_mlx.loading.loader import weight_files
 
     if kind == "moe-4bit":
         src, _ = make_checkpoint(

@@ -10,6 +10,7 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny import DENSE, make_checkpoint
 
 from qwen2_mlx import load
 from qwen2_mlx.eval.__main__ import main
@@ -18,7 +19,6 @@ from qwen2_mlx.eval.ppl import perplexity, windows
 from qwen2_mlx.eval.prompts import passkey_prompt, random_key
 from qwen2_mlx.eval.results import ResultsError, ResultsFile
 from qwen2_mlx.eval.retrieval import spread_depth
-from tiny import DENSE, make_checkpoint
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -154,7 +154,7 @@ def test_finish_reason_cancelled_by_event_from_another_thread(mt):
     worker = threading.Thread(target=lambda: (started.wait(10), cancel.set()))
     worker.start()
     count = 0
-    for r in stream_generate(
+    for r in stream_generate(  # noqa: B007 (read after the loop)
         model, tok, PROMPT, max_tokens=3000, cancel=cancel, logit_bias={next(iter(tok.eos_token_ids)): -1e4}
     ):
         count += 1

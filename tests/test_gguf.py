@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from tiny import DENSE, MOE, QWEN_TEMPLATE, make_checkpoint
 from tiny_gguf import write_gguf
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 import copy
 import json
 
+import dca_reference as ref
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from tiny import DENSE, MOE, make_checkpoint
 
-import dca_reference as ref
 from qwen2_mlx import load
 from qwen2_mlx.generation.generate import generate_step
 from qwen2_mlx.models.rope import plain_inv_freq
-from tiny import DENSE, MOE, make_checkpoint
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 DCA = {"chunk_size": 16, "local_size": 4}  # c = 12

@@ -3,9 +3,9 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from tiny import DENSE, MOE, make_checkpoint
 
 from qwen2_mlx import load
-from tiny import DENSE, MOE, make_checkpoint
 
 
 @pytest.fixture(scope="module")

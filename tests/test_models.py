@@ -4,10 +4,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from tiny import DENSE, MOE, make_checkpoint
 
 from qwen2_mlx import load
 from qwen2_mlx.loading.loader import load_model
-from tiny import DENSE, MOE, make_checkpoint
 
 CASES = {
     "dense-untied": (DENSE, {}),

@@ -7,8 +7,8 @@ import json
 
 import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
 from api_support import tiny_model
+from mlx.utils import tree_flatten
 
 from qwen2_mlx import (
     PromptCacheError,

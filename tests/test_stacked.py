@@ -16,12 +16,12 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
+from tiny import DENSE, MOE, make_checkpoint
 
 import qwen2_mlx
 from qwen2_mlx.generation.generate import generate_step
 from qwen2_mlx.generation.prompt_cache import make_prompt_cache
 from qwen2_mlx.models.stacked import stack_linears
-from tiny import DENSE, MOE, make_checkpoint
 
 PROMPT = mx.array([5, 17, 33, 2, 9, 100, 200, 7, 64], dtype=mx.uint32)
 # Each stacked output row is the same dot product as before: bitwise equal with MLX's bundled BLAS.

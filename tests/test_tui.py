@@ -8,6 +8,7 @@ import threading
 from contextlib import nullcontext
 
 import pytest
+from tui_helpers import CJK_REPLY, make_app, ready, send, texts, wait_until
 
 from tui import slash
 from tui.store import Store
@@ -15,8 +16,6 @@ from tui.widgets.chat_list import ChatListScreen
 from tui.widgets.dialogs import AskScreen, ConfirmScreen, HelpScreen
 from tui.widgets.settings import SettingsScreen
 from tui.widgets.transcript import MessageView
-
-from tui_helpers import CJK_REPLY, make_app, ready, send, texts, wait_until
 
 pytestmark = pytest.mark.anyio
 LONG = " ".join(f"word{i}" for i in range(200))

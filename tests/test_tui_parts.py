@@ -26,7 +26,7 @@ def test_store_is_wal_and_keeps_a_message_tree(tmp_path):
     chat = store.new_chat("t", system="sys", settings={"temperature": 0.5})
     u = store.add_message(chat.id, None, "user", "q")
     a1 = store.add_message(chat.id, u.id, "assistant", "a1")
-    a2 = store.add_message(chat.id, u.id, "assistant", "a2")
+    store.add_message(chat.id, u.id, "assistant", "a2")
     assert [m.content for m in store.path(chat.id)] == ["q", "a2"]
     assert [m.content for m in store.siblings(a1)] == ["a1", "a2"]
     store.update_chat(chat.id, leaf_id=store.deepest(a1).id)

@@ -25,9 +25,10 @@ def anyio_backend():
 
 @pytest.mark.anyio
 async def test_app_answers_a_chinese_question_in_chinese(real_model_path, tmp_path, monkeypatch):
+    from tui_helpers import send, wait_until
+
     from tui.app import ChatApp
     from tui.store import Store
-    from tui_helpers import send, wait_until
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     backend = ModelBackend(real_model_path, dtype="float32")
@@ -81,7 +82,7 @@ def test_backend_reuses_the_cache_for_turns_regenerate_edit_jump_and_stop(real_m
 
     def run(history):
         last = None
-        for last in backend.generate(history, None, settings, threading.Event()):
+        for last in backend.generate(history, None, settings, threading.Event()):  # noqa: B007 (read after the loop)
             pass
         return backend.last_reply, last.prompt_tokens
 
@@ -106,7 +107,7 @@ def test_backend_reuses_the_cache_for_turns_regenerate_edit_jump_and_stop(real_m
     settings_long = {**settings, "max_tokens": 50}
     history = [{"role": "user", "content": "数一数：一、二、三、四、五、六、七、八、九、十"}]
     n = 0
-    for r in backend.generate(history, None, settings_long, stop):
+    for r in backend.generate(history, None, settings_long, stop):  # noqa: B007 (read after the loop)
         n += 1
         if n == 2:
             stop.set()

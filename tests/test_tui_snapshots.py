@@ -8,7 +8,6 @@ on every run. After an intended change of the look, refresh them with
 from __future__ import annotations
 
 import pytest
-
 from tui_helpers import CJK_REPLY, make_app, ready, send
 
 JA_REPLY = (

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
+import dca_reference as ref
 import mlx.core as mx
 import numpy as np
 import pytest
 
-import dca_reference as ref
 from qwen2_mlx.models.attention import Attention
 from qwen2_mlx.models.config import ModelArgs
 from qwen2_mlx.models.rope import RoPE, plain_inv_freq, yarn_parameters

@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 from typing import Optional, TextIO
 
-from qwen2_mlx.cli.blas import ensure_openblas
 from qwen2_mlx.cli.args import add_long_context_args, long_context_overrides
+from qwen2_mlx.cli.blas import ensure_openblas
 from qwen2_mlx.loading.paths import default_model_path
 
 from .models import check_model

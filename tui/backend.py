@@ -8,8 +8,9 @@ Every method here runs on the engine's thread. MLX is imported only when a model
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 # Sampling settings a chat may carry, with the defaults a new chat starts from.
 DEFAULT_SETTINGS: dict[str, Any] = {
@@ -139,8 +140,7 @@ class ModelBackend:
             replies = chat.stream(last["content"], cancel=cancel, **kw)
         self.last_reply = None
         try:
-            for r in replies:
-                yield r
+            yield from replies
         finally:
             replies.close()
         self.context_used = chat.context_used

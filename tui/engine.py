@@ -12,8 +12,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from qwen2_mlx.generation.responses import GenerationStats
 
@@ -48,7 +49,7 @@ class Stats(GenerationStats):
     context_limit: int = 0
 
     @classmethod
-    def from_response(cls, r: Any, context_used: int, context_limit: int) -> "Stats":
+    def from_response(cls, r: Any, context_used: int, context_limit: int) -> Stats:
         base = GenerationStats.from_response(r)
         return cls(**vars(base), context_used=context_used, context_limit=context_limit)
 
@@ -102,7 +103,7 @@ class Engine:
     def __init__(self, backend: Backend, post: Callable[[object], None]):
         self.backend = backend
         self.post = post
-        self.jobs: "queue.Queue[Any]" = queue.Queue()  # Job, _Switch, or None to end
+        self.jobs: queue.Queue[Any] = queue.Queue()  # Job, _Switch, or None to end
         self.current: Optional[Job] = None
         self.loaded = threading.Event()
         self.load_error: Optional[str] = None

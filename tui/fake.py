@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import Optional, Union
 
 from .backend import DEFAULT_SETTINGS
 

@@ -7,8 +7,9 @@ commands from this same table, in its order.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 from qwen2_mlx.loading.paths import models_dir
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 class SlashCommand:
     usage: str  # how /help shows it
     help: str
-    handler: Callable[["ChatScreen", Command], Awaitable[None]]
+    handler: Callable[[ChatScreen, Command], Awaitable[None]]
 
 
 async def show_help(chat: ChatScreen, cmd: Command) -> None:

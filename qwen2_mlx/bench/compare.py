@@ -21,8 +21,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 # mlx, mlx-lm and our package are imported in main(), after the OpenBLAS re-exec.
 
@@ -202,6 +203,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     from qwen2_mlx import load as load_ours
     from qwen2_mlx.generation.generate import generate_step as ours_step
+
     from .random_model import write_random_model
 
     on_cpu = mx.default_device().type == mx.cpu

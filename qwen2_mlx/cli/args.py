@@ -12,7 +12,6 @@ from typing import Optional
 
 from qwen2_mlx.models.config import ConfigError, _parse_rope_scaling, parse_dca
 
-
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # what --dtype takes in the tools
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Optional
 
 DISABLE_ENV = "QWEN2_MLX_NO_OPENBLAS"
 # Set in the child so that a failed preload can never make the program re-execute itself again.

@@ -132,6 +132,7 @@ def run(argv: Optional[list[str]] = None) -> int:
 
 def _run(args) -> int:
     from qwen2_mlx.loading.paths import default_model_path
+
     from .errors import ConvertError
 
     default_run = args.hf_path is None and args.gguf is None

@@ -8,14 +8,16 @@ dequantized), cast, quantized if asked and handed to the writer, which flushes f
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from qwen2_mlx.models.config import ConfigError, ModelArgs
+
 from .errors import ConvertError
 from .quantize import QuantPlan, dequantize_tensor, quantize_tensor, quantized_nbytes
 from .writer import MAX_SHARD_BYTES, ModelWriter, check_disk_space, check_target, folder_size

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import mlx.core as mx
 
 from qwen2_mlx.models.config import ConfigError, ModelArgs
+
 from .errors import ConvertError
 
 TOKENIZER_FILES = (

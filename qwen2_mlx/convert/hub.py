@@ -8,8 +8,9 @@ tells "no network" and "no such repo" apart quickly instead of after a long retr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from .errors import ConvertError
 

@@ -92,7 +92,7 @@ class ModelWriter:
         self._old_sigterm = None
 
     # --- lifecycle ------------------------------------------------------------------------------
-    def __enter__(self) -> "ModelWriter":
+    def __enter__(self) -> ModelWriter:
         check_target(self.target, self.force)
         self.target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(self.target)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
+
+from qwen2_mlx.cli.blas import ensure_openblas
+from qwen2_mlx.extras import MissingPackage, require
 
 from .common import EvalError, add_model_args, load_for_eval, parse_int_list, progress
 from .results import ResultsError, ResultsFile, write_json
-from qwen2_mlx.cli.blas import ensure_openblas
-from qwen2_mlx.extras import MissingPackage, require
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +135,7 @@ def _settings(args: argparse.Namespace, model_settings: dict, extra: dict) -> di
 def run(args: argparse.Namespace) -> dict:
     """Run one subcommand; returns the JSON-ready summary (and prints the report on stdout)."""
     from qwen2_mlx.eval import niah, passkey, ppl
+
     from .prompts import split_sentences
 
     _validate(args)

@@ -73,9 +73,9 @@ class LoadedModel:
 
 def load_for_eval(args: argparse.Namespace) -> LoadedModel:
     """Load the model named by --model with the long-context switches; user errors become EvalError."""
-    from qwen2_mlx.models.config import ConfigError
     from qwen2_mlx.loading.loader import ModelLoadError, load, resolve_path
     from qwen2_mlx.loading.tokenizer import TokenizerError
+    from qwen2_mlx.models.config import ConfigError
 
     if args.prefill_step_size <= 0:
         raise EvalError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import random
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .prompts import niah_prompt
 from .results import ResultsFile
@@ -101,8 +102,8 @@ def plot_heatmap(grid: dict, out: Path, title: str) -> None:
     ax.tick_params(which="minor", length=0)
     if grid.get("trials", 1) > 1:
         for d, row in enumerate(scores):
-            for l, s in enumerate(row):
-                ax.text(l, d, f"{s:.2f}", ha="center", va="center", fontsize=8, color="black")
+            for col, s in enumerate(row):
+                ax.text(col, d, f"{s:.2f}", ha="center", va="center", fontsize=8, color="black")
     fig.colorbar(im, ax=ax, label="Score", fraction=0.046, pad=0.04)
     # Wrap long titles (model name plus settings) to the figure's width instead of clipping them.
     ax.set_title("\n".join(textwrap.fill(line, width=int(width * 12)) for line in title.splitlines()), fontsize=10)

@@ -10,11 +10,13 @@ positions that are scored.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import mlx.core as mx
 
 from qwen2_mlx.generation.prompt_cache import make_prompt_cache
+
 from .results import ResultsFile
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from qwen2_mlx.generation.generate import generate
+
 from .prompts import HaystackPrompt, first_number
 
 

@@ -10,8 +10,9 @@ Each row has its own stop strings filter and finish reason, exactly as `stream_g
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn

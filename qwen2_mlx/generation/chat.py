@@ -11,21 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import mlx.nn as nn
 
-from .prompt_cache import (
-    PromptCacheError,
-    can_trim_prompt_cache,
-    load_prompt_cache,
-    make_prompt_cache,
-    save_prompt_cache,
-    trim_prompt_cache,
-)
-from .notebook import chat_markdown
 from .generate import (
     ContextOverflowError,
     GenerationResponse,
@@ -34,6 +26,15 @@ from .generate import (
     as_wrapper,
     context_limit,
     stream_generate,
+)
+from .notebook import chat_markdown
+from .prompt_cache import (
+    PromptCacheError,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
 )
 
 SAMPLING_KEYS = (
@@ -69,7 +70,7 @@ class _Node:
     finish_reason: Optional[str] = None
     stats: Optional[dict] = None
 
-    def child(self) -> Optional["_Node"]:
+    def child(self) -> Optional[_Node]:
         return self.children[self.active] if self.children else None
 
     def to_dict(self) -> dict:
@@ -101,11 +102,11 @@ def _check_settings(settings: dict, allowed: tuple) -> None:
 class ReplyStream:
     """The responses of one reply (an iterator). `close()` stops it; the partial reply is kept."""
 
-    def __init__(self, chat: "Chat"):
+    def __init__(self, chat: Chat):
         self._chat = chat
         self._gen: Optional[Iterator[GenerationResponse]] = None
 
-    def __iter__(self) -> "ReplyStream":
+    def __iter__(self) -> ReplyStream:
         return self
 
     def __next__(self) -> GenerationResponse:
@@ -418,18 +419,18 @@ class Chat:
             parts.append(last.text)
         return Reply("".join(parts), last.finish_reason if last else "cancelled", GenerationStats.from_response(last))
 
-    def _reply(self, parent: _Node, ids: list[int], cancel: Any, settings: dict) -> "ReplyStream":
+    def _reply(self, parent: _Node, ids: list[int], cancel: Any, settings: dict) -> ReplyStream:
         stream = ReplyStream(self)
         stream._gen = self._run(parent, ids, cancel, settings, stream)
         self._busy = stream
         return stream
 
-    def _release(self, stream: "ReplyStream") -> None:
+    def _release(self, stream: ReplyStream) -> None:
         if self._busy is stream:
             self._busy = None
 
     def _run(
-        self, parent: _Node, ids: list[int], cancel: Any, settings: dict, stream: "ReplyStream"
+        self, parent: _Node, ids: list[int], cancel: Any, settings: dict, stream: ReplyStream
     ) -> Iterator[GenerationResponse]:
         parts: list[str] = []
         generated: list[int] = []
@@ -523,7 +524,7 @@ class Chat:
         return out
 
     @classmethod
-    def load(cls, path: Union[str, Path], model: nn.Module, tokenizer) -> "Chat":
+    def load(cls, path: Union[str, Path], model: nn.Module, tokenizer) -> Chat:
         """Read a chat written by `save`; its KV cache too when one was saved with it."""
         path = Path(path)
         try:

@@ -11,14 +11,15 @@ into the text, a `finish_reason` that always says why it ended ("stop", "length"
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Generator, Iterable, Optional, Sequence, Union
+from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .prompt_cache import make_prompt_cache
-from .responses import FINISH_REASONS, ContextOverflowError, GenerationResponse, GenerationStats, Reply
+from .responses import ContextOverflowError, GenerationResponse, GenerationStats, Reply
 
 generation_stream = mx.new_thread_local_stream(mx.default_device())
 DEFAULT_PREFILL_STEP_SIZE = 2048
@@ -351,7 +352,7 @@ def stream_generate(
     )
     reason, pending = None, ""
     try:
-        for token, logprobs in steps:
+        for token, _logprobs in steps:
             if n == 0:
                 ttft = time.perf_counter() - tic
                 prompt_tps = prompt.size / ttft if ttft > 0 else 0.0

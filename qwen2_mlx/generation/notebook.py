@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Iterable, Optional, TextIO
+from collections.abc import Iterable
+from typing import Any, Optional, TextIO
 
 from .generate import GenerationResponse, GenerationStats, Reply
 

@@ -48,13 +48,13 @@ class GenerationStats:
     time_to_first_token: float = 0.0
 
     @classmethod
-    def from_response(cls, r: Optional[GenerationResponse]) -> "GenerationStats":
+    def from_response(cls, r: Optional[GenerationResponse]) -> GenerationStats:
         if r is None:
             return cls()
         return cls(**{f.name: getattr(r, f.name) for f in fields(cls)})
 
     @classmethod
-    def from_dict(cls, d: Optional[dict]) -> "GenerationStats":
+    def from_dict(cls, d: Optional[dict]) -> GenerationStats:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (d or {}).items() if k in names})
 

@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 
 from qwen2_mlx.models.config import ConfigError, ModelArgs, _parse_rope_scaling, parse_dca
 from qwen2_mlx.models.model import Model
+
 from .tokenizer import load_tokenizer
 
 

@@ -10,10 +10,11 @@ lstrip_blocks, `tojson`, `raise_exception`), so the ids match transformers' exac
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -74,7 +75,7 @@ class Tokenizer:
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
-    def from_folder(cls, path: str | Path) -> "Tokenizer":
+    def from_folder(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
         tj = path / "tokenizer.json"
         if not tj.exists():

@@ -17,9 +17,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from .kv_cache import DCAKVCache
 from .config import ModelArgs
 from .dca import DCAGeometry, dca_attention, dca_temperature, plain_keys, rotate_keys
+from .kv_cache import DCAKVCache
 from .rope import RoPE
 from .stacked import StackedProjections
 

@@ -97,11 +97,11 @@ class ModelArgs:
         return self.rope_scaling.get("rope_type") or self.rope_scaling.get("type") or "default"
 
     @classmethod
-    def from_dict(cls, params: dict, source: str = "config.json") -> "ModelArgs":
+    def from_dict(cls, params: dict, source: str = "config.json") -> ModelArgs:
         return _parse(params, source)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelArgs":
+    def from_file(cls, path: str | Path) -> ModelArgs:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"

@@ -48,7 +48,7 @@ class DCAGeometry:
         return self.chunk_size + 1
 
     @classmethod
-    def from_config(cls, cfg) -> "DCAGeometry":
+    def from_config(cls, cfg) -> DCAGeometry:
         return cls(cfg.chunk_size, cfg.local_size, cfg.original_max_position_embeddings)
 
 
@@ -217,13 +217,13 @@ def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block, bound
             if m_run is not None:
                 m = mx.maximum(m, m_run)
             p = mx.exp(s - m)
-            l = mx.sum(p, axis=-1, keepdims=True)
+            norm = mx.sum(p, axis=-1, keepdims=True)
             o = _pv(p, values[..., b0:b1, :])
             if m_run is not None:
                 a = mx.exp(m_run - m)  # rescale what came before to the new running max
-                l = l + a * l_run
+                norm = norm + a * l_run
                 o = o + a * acc
-            m_run, l_run, acc = m, l, o
+            m_run, l_run, acc = m, norm, o
             if bounded:
                 mx.eval(m_run, l_run, acc)
             b1 = b0

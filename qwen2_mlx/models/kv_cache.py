@@ -39,7 +39,7 @@ class DCAKVCache(KVCache):
         return (self.chunk_size, self.local_size, self.original_max_position_embeddings)
 
     @classmethod
-    def from_state(cls, state, meta_state: Optional[tuple] = None) -> "DCAKVCache":
+    def from_state(cls, state, meta_state: Optional[tuple] = None) -> DCAKVCache:
         obj = cls()
         obj.state = state
         if meta_state:

@@ -14,9 +14,9 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from .attention import Attention
-from .kv_cache import DCAKVCache
 from .config import ModelArgs
 from .dca import effective_rope_scaling
+from .kv_cache import DCAKVCache
 from .mlp import MLP
 from .moe import SparseMoeBlock
 from .sharding import shard_model
@@ -75,7 +75,7 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def shard(self, group: Optional[mx.distributed.Group] = None) -> "Model":
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> Model:
         """Split this model in place over `group` for tensor parallelism (sharding.py)."""
         return shard_model(self, group)
 

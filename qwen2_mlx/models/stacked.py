@@ -15,7 +15,8 @@ saw. Once stacked, the members' tensors are views into the stacked ones: no extr
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn

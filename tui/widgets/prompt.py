@@ -30,7 +30,7 @@ class PromptInput(TextArea):
     OWN_ACTIONS = ("submit", "newline", "external_editor")
 
     class Submitted(Message):
-        def __init__(self, prompt: "PromptInput", text: str):
+        def __init__(self, prompt: PromptInput, text: str):
             super().__init__()
             self.prompt = prompt
             self.text = text

@@ -51,7 +51,7 @@ class MessageView(Vertical, can_focus=True):
     class Action(TMessage):
         """Asks the app to do something with a message (edit, regenerate, switch branch)."""
 
-        def __init__(self, view: "MessageView", action: str, arg: int = 0):
+        def __init__(self, view: MessageView, action: str, arg: int = 0):
             super().__init__()
             self.view = view
             self.action = action
