@@ -6,6 +6,8 @@ product, with one kernel instead of three (or two). At batch 1 a small model's d
 by its kernel count, not by bandwidth: stacking takes 29 % of the graph nodes of a decode step away.
 The results are bitwise equal with MLX's bundled CPU BLAS; OpenBLAS picks kernels by matrix width
 (single-row products then differ by ~1e-6) and so may CUDA (float32 logits differ by ~1e-3).
+Prefill takes the stacked matmul too (measured on a 2-core CPU, 0.5B in float32: 1.03x, 1.07x and
+0.95x the speed of separate matmuls at 128, 512 and 1,024 tokens, within noise): one path serves both.
 
 The members stay the model's modules under the checkpoint's names (`q_proj`, ...), so saving,
 `mlx_lm.load` of our folders, `quant_predicate`, `shard()` and `load_weights` see what they always
