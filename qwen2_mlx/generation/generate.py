@@ -19,7 +19,9 @@ import mlx.nn as nn
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .prompt_cache import make_prompt_cache
+from .proposers import LookupSettings, check_draft
 from .responses import ContextOverflowError, GenerationResponse, GenerationStats, Reply
+from .speculative import SpeculativeStats, make_distribution, speculative_generate_step, split_cache
 
 generation_stream = mx.new_thread_local_stream(mx.default_device())
 DEFAULT_PREFILL_STEP_SIZE = 2048
@@ -64,14 +66,46 @@ def generate_step(
     prompt_cache: Optional[list] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
-) -> Generator[tuple[int, mx.array], None, None]:
+    draft_model: Optional[nn.Module] = None,
+    num_draft_tokens: int = 3,
+    lookup: Union[None, bool, dict, LookupSettings] = None,
+    context_tokens: Sequence[int] = (),
+    distribution: Optional[Callable] = None,
+    speculative_stats: Optional[SpeculativeStats] = None,
+) -> Generator[tuple, None, None]:
     """Yield (token, logprobs) pairs. `max_tokens=None` never stops by count.
 
     The cache ends up holding the prompt and every token yielded so far (never a token the caller
     has not seen), which is what lets a chat trim it back exactly.
+
+    Speculative decoding (speculative.py) yields (token, logprobs, from_draft) triples, as mlx-lm's
+    speculative_generate_step does: `lookup=True` (or LookupSettings) proposes continuations of
+    n-grams from `context_tokens` (what `prompt_cache` already holds), the prompt and the reply;
+    `draft_model` proposes `num_draft_tokens` tokens (then `prompt_cache`, if given, is mlx-lm's
+    model-then-draft list). `distribution` (speculative.make_distribution) is what the sampler
+    draws from, for the accept/resample rule at temperature > 0.
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    lookup = LookupSettings.coerce(lookup)
+    if draft_model is not None or lookup is not None:
+        yield from _speculative(
+            prompt,
+            model,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=logits_processors,
+            prompt_cache=prompt_cache,
+            prefill_step_size=prefill_step_size,
+            prompt_progress_callback=prompt_progress_callback,
+            draft_model=draft_model,
+            num_draft_tokens=num_draft_tokens,
+            lookup=lookup,
+            context_tokens=context_tokens,
+            distribution=distribution,
+            stats=speculative_stats,
+        )
+        return
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     progress = prompt_progress_callback or (lambda *_: None)
@@ -115,6 +149,40 @@ def generate_step(
             if n % 256 == 0:
                 mx.clear_cache()
             y, logprobs = next_y, next_logprobs
+
+
+def _speculative(prompt, model, *, prompt_cache, prefill_step_size, prompt_progress_callback, **kw):
+    """generate_step's speculative branch: check the settings, set up the caches, run the loop."""
+    draft_model, lookup = kw["draft_model"], kw["lookup"]
+    if draft_model is not None and lookup is not None:
+        raise ValueError("choose prompt lookup or a draft model, not both")
+    if draft_model is not None:
+        check_draft(model, draft_model)
+        if not isinstance(kw["num_draft_tokens"], int) or kw["num_draft_tokens"] < 1:
+            raise ValueError(f"num_draft_tokens must be a positive integer (got {kw['num_draft_tokens']!r})")
+    if prompt_cache is None:
+        prompt_cache = make_prompt_cache(model) + (make_prompt_cache(draft_model) if draft_model is not None else [])
+    cache, draft_cache = split_cache(prompt_cache, model, draft_model)
+    progress = prompt_progress_callback or (lambda *_: None)
+    total = prompt.size
+    for c in prompt_cache:  # DCA caches give every prompt key the temperature of the whole prompt
+        if hasattr(c, "length_hint"):
+            c.length_hint = c.offset + prompt.size
+
+    def prefill(m: nn.Module, tokens: mx.array, c: list) -> int:
+        report = (lambda d, _: progress(d, total)) if m is model else (lambda *_: None)
+        return _prefill(m, tokens, c, prefill_step_size, report)
+
+    with mx.stream(generation_stream):
+        yield from speculative_generate_step(
+            prompt,
+            model,
+            cache,
+            prefill=prefill,
+            draft_cache=draft_cache,
+            on_first=lambda: progress(total, total),
+            **kw,
+        )
 
 
 def _prefill(
@@ -268,6 +336,10 @@ def stream_generate(
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     max_context: Optional[int] = None,
     temp: Optional[float] = None,
+    draft_model: Optional[nn.Module] = None,
+    num_draft_tokens: int = 3,
+    lookup: Union[None, bool, dict, LookupSettings] = None,
+    context_tokens: Sequence[int] = (),
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion as GenerationResponse segments; the last one carries `finish_reason`.
 
@@ -278,6 +350,11 @@ def stream_generate(
     and between prefill chunks). `max_tokens=None` (or a negative value, as in mlx-lm) runs until
     the end of the turn or the context window ("context"); `max_context` narrows that window
     below the model's. Raises ContextOverflowError when the prompt itself does not fit.
+
+    Speculative decoding, exact (see speculative.py): `lookup=True` (or LookupSettings) for prompt
+    lookup, `draft_model=` with `num_draft_tokens=` for a draft model of the same tokenizer;
+    `context_tokens` are the ids `prompt_cache` already holds, for prompt lookup to search.
+    Responses then say `from_draft` per token and count proposals, acceptances and forwards.
     """
     if max_tokens is not None and max_tokens < 0:
         max_tokens = None
@@ -287,6 +364,12 @@ def stream_generate(
         temperature = temp
     if seed is not None:
         mx.random.seed(seed)
+    lookup = LookupSettings.coerce(lookup)
+    if draft_model is not None:
+        check_draft(model, draft_model, len(as_wrapper(tokenizer)._tokenizer))
+    # Known settings give the accept/resample rule the distribution; a custom sampler does not.
+    distribution = make_distribution(temperature, top_p, top_k, min_p) if sampler is None and temperature > 0 else None
+    spec = SpeculativeStats() if draft_model is not None or lookup is not None else None
     sampler, procs = build_sampler(
         temperature,
         top_p,
@@ -303,7 +386,9 @@ def stream_generate(
         raise ValueError("the prompt is empty: give at least one token")
     text_filter = StopStringFilter(fresh_detokenizer(tokenizer), stop)
     eos = set(getattr(as_wrapper(tokenizer), "eos_token_ids", None) or [])
-    cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+    cache = prompt_cache
+    if cache is None:  # with a draft model, mlx-lm's layout: the model's layers, then the draft's
+        cache = make_prompt_cache(model) + (make_prompt_cache(draft_model) if draft_model is not None else [])
     start_offset = getattr(cache[0], "offset", 0) if cache else 0
     window = min(max_context, context_limit(model)) if max_context else context_limit(model)
     room = window - start_offset - prompt.size
@@ -317,7 +402,7 @@ def stream_generate(
 
     tic = time.perf_counter()
     prompt_tps = ttft = 0.0
-    token, logprobs, n = -1, None, 0
+    token, logprobs, n, from_draft, accepted = -1, None, 0, False, 0
 
     def response(text: str, reason: Optional[str] = None) -> GenerationResponse:
         elapsed = time.perf_counter() - tic
@@ -331,7 +416,11 @@ def stream_generate(
             generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9,
             finish_reason=reason,
+            from_draft=from_draft,
             time_to_first_token=ttft,
+            proposed_tokens=spec.proposed if spec else 0,
+            accepted_tokens=accepted,
+            forward_passes=spec.forwards if spec else 0,
         )
 
     def progress(done: int, total: int) -> None:
@@ -349,10 +438,18 @@ def stream_generate(
         prompt_cache=cache,
         prefill_step_size=prefill_step_size,
         prompt_progress_callback=progress,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
+        lookup=lookup,
+        context_tokens=context_tokens,
+        distribution=distribution,
+        speculative_stats=spec,
     )
     reason, pending = None, ""
     try:
-        for token, _logprobs in steps:
+        for step in steps:
+            token, from_draft = step[0], len(step) > 2 and step[2]
+            accepted += from_draft
             if n == 0:
                 ttft = time.perf_counter() - tic
                 prompt_tps = prompt.size / ttft if ttft > 0 else 0.0

@@ -34,6 +34,10 @@ class GenerationResponse:
     finish_reason: Optional[str] = None
     from_draft: bool = False
     time_to_first_token: float = 0.0
+    # Speculative decoding (all 0 without it): tokens proposed, proposals kept, model forwards.
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    forward_passes: int = 0
 
 
 @dataclass
@@ -46,6 +50,24 @@ class GenerationStats:
     generation_tps: float = 0.0
     peak_memory: float = 0.0
     time_to_first_token: float = 0.0
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    forward_passes: int = 0
+
+    @property
+    def speculative(self) -> bool:
+        """Whether speculative decoding ran (prompt lookup or a draft model)."""
+        return self.forward_passes > 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Proposed tokens the model kept (0 when nothing was proposed)."""
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per forward pass of the model (1.0 for plain decoding)."""
+        return self.generation_tokens / self.forward_passes if self.forward_passes else 1.0
 
     @classmethod
     def from_response(cls, r: Optional[GenerationResponse]) -> GenerationStats:
