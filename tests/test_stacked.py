@@ -182,3 +182,27 @@ def test_real_model_greedy_tokens_as_before_the_change(real_model):
         ids = tokenizer.apply_chat_template(case["messages"], add_generation_prompt=True)
         tokens = [t for t, _ in generate_step(mx.array(ids), model, max_tokens=len(case["tokens"]))]
         assert tokens == case["tokens"], name
+
+
+def test_loading_holds_at_most_one_layer_twice(tmp_path):
+    """Stacking reads each layer into new buffers; the files' tensors must be freed layer by layer."""
+    from qwen2_mlx.models.config import ModelArgs
+    from qwen2_mlx.models.model import Model
+
+    cfg = dict(DENSE, hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+               num_key_value_heads=2)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = Model(ModelArgs.from_dict(cfg))
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), weights)
+    total = sum(v.nbytes for v in weights.values())
+    layer = sum(v.nbytes for k, v in weights.items() if k.startswith("model.layers.0."))
+    del model, weights
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    from qwen2_mlx.loading.loader import load_model
+
+    loaded = load_model(tmp_path)
+    assert loaded.layers[0].self_attn._qkv.layer is not None
+    assert mx.get_peak_memory() - before <= total + 2 * layer, (mx.get_peak_memory() - before, total, layer)

@@ -14,14 +14,7 @@ from mlx.utils import tree_flatten
 
 from qwen2_mlx.models.sharding import shard_model
 
-
-def materialize(model: nn.Module) -> None:
-    """Evaluate the weights one layer at a time, so a rank never holds more than one unsharded layer."""
-    for layer in model.layers:
-        mx.eval(layer.parameters())
-        mx.clear_cache()
-    mx.eval(model.parameters())
-    mx.clear_cache()
+from .loader import materialize
 
 
 # safetensors dtypes numpy can memory-map (bfloat16 as its raw 16 bits, reinterpreted by MLX).
