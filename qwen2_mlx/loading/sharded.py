@@ -16,7 +16,6 @@ from qwen2_mlx.models.sharding import shard_model
 
 from .loader import materialize
 
-
 # safetensors dtypes numpy can memory-map (bfloat16 as its raw 16 bits, reinterpreted by MLX).
 _NP_DTYPES = {
     "F64": np.float64,
