@@ -25,6 +25,7 @@ from .generate import (
     Reply,
     as_wrapper,
     context_limit,
+    prefill_prompt_cache,
     stream_generate,
 )
 from .notebook import chat_markdown
@@ -49,7 +50,7 @@ SAMPLING_KEYS = (
     "seed",
     "stop",
 )
-CALL_ONLY_KEYS = ("sampler", "logits_processors", "prompt_progress_callback", "prefill_step_size")
+CALL_ONLY_KEYS = ("sampler", "logits_processors", "prompt_progress_callback", "prefill_step_size", "lookup")
 POLICIES = ("refuse", "drop_oldest")
 FILE_FORMAT = "qwen2-mlx-chat"
 FILE_VERSION = 1
@@ -135,6 +136,9 @@ class Chat:
         messages: Optional[list] = None,
         context_policy: str = "refuse",
         max_context: Optional[int] = None,
+        draft_model: Optional[nn.Module] = None,
+        num_draft_tokens: int = 3,
+        lookup: Any = None,
         **sampling: Any,
     ):
         if context_policy not in POLICIES:
@@ -153,6 +157,13 @@ class Chat:
         self._root = _Node("root", "")
         self._cache: Optional[list] = None
         self._cache_tokens: list[int] = []  # exactly the token ids the KV cache holds
+        # Speculative decoding (see generation/speculative.py); prompt lookup wins when both are set.
+        # The draft's cache holds a prefix of `_cache_tokens`, and is rebuilt for another draft model.
+        self.draft_model = draft_model
+        self.num_draft_tokens = num_draft_tokens
+        self.lookup = lookup
+        self._draft_cache: Optional[list] = None
+        self._draft_of: Optional[nn.Module] = None
         self._busy: Optional[ReplyStream] = None
         self._used_memo: tuple = (None, 0)
         if messages and system is not None and isinstance(messages[0], dict) and messages[0].get("role") == "system":
@@ -331,13 +342,23 @@ class Chat:
         self.dropped.extend({"role": n.role, "content": n.content} for n in path[:j])
         self._root.children, self._root.active = [path[j]], 0
 
-    def _reuse_cache(self, ids: list[int]) -> list[int]:
-        """Trim the cache to its common prefix with `ids`; return the ids still to prefill."""
+    def _reuse_cache(self, ids: list[int], draft: Optional[nn.Module] = None) -> list[int]:
+        """Trim the cache to its common prefix with `ids`; return the ids still to prefill.
+
+        With a draft model, its cache is brought to the same tokens (prefilling what it lacks).
+        """
         if self._cache is None:
             self._cache, self._cache_tokens = make_prompt_cache(self.model), []
         k = min(_common_prefix(self._cache_tokens, ids), len(ids) - 1)  # prefill at least one token
         self._trim_to(k)
-        return ids[k:]
+        if draft is not None:
+            if self._draft_of is not draft or self._draft_cache is None:
+                self._draft_cache, self._draft_of = make_prompt_cache(draft), draft
+            k = len(self._cache_tokens)
+            held = self._draft_cache[0].offset
+            if held < k:
+                prefill_prompt_cache(draft, self.tokenizer, ids[held:k], self._draft_cache)
+        return ids[len(self._cache_tokens) :]
 
     def _trim_to(self, k: int) -> None:
         extra = len(self._cache_tokens) - k
@@ -347,6 +368,10 @@ class Chat:
                 self._cache_tokens = self._cache_tokens[:k]
             else:
                 self._cache, self._cache_tokens = make_prompt_cache(self.model), []
+        if self._draft_cache is not None:
+            extra = self._draft_cache[0].offset - len(self._cache_tokens)
+            if extra > 0:
+                trim_prompt_cache(self._draft_cache, extra)
 
     def _sync_cache(self, held: list[int]) -> None:
         """After a turn: keep only the cached tokens that the rendered history agrees with.
@@ -356,6 +381,8 @@ class Chat:
         """
         offset = getattr(self._cache[0], "offset", len(held)) if self._cache else 0
         self._cache_tokens = held[:offset] + [-1] * (offset - len(held))
+        if self._draft_cache is not None and self._draft_cache[0].offset > len(held):
+            trim_prompt_cache(self._draft_cache, self._draft_cache[0].offset - len(held))
         history = self._tokens(self.messages, False)
         self._trim_to(_common_prefix(self._cache_tokens, history))
 
@@ -448,16 +475,22 @@ class Chat:
 
         responses = None
         try:
-            suffix = self._reuse_cache(ids)
+            lookup = settings.pop("lookup", self.lookup)
+            draft = self.draft_model if not lookup else None
+            suffix = self._reuse_cache(ids, draft)
             max_tokens = settings.pop("max_tokens")
+            spec = {"lookup": lookup, "context_tokens": ids[: len(ids) - len(suffix)]} if lookup else {}
+            if draft is not None:
+                spec = {"draft_model": draft, "num_draft_tokens": self.num_draft_tokens}
             responses = stream_generate(
                 self.model,
                 self.tokenizer,
                 suffix,
                 max_tokens,
-                prompt_cache=self._cache,
+                prompt_cache=self._cache + (self._draft_cache if draft is not None else []),
                 cancel=cancel,
                 max_context=self.context_limit,
+                **spec,
                 **settings,
             )
             for r in responses:
