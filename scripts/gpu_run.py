@@ -42,27 +42,71 @@ MODEL_NAME = "qwen2.5-coder-0.5b-instruct-bf16"
 GGUF_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 # The real model's config.json (as converted from the GGUF): bench.long --random-weights reads only this.
 REAL_CONFIG = dict(
-    architectures=["Qwen2ForCausalLM"], bos_token_id=151643, eos_token_id=151645, hidden_act="silu",
-    hidden_size=896, intermediate_size=4864, max_position_embeddings=32768, model_type="qwen2",
-    num_attention_heads=14, num_hidden_layers=24, num_key_value_heads=2, rms_norm_eps=1e-6,
-    rope_theta=1000000.0, tie_word_embeddings=False, torch_dtype="bfloat16", use_sliding_window=False,
+    architectures=["Qwen2ForCausalLM"],
+    bos_token_id=151643,
+    eos_token_id=151645,
+    hidden_act="silu",
+    hidden_size=896,
+    intermediate_size=4864,
+    max_position_embeddings=32768,
+    model_type="qwen2",
+    num_attention_heads=14,
+    num_hidden_layers=24,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
+    torch_dtype="bfloat16",
+    use_sliding_window=False,
     vocab_size=151936,
 )
 # Rehearsal shapes: small enough for a shared 2-core CPU, divisible by the quantization group (32).
 TINY_PRESETS = {
     "tiny": dict(
-        model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=128, intermediate_size=256,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-        tie_word_embeddings=True, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=4096, bos_token_id=0, eos_token_id=0, sliding_window=4096,
-        use_sliding_window=False),
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=True,
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=0,
+        sliding_window=4096,
+        use_sliding_window=False,
+    ),
     "tiny-moe": dict(
-        model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], hidden_size=128, intermediate_size=256,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-        tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
-        shared_expert_intermediate_size=256, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
-        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=4096,
-        bos_token_id=0, eos_token_id=0, sliding_window=4096, use_sliding_window=False),
+        model_type="qwen2_moe",
+        architectures=["Qwen2MoeForCausalLM"],
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=False,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=256,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=0,
+        sliding_window=4096,
+        use_sliding_window=False,
+    ),
 }
 LOG_TAIL = 256 * 1024  # bytes of each step's log that come back in the bundle
 OUT_FILE_LIMIT = 15 * 2**20  # $OUT takes files of at most 16 MiB
@@ -101,8 +145,17 @@ def _k(n: int) -> str:
 
 
 class Step:
-    def __init__(self, name: str, group: str, argv, timeout: int, needs: tuple = (), env: dict | None = None,
-                 skip: str | None = None, meta: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        group: str,
+        argv,
+        timeout: int,
+        needs: tuple = (),
+        env: dict | None = None,
+        skip: str | None = None,
+        meta: dict | None = None,
+    ):
         self.name, self.group, self.argv, self.timeout = name, group, argv, timeout
         self.needs, self.env, self.skip, self.meta = needs, env or {}, skip, meta or {}
 
@@ -142,45 +195,116 @@ class Plan:
             self.memory_lengths = os.environ.get("MEMORY_LENGTHS") or "8192,32768,65536,131072"
 
     def methods(self) -> dict[str, list[str]]:
-        c, l = self.dca
+        chunk, local = self.dca
         f, orig = self.yarn
-        return {"dca": ["--dca-chunk-size", str(c), "--dca-local-size", str(l)],
-                "plain": [],
-                "yarn": ["--yarn-factor", str(f), "--yarn-original-max-position-embeddings", str(orig)]}
+        return {
+            "dca": ["--dca-chunk-size", str(chunk), "--dca-local-size", str(local)],
+            "plain": [],
+            "yarn": ["--yarn-factor", str(f), "--yarn-original-max-position-embeddings", str(orig)],
+        }
 
     def steps(self) -> list[Step]:
         r, py = self.results, PY
         steps: list[Step] = []
         # (a) the suite on the device, float32 matmuls at full precision as tests/conftest.py sets.
         tests = ["tests/test_config.py"] if self.rehearsal else ["tests"]
-        steps.append(Step("tests", "tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
-                                             "not real_model", *tests], self.t(480),
-                          env={"MLX_ENABLE_TF32": "0"}))
+        steps.append(
+            Step(
+                "tests",
+                "tests",
+                [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not real_model", *tests],
+                self.t(480),
+                env={"MLX_ENABLE_TF32": "0"},
+            )
+        )
         # (b) long context on the real model: NIAH per (method, length), one resumable file per method;
         # then the grid of each method (all cells already done: only draws), then passkey.
         common = ["--model", str(self.model), "--dtype", self.dtype, "--prefill-step-size", str(self.prefill)]
         niah_timeout = {16384: 120, 32768: 150, 65536: 240, 131072: 420}
         for m, flags in self.methods().items():
             for L in self.niah_lengths:
-                steps.append(Step(f"niah-{m}-{_k(L)}", "niah", [
-                    py, "-m", "qwen2_mlx.eval", "niah", *common, *flags, "--lengths", str(L),
-                    "--depths", "0,25,50,75,100", "--results", str(r / f"niah-{m}.jsonl"),
-                    "--out", str(r / "parts" / f"niah-{m}-{L}.png"), "--json", str(r / "parts" / f"niah-{m}-{L}.json"),
-                ], self.t(niah_timeout.get(L, 60)), needs=("model",), meta={"method": m, "length": L}))
+                steps.append(
+                    Step(
+                        f"niah-{m}-{_k(L)}",
+                        "niah",
+                        [
+                            py,
+                            "-m",
+                            "qwen2_mlx.eval",
+                            "niah",
+                            *common,
+                            *flags,
+                            "--lengths",
+                            str(L),
+                            "--depths",
+                            "0,25,50,75,100",
+                            "--results",
+                            str(r / f"niah-{m}.jsonl"),
+                            "--out",
+                            str(r / "parts" / f"niah-{m}-{L}.png"),
+                            "--json",
+                            str(r / "parts" / f"niah-{m}-{L}.json"),
+                        ],
+                        self.t(niah_timeout.get(L, 60)),
+                        needs=("model",),
+                        meta={"method": m, "length": L},
+                    )
+                )
         for m, flags in self.methods().items():
-            steps.append(Step(f"niah-{m}-grid", "niah-grid", lambda m=m, flags=flags: [
-                py, "-m", "qwen2_mlx.eval", "niah", *common, *flags,
-                "--lengths", ",".join(str(L) for L in self._finished_lengths(m)),
-                "--depths", "0,25,50,75,100", "--results", str(r / f"niah-{m}.jsonl"),
-                "--out", str(r / f"niah-{m}.png"), "--json", str(r / f"niah-{m}-grid.json"),
-            ], self.t(120), needs=("model",), meta={"method": m}))
+            steps.append(
+                Step(
+                    f"niah-{m}-grid",
+                    "niah-grid",
+                    lambda m=m, flags=flags: [
+                        py,
+                        "-m",
+                        "qwen2_mlx.eval",
+                        "niah",
+                        *common,
+                        *flags,
+                        "--lengths",
+                        ",".join(str(L) for L in self._finished_lengths(m)),
+                        "--depths",
+                        "0,25,50,75,100",
+                        "--results",
+                        str(r / f"niah-{m}.jsonl"),
+                        "--out",
+                        str(r / f"niah-{m}.png"),
+                        "--json",
+                        str(r / f"niah-{m}-grid.json"),
+                    ],
+                    self.t(120),
+                    needs=("model",),
+                    meta={"method": m},
+                )
+            )
         for m, flags in self.methods().items():
             for L in self.passkey_lengths:
-                steps.append(Step(f"passkey-{m}-{_k(L)}", "passkey", [
-                    py, "-m", "qwen2_mlx.eval", "passkey", *common, *flags, "--length", str(L),
-                    "--trials", str(self.passkey_trials), "--results", str(r / f"passkey-{m}-{L}.jsonl"),
-                    "--json", str(r / f"passkey-{m}-{L}.json"),
-                ], self.t(240 if L > 65536 else 120), needs=("model",), meta={"method": m, "length": L}))
+                steps.append(
+                    Step(
+                        f"passkey-{m}-{_k(L)}",
+                        "passkey",
+                        [
+                            py,
+                            "-m",
+                            "qwen2_mlx.eval",
+                            "passkey",
+                            *common,
+                            *flags,
+                            "--length",
+                            str(L),
+                            "--trials",
+                            str(self.passkey_trials),
+                            "--results",
+                            str(r / f"passkey-{m}-{L}.jsonl"),
+                            "--json",
+                            str(r / f"passkey-{m}-{L}.json"),
+                        ],
+                        self.t(240 if L > 65536 else 120),
+                        needs=("model",),
+                        meta={"method": m, "length": L},
+                    )
+                )
         # (c) speed against mlx-lm on random weights of real shapes, bfloat16 then 4-bit.
         if self.rehearsal:
             size = ["--prompt-tokens", "16", "--gen-tokens", "8", "--runs", "1"]
@@ -188,12 +312,30 @@ class Plan:
             for p in self.presets:
                 if not self.rehearsal:
                     big = p == "qwen2-7b" or p.startswith("qwen2-57b")
-                    size = ["--prompt-tokens", "128", "--gen-tokens", "128" if big else "256",
-                            "--runs", "3" if big else "5"]
+                    size = [
+                        "--prompt-tokens",
+                        "128",
+                        "--gen-tokens",
+                        "128" if big else "256",
+                        "--runs",
+                        "3" if big else "5",
+                    ]
                 tag = f"{bits}bit" if bits else self.dtype.replace("bfloat16", "bf16")
-                argv = [py, str(ROOT / "scripts" / "gpu_run.py"), "bench", "--random", p,
-                        "--random-dir", str(self.state / "random"), "--dtype", self.dtype, "--compare-mlx-lm",
-                        *size, "--json", str(r / f"bench-{p}-{tag}.json")]
+                argv = [
+                    py,
+                    str(ROOT / "scripts" / "gpu_run.py"),
+                    "bench",
+                    "--random",
+                    p,
+                    "--random-dir",
+                    str(self.state / "random"),
+                    "--dtype",
+                    self.dtype,
+                    "--compare-mlx-lm",
+                    *size,
+                    "--json",
+                    str(r / f"bench-{p}-{tag}.json"),
+                ]
                 if bits:
                     argv += ["--quantize-bits", str(bits)] + (["--q-group-size", "32"] if self.rehearsal else [])
                 timeout = {"qwen2-7b": 300}.get(p, 180) + (120 if bits else 0)
@@ -203,17 +345,48 @@ class Plan:
         for i, c in enumerate(self.long_chunks):
             local = max(1, c // 8)
             mem = self.memory_lengths if i == len(self.long_chunks) - 1 else ""
-            steps.append(Step(f"long-{_k(c)}", "long", [
-                py, "-m", "qwen2_mlx.bench.long", "--random-weights", "--model", str(self.realcfg),
-                "--chunk-size", str(c), "--local-size", str(local), "--decode-tokens", "8" if self.rehearsal else "32",
-                "--prefill-step-size", str(self.prefill), "--memory-lengths", mem,
-                "--memory-chunk-size", str(self.dca[0]), "--memory-local-size", str(self.dca[1]),
-            ], self.t(240 if c <= 8192 else 420), meta={"chunk": c}))
+            steps.append(
+                Step(
+                    f"long-{_k(c)}",
+                    "long",
+                    [
+                        py,
+                        "-m",
+                        "qwen2_mlx.bench.long",
+                        "--random-weights",
+                        "--model",
+                        str(self.realcfg),
+                        "--chunk-size",
+                        str(c),
+                        "--local-size",
+                        str(local),
+                        "--decode-tokens",
+                        "8" if self.rehearsal else "32",
+                        "--prefill-step-size",
+                        str(self.prefill),
+                        "--memory-lengths",
+                        mem,
+                        "--memory-chunk-size",
+                        str(self.dca[0]),
+                        "--memory-local-size",
+                        str(self.dca[1]),
+                    ],
+                    self.t(240 if c <= 8192 else 420),
+                    meta={"chunk": c},
+                )
+            )
         # (e) the real-model tests on the device, once the GGUF is there (QWEN2_MLX_CACHE holds it).
-        steps.append(Step("tests-real", "tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                                  "-m", "real_model", "tests"], self.t(420), needs=("gguf",),
-                          env={"MLX_ENABLE_TF32": "0", "QWEN2_MLX_CACHE": str(self.state / "cache")},
-                          skip="rehearsal: the real GGUF is not used" if self.rehearsal else None))
+        steps.append(
+            Step(
+                "tests-real",
+                "tests",
+                [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "real_model", "tests"],
+                self.t(420),
+                needs=("gguf",),
+                env={"MLX_ENABLE_TF32": "0", "QWEN2_MLX_CACHE": str(self.state / "cache")},
+                skip="rehearsal: the real GGUF is not used" if self.rehearsal else None,
+            )
+        )
         steps.sort(key=self.priority)
         only = [s for s in (os.environ.get("GPU_RUN_ONLY") or "").split(",") if s]
         drop = [s for s in (os.environ.get("GPU_RUN_SKIP") or "").split(",") if s]
@@ -305,28 +478,53 @@ def _parse(step: Step, text: str, r: Path) -> dict:
         return {"length": step.meta["length"], "found": [row[0] for row in g["scores"]], "accuracy": g["accuracy"]}
     if step.group == "niah-grid":
         g = json.loads((r / f"niah-{step.meta['method']}-grid.json").read_text())
-        return {"lengths": g["lengths"], "depths": g["depths"], "scores": g["scores"], "accuracy": g["accuracy"],
-                "heatmap": f"niah-{step.meta['method']}.png"}
+        return {
+            "lengths": g["lengths"],
+            "depths": g["depths"],
+            "scores": g["scores"],
+            "accuracy": g["accuracy"],
+            "heatmap": f"niah-{step.meta['method']}.png",
+        }
     if step.group == "passkey":
         name = f"passkey-{step.meta['method']}-{step.meta['length']}.json"
         return {"length": step.meta["length"], "accuracy": json.loads((r / name).read_text())["accuracy"]}
     if step.group == "bench":
         res = json.loads((r / f"bench-{step.meta['preset']}-{step.meta['tag']}.json").read_text())
-        out = {"median": res["median"], "ratio": res.get("ratio_ours_over_mlx_lm"),
-               "paired": res.get("paired_ratio_median"), "greedy_match": res.get("greedy_tokens_match_mlx_lm"),
-               "first_difference": res.get("first_token_difference"),
-               "roofline_tps": res["roofline"]["roofline_decode_tps"], "versions": res.get("versions"),
-               "device": res["machine"].get("device"), "device_info": res["machine"].get("device_info")}
+        out = {
+            "median": res["median"],
+            "ratio": res.get("ratio_ours_over_mlx_lm"),
+            "paired": res.get("paired_ratio_median"),
+            "greedy_match": res.get("greedy_tokens_match_mlx_lm"),
+            "first_difference": res.get("first_token_difference"),
+            "roofline_tps": res["roofline"]["roofline_decode_tps"],
+            "versions": res.get("versions"),
+            "device": res["machine"].get("device"),
+            "device_info": res["machine"].get("device_info"),
+        }
         return out
     if step.group == "long":
         rows = []
-        for m in re.finditer(r"^\s*(\d+) \|\s+([\d.]+)/s\s+([\d.]+)/s\s+([\d.]+) \|\s+([\d.]+)/s\s+([\d.]+)/s\s+([\d.]+)\s*$",
-                             text, flags=re.M):
+        for m in re.finditer(
+            r"^\s*(\d+) \|\s+([\d.]+)/s\s+([\d.]+)/s\s+([\d.]+) \|\s+([\d.]+)/s\s+([\d.]+)/s\s+([\d.]+)\s*$",
+            text,
+            flags=re.M,
+        ):
             L, dp, dd, dr, pp, pd, pr = m.groups()
-            rows.append({"context": int(L), "decode_plain": float(dp), "decode_dca": float(dd), "decode_ratio": float(dr),
-                         "prefill_plain": float(pp), "prefill_dca": float(pd), "prefill_ratio": float(pr)})
-        memory = [{"tokens": int(a), "plain_mb": float(b), "dca_mb": float(c), "kv_mb": float(d)}
-                  for a, b, c, d in re.findall(r"^\s*(\d+) \|\s+(\d+)\s+(\d+) \|\s+(\d+)\s*$", text, flags=re.M)]
+            rows.append(
+                {
+                    "context": int(L),
+                    "decode_plain": float(dp),
+                    "decode_dca": float(dd),
+                    "decode_ratio": float(dr),
+                    "prefill_plain": float(pp),
+                    "prefill_dca": float(pd),
+                    "prefill_ratio": float(pr),
+                }
+            )
+        memory = [
+            {"tokens": int(a), "plain_mb": float(b), "dca_mb": float(c), "kv_mb": float(d)}
+            for a, b, c, d in re.findall(r"^\s*(\d+) \|\s+(\d+)\s+(\d+) \|\s+(\d+)\s*$", text, flags=re.M)
+        ]
         return {"rows": rows, "memory": memory}
     return {}
 
@@ -341,8 +539,13 @@ def run_step(step: Step, plan: Plan, deadline: float | None) -> dict | None:
     logs.mkdir(parents=True, exist_ok=True)
     (plan.results / "parts").mkdir(exist_ok=True)
     started = time.time()
-    rec = {"step": step.name, "group": step.group, "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-           "timeout_s": step.timeout, "log": f"logs/{step.name}.log"}
+    rec = {
+        "step": step.name,
+        "group": step.group,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "timeout_s": step.timeout,
+        "log": f"logs/{step.name}.log",
+    }
     if step.skip:
         return {**rec, "status": "skipped", "why": step.skip, "seconds": 0.0}
     argv = step.argv() if callable(step.argv) else step.argv
@@ -356,8 +559,7 @@ def run_step(step: Step, plan: Plan, deadline: float | None) -> dict | None:
     with open(log_path, "ab") as out:
         out.write(f"\n=== {rec['started']} {' '.join(rec['argv'])}\n".encode())
         out.flush()
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
             status = "ok" if rc == 0 else "failed"
@@ -434,13 +636,27 @@ def drive(args) -> int:
 def summarize(plan: Plan) -> str:
     done = read_steps(plan.results)
     steps = plan.steps()
-    lines = [f"== issue 16 GPU run{' (REHEARSAL: tiny models on the CPU)' if plan.rehearsal else ''}: "
-             f"{sum(s.name in done for s in steps)}/{len(steps)} steps finished",
-             f"commit: {git_commit()}  state: {plan.state}"]
-    dev = next((r["summary"].get("device_info") for r in done.values() if r.get("group") == "bench"
-                and r.get("summary", {}).get("device_info")), None)
-    ver = next((r["summary"].get("versions") for r in done.values() if r.get("group") == "bench"
-                and r.get("summary", {}).get("versions")), None)
+    lines = [
+        f"== issue 16 GPU run{' (REHEARSAL: tiny models on the CPU)' if plan.rehearsal else ''}: "
+        f"{sum(s.name in done for s in steps)}/{len(steps)} steps finished",
+        f"commit: {git_commit()}  state: {plan.state}",
+    ]
+    dev = next(
+        (
+            r["summary"].get("device_info")
+            for r in done.values()
+            if r.get("group") == "bench" and r.get("summary", {}).get("device_info")
+        ),
+        None,
+    )
+    ver = next(
+        (
+            r["summary"].get("versions")
+            for r in done.values()
+            if r.get("group") == "bench" and r.get("summary", {}).get("versions")
+        ),
+        None,
+    )
     if dev or ver:
         lines.append(f"device: {dev}  versions: {ver}")
     lines.append("")
@@ -471,20 +687,26 @@ def figures(r: dict) -> str:
         return f"found {sum(x > 0.5 for x in s['found'])}/{len(s['found'])} depths at {_k(s['length'])}"
     if g == "niah-grid":
         cells = [x for row in s["scores"] for x in row]
-        per = " ".join(f"{_k(L)}:{sum(row[i] for row in s['scores']) / len(s['scores']):.0%}"
-                       for i, L in enumerate(s["lengths"]))
+        per = " ".join(
+            f"{_k(L)}:{sum(row[i] for row in s['scores']) / len(s['scores']):.0%}" for i, L in enumerate(s["lengths"])
+        )
         return f"{sum(cells) / len(cells):.0%} of cells ({per}); {s['heatmap']}"
     if g == "passkey":
         return f"accuracy {s['accuracy']:.2f} at {_k(s['length'])}"
     if g == "bench":
         m, ratio = s["median"], s.get("ratio") or {}
         o, t = m.get("qwen2_mlx", {}), m.get("mlx_lm", {})
-        return (f"decode {o.get('decode_tps', 0):.1f}/{t.get('decode_tps', 0):.1f} tok/s = {ratio.get('decode_tps', 0):.2f}x "
-                f"(paired {(s.get('paired') or {}).get('decode_tps', 0):.2f}x), prefill {ratio.get('prefill_tps', 0):.2f}x, "
-                f"peak {o.get('peak_memory_gb', 0):.2f} GB, greedy {'same' if s.get('greedy_match') else 'differs@' + str(s.get('first_difference'))}")
+        paired = (s.get("paired") or {}).get("decode_tps", 0)
+        greedy = "same" if s.get("greedy_match") else f"differs@{s.get('first_difference')}"
+        return (
+            f"decode {o.get('decode_tps', 0):.1f}/{t.get('decode_tps', 0):.1f} tok/s = "
+            f"{ratio.get('decode_tps', 0):.2f}x (paired {paired:.2f}x), prefill {ratio.get('prefill_tps', 0):.2f}x, "
+            f"peak {o.get('peak_memory_gb', 0):.2f} GB, greedy {greedy}"
+        )
     if g == "long":
-        rows = "; ".join(f"{_k(x['context'])}: decode {x['decode_ratio']:.2f}x prefill {x['prefill_ratio']:.2f}x"
-                         for x in s["rows"])
+        rows = "; ".join(
+            f"{_k(x['context'])}: decode {x['decode_ratio']:.2f}x prefill {x['prefill_ratio']:.2f}x" for x in s["rows"]
+        )
         mem = "; ".join(f"{_k(x['tokens'])}: {x['plain_mb']:.0f}/{x['dca_mb']:.0f} MB" for x in s["memory"])
         return f"DCA/plain {rows}" + (f" | peak plain/DCA {mem}" if mem else "")
     return ""
@@ -496,7 +718,9 @@ def goals(plan: Plan, done: dict) -> list[str]:
     if t:
         c = t.get("summary", {}).get("counts", {})
         green = t["status"] == "ok" and not c.get("failed") and not c.get("error") and not c.get("errors")
-        out.append(f"  suite green on the device: {'yes' if green else 'NO'} ({', '.join(f'{v} {k}' for k, v in c.items())})")
+        out.append(
+            f"  suite green on the device: {'yes' if green else 'NO'} ({', '.join(f'{v} {k}' for k, v in c.items())})"
+        )
     for m in ("dca", "yarn", "plain"):
         g = done.get(f"niah-{m}-grid")
         if g and g["status"] == "ok":
@@ -519,10 +743,16 @@ def goals(plan: Plan, done: dict) -> list[str]:
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (sha or "unknown") + (" (uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         env = os.environ.get("GPU_RUN_COMMIT")
@@ -544,8 +774,12 @@ def prepare(args) -> int:
     tree = tree_bytes()
     budget = args.call_bytes or (args.limit_bytes - tree - args.margin_bytes)
     log(f"the working tree that travels with every call: {tree} bytes; pieces per call: at most {budget} bytes")
-    manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "call_bytes": budget, "payloads": [],
-                "commit": git_commit()}
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "call_bytes": budget,
+        "payloads": [],
+        "commit": git_commit(),
+    }
     call, room = 1, budget
     for name, path in payloads:
         size = path.stat().st_size
@@ -579,8 +813,13 @@ def prepare(args) -> int:
 def tree_bytes() -> int:
     """Bytes of what travels with every call besides `carry`: tracked and untracked-not-ignored files."""
     try:
-        names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                               capture_output=True, check=True, timeout=60).stdout.split(b"\0")
+        names = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout.split(b"\0")
     except (OSError, subprocess.SubprocessError):
         return 0
     total = 0
@@ -596,25 +835,51 @@ def print_calls(manifest: dict, per_call: dict, tree: int, carry: Path) -> None:
     rel = os.path.relpath(carry, ROOT)
     ready_at = {p["name"]: max(x["call"] for x in p["pieces"]) for p in manifest["payloads"]}
     n = manifest["calls"]
-    print(f"# {n} calls carry {sum(per_call.values()) / 2**20:.1f} MiB "
-          f"(+ {tree / 2**20:.1f} MiB of working tree each); make them back to back (the machine is given back "
-          f"30 s after a call returns)")
+    print(
+        f"# {n} calls carry {sum(per_call.values()) / 2**20:.1f} MiB "
+        f"(+ {tree / 2**20:.1f} MiB of working tree each); make them back to back (the machine is given back "
+        f"30 s after a call returns)"
+    )
     for k in range(1, n + 1):
         last = k == n
         wait = 420 if last else 0
-        what = ", ".join(f"{p['name']} {sum(1 for x in p['pieces'] if x['call'] <= k)}/{len(p['pieces'])}"
-                         for p in manifest["payloads"])
+        what = ", ".join(
+            f"{p['name']} {sum(1 for x in p['pieces'] if x['call'] <= k)}/{len(p['pieces'])}"
+            for p in manifest["payloads"]
+        )
         note = []
         for name, at in ready_at.items():
             if at == k:
-                note.append({"site": "wheels unpacked, the driver starts", "gguf": "model converted, NIAH starts"}.get(name, name))
+                note.append(
+                    {"site": "wheels unpacked, the driver starts", "gguf": "model converted, NIAH starts"}.get(
+                        name, name
+                    )
+                )
         cmd = f"bash scripts/gpu_run.sh --wait {wait}"
         carry_list = [f"{rel}/call-{k}"] + ([f"{rel}/results"] if k == 1 and (carry / "results").is_dir() else [])
-        print(json.dumps({"call": k, "command": cmd, "carry": carry_list, "timeout_s": 560 if last else 180,
-                          "carry_mib": round((per_call[k] + tree) / 2**20, 1),
-                          "after": f"{what}" + (f"; {'; '.join(note)}" if note else "")}))
-    print(json.dumps({"call": n + 1, "command": "bash scripts/gpu_run.sh --wait 300", "carry": [], "timeout_s": 360,
-                      "after": "only if device time is left: the driver continues; then give_back"}))
+        print(
+            json.dumps(
+                {
+                    "call": k,
+                    "command": cmd,
+                    "carry": carry_list,
+                    "timeout_s": 560 if last else 180,
+                    "carry_mib": round((per_call[k] + tree) / 2**20, 1),
+                    "after": f"{what}" + (f"; {'; '.join(note)}" if note else ""),
+                }
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "call": n + 1,
+                "command": "bash scripts/gpu_run.sh --wait 300",
+                "carry": [],
+                "timeout_s": 360,
+                "after": "only if device time is left: the driver continues; then give_back",
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,8 +914,9 @@ def stage(carry: Path, state: Path) -> dict:
     payloads = state / "payloads"
     payloads.mkdir(exist_ok=True)
     for p in manifest["payloads"]:
-        have = [x for x in p["pieces"] if (parts / x["file"]).exists()
-                and (parts / x["file"]).stat().st_size == x["size"]]
+        have = [
+            x for x in p["pieces"] if (parts / x["file"]).exists() and (parts / x["file"]).stat().st_size == x["size"]
+        ]
         status[p["name"]] = f"{len(have)}/{len(p['pieces'])} pieces"
         out = payloads / p["name"]
         if len(have) < len(p["pieces"]) or (state / f"{p['name']}.ok").exists():
@@ -687,8 +953,22 @@ def stage(carry: Path, state: Path) -> dict:
             if not (model / "config.json").exists():
                 model.parent.mkdir(exist_ok=True)
                 dtype = "float32" if rehearsal_default() else "bfloat16"
-                subprocess.run([PY, str(ROOT / "convert.py"), "--gguf", str(out), "--mlx-path", str(model),
-                                "--dtype", dtype, "--force"], check=True, cwd=ROOT, env=device_env(state))
+                subprocess.run(
+                    [
+                        PY,
+                        str(ROOT / "convert.py"),
+                        "--gguf",
+                        str(out),
+                        "--mlx-path",
+                        str(model),
+                        "--dtype",
+                        dtype,
+                        "--force",
+                    ],
+                    check=True,
+                    cwd=ROOT,
+                    env=device_env(state),
+                )
         (state / f"{p['name']}.ok").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
         status[p["name"]] = f"ready ({time.time() - t0:.0f}s to unpack)"
     return status
@@ -699,7 +979,9 @@ def device_env(state: Path) -> dict:
     env = dict(os.environ)
     site = state / "site"
     if site.is_dir():
-        env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(site), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
         try:
             import importlib.util
 
@@ -709,7 +991,9 @@ def device_env(state: Path) -> dict:
             roots = []
         libs = [str(p) for r in roots for p in sorted(Path(r).glob("*/lib"))]
         if libs:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                libs + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else [])
+            )
     else:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
@@ -742,18 +1026,45 @@ def device(args) -> int:
     if (not need_site or (state / "site.ok").exists()) and not driver_running(state):
         env = device_env(state)
         if need_site and not args.skip_check:
-            chk = subprocess.run([PY, "-c", "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), "
-                                  "'cuda' if mx.cuda.is_available() else 'NO CUDA')"], env=env, cwd=ROOT,
-                                 capture_output=True, text=True, timeout=120)
+            chk = subprocess.run(
+                [
+                    PY,
+                    "-c",
+                    "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device(), "
+                    "'cuda' if mx.cuda.is_available() else 'NO CUDA')",
+                ],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             log(f"device check: {(chk.stdout + chk.stderr).strip()[-400:]}")
             (state / "results").mkdir(parents=True, exist_ok=True)
             (state / "results" / "device.txt").write_text(chk.stdout + chk.stderr + nvidia_smi())
-        cmd = [PY, str(Path(__file__).resolve()), "drive", "--state", str(state), "--wait-for-inputs",
-               str(args.wait_for_inputs)] + (["--rehearsal"] if args.rehearsal else []) + \
-              (["--budget", str(args.budget)] if args.budget else [])
+        cmd = (
+            [
+                PY,
+                str(Path(__file__).resolve()),
+                "drive",
+                "--state",
+                str(state),
+                "--wait-for-inputs",
+                str(args.wait_for_inputs),
+            ]
+            + (["--rehearsal"] if args.rehearsal else [])
+            + (["--budget", str(args.budget)] if args.budget else [])
+        )
         with open(state / "driver.log", "ab") as lg:
-            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=lg, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=lg,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         started = True
         log("driver started in the background (setsid); its log: driver.log")
         time.sleep(2)
@@ -769,8 +1080,12 @@ def device(args) -> int:
 
 def nvidia_smi() -> str:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=30).stdout
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "(no nvidia-smi)\n"
 
@@ -831,13 +1146,27 @@ def bench(argv: list[str]) -> int:
     import mlx.core as mx
 
     base = Path(known.random_dir)
-    src = random_model.write_random_model(known.random, base / f"{known.random}-{known.dtype}", getattr(mx, known.dtype))
+    src = random_model.write_random_model(
+        known.random, base / f"{known.random}-{known.dtype}", getattr(mx, known.dtype)
+    )
     dst = base / f"{known.random}-{known.quantize_bits}bit"
     if not (dst / "config.json").exists():
         from qwen2_mlx.convert import cli
 
-        rc = cli.run(["--hf-path", str(src), "--mlx-path", str(dst), "-q", "--q-bits", str(known.quantize_bits),
-                      "--q-group-size", str(known.q_group_size), "--force"])
+        rc = cli.run(
+            [
+                "--hf-path",
+                str(src),
+                "--mlx-path",
+                str(dst),
+                "-q",
+                "--q-bits",
+                str(known.quantize_bits),
+                "--q-group-size",
+                str(known.q_group_size),
+                "--force",
+            ]
+        )
         if rc:
             return rc
     return compare.main(["--model", str(dst), *rest])
@@ -858,15 +1187,27 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--state", default=default_state, help="state folder (parts, site, model, results)")
         p.add_argument("--rehearsal", action="store_true", default=rehearsal_default())
         if name in ("device", "drive"):
-            p.add_argument("--wait-for-inputs", type=float, default=float(os.environ.get("GPU_RUN_INPUT_WAIT") or 900),
-                           help="seconds the driver waits for the model when only steps needing it are left")
-            p.add_argument("--budget", type=float, default=float(os.environ.get("GPU_RUN_BUDGET") or 0),
-                           help="stop starting steps after this many seconds (0: no limit)")
+            p.add_argument(
+                "--wait-for-inputs",
+                type=float,
+                default=float(os.environ.get("GPU_RUN_INPUT_WAIT") or 900),
+                help="seconds the driver waits for the model when only steps needing it are left",
+            )
+            p.add_argument(
+                "--budget",
+                type=float,
+                default=float(os.environ.get("GPU_RUN_BUDGET") or 0),
+                help="stop starting steps after this many seconds (0: no limit)",
+            )
         if name == "device":
             p.add_argument("--carry-dir", default=str(ROOT / ".carry"))
             p.add_argument("--out", default=None)
-            p.add_argument("--wait", type=float, default=float(os.environ.get("WAIT") or 0),
-                           help="seconds to wait for the driver before collecting (it stops waiting when done)")
+            p.add_argument(
+                "--wait",
+                type=float,
+                default=float(os.environ.get("WAIT") or 0),
+                help="seconds to wait for the driver before collecting (it stops waiting when done)",
+            )
             p.add_argument("--skip-check", action="store_true")
     p = sub.add_parser("prepare")
     p.add_argument("--carry-dir", default=str(ROOT / ".carry"))

@@ -20,8 +20,14 @@ SCRIPTS = ROOT / "scripts"
 
 
 def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ, GPU_RUN_REHEARSAL="1", PYTHON=sys.executable, GPU_RUN_DIR=str(tmp_path / "state"),
-               XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        GPU_RUN_REHEARSAL="1",
+        PYTHON=sys.executable,
+        GPU_RUN_DIR=str(tmp_path / "state"),
+        XDG_CACHE_HOME=str(tmp_path / "xdg"),
+        PYTHONUNBUFFERED="1",
+    )
     for name in ("GPU_RUN_ONLY", "GPU_RUN_SKIP", "NIAH_LENGTHS", "PASSKEY_LENGTHS", "OUT"):
         env.pop(name, None)
     return env
@@ -44,8 +50,14 @@ def _gpu_run():
 def test_rehearsal_runs_every_step_and_prints_the_summary(tmp_path):
     env = _env(tmp_path)
     src, carry = tmp_path / "src", tmp_path / "carry"
-    prep = subprocess.run(["bash", str(SCRIPTS / "gpu_prepare.sh")], cwd=ROOT, env=dict(env, CARRY_DIR=str(src)),
-                          capture_output=True, text=True, timeout=300)
+    prep = subprocess.run(
+        ["bash", str(SCRIPTS / "gpu_prepare.sh")],
+        cwd=ROOT,
+        env=dict(env, CARRY_DIR=str(src)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert prep.returncode == 0, prep.stderr[-3000:]
     calls = [json.loads(line) for line in prep.stdout.splitlines() if line.startswith("{")]
     assert [c["call"] for c in calls] == [1, 2, 3, 4]  # three carrying calls, then one to continue
@@ -57,9 +69,23 @@ def test_rehearsal_runs_every_step_and_prints_the_summary(tmp_path):
         for f in (src / f"call-{k}").iterdir():
             (carry / f"call-{k}" / f.name).write_bytes(f.read_bytes())
         wait = "600" if k == 3 else "0"
-        run = subprocess.run(["bash", str(SCRIPTS / "gpu_run.sh"), "--carry-dir", str(carry), "--out",
-                              str(tmp_path / f"out{k}"), "--wait", wait], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=900)
+        run = subprocess.run(
+            [
+                "bash",
+                str(SCRIPTS / "gpu_run.sh"),
+                "--carry-dir",
+                str(carry),
+                "--out",
+                str(tmp_path / f"out{k}"),
+                "--wait",
+                wait,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         assert "== issue 16 GPU run (REHEARSAL" in run.stdout
     out = tmp_path / "out3"
@@ -70,8 +96,15 @@ def test_rehearsal_runs_every_step_and_prints_the_summary(tmp_path):
     names = [s.name for s in _gpu_run().Plan(tmp_path / "state", rehearsal=True).steps()]
     steps = _steps(out)
     assert sorted(names) == sorted(steps)
-    assert {"tests", "niah-dca-1K", "niah-dca-grid", "passkey-yarn-1K", "bench-tiny-4bit", "long-64",
-            "tests-real"} <= set(steps)
+    assert {
+        "tests",
+        "niah-dca-1K",
+        "niah-dca-grid",
+        "passkey-yarn-1K",
+        "bench-tiny-4bit",
+        "long-64",
+        "tests-real",
+    } <= set(steps)
     bad = {n: r.get("tail", "")[-500:] for n, r in steps.items() if r["status"] not in ("ok", "skipped")}
     assert not bad, bad
     assert steps["bench-tiny-float32"]["summary"]["ratio"]["decode_tps"] > 0
@@ -80,9 +113,23 @@ def test_rehearsal_runs_every_step_and_prints_the_summary(tmp_path):
     assert "goals (issue 16):" in run.stdout
 
     # A rerun finds everything done: it starts no step and prints the same summary.
-    again = subprocess.run(["bash", str(SCRIPTS / "gpu_run.sh"), "--carry-dir", str(carry), "--out",
-                            str(tmp_path / "out4"), "--wait", "60"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [
+            "bash",
+            str(SCRIPTS / "gpu_run.sh"),
+            "--carry-dir",
+            str(carry),
+            "--out",
+            str(tmp_path / "out4"),
+            "--wait",
+            "60",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert _steps(tmp_path / "out4").keys() == steps.keys()
     assert "19/19 steps finished" in again.stdout
@@ -110,9 +157,25 @@ def test_prepare_cuts_payloads_into_calls_under_the_limit(tmp_path):
     a.write_bytes(os.urandom(2500))
     b.write_bytes(os.urandom(4100))
     carry = tmp_path / "carry"
-    r = subprocess.run([sys.executable, str(SCRIPTS / "gpu_run.py"), "prepare", "--carry-dir", str(carry),
-                        "--call-bytes", "3000", "--payload", f"site={a}", "--payload", f"gguf={b}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "gpu_run.py"),
+            "prepare",
+            "--carry-dir",
+            str(carry),
+            "--call-bytes",
+            "3000",
+            "--payload",
+            f"site={a}",
+            "--payload",
+            f"gguf={b}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     calls = sorted(carry.glob("call-*"))
     assert len(calls) == 3  # 6600 bytes at 3000 a call
