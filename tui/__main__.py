@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cast the weights (float32 is the fast choice on a CPU)",
     )
+    p.add_argument(
+        "--lookup", action="store_true", help="prompt-lookup speculative decoding (exact; /set lookup on|off)"
+    )
+    p.add_argument(
+        "--draft-model", type=Path, default=None, metavar="PATH", help="a draft model with the same tokenizer"
+    )
+    p.add_argument(
+        "--num-draft-tokens", type=int, default=3, metavar="N", help="tokens the draft proposes per step (default 3)"
+    )
     p.add_argument("--inline", "-i", action="store_true", help="run under the prompt instead of full screen")
     p.add_argument("--chat", type=int, default=None, metavar="ID", help="reopen a saved chat by id")
     p.add_argument("--last", action="store_true", help="reopen the most recent chat")
@@ -52,6 +61,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         "top_k": args.top_k,
         "max_tokens": args.max_tokens,
         "seed": args.seed,
+        "lookup": True if args.lookup else None,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 
@@ -138,9 +148,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"qwen2-chat: error: {problem}\n{HINT}", file=sys.stderr)
         return 2
 
+    if args.draft_model is not None:
+        problem = check_model(args.draft_model)
+        if problem:
+            print(f"qwen2-chat: error: --draft-model: {problem}", file=sys.stderr)
+            return 2
+    if args.num_draft_tokens < 1:
+        print("qwen2-chat: error: --num-draft-tokens must be at least 1", file=sys.stderr)
+        return 2
+
     from .backend import ModelBackend
 
-    backend = ModelBackend(model_path, dtype=args.dtype, overrides=long_context_overrides(args, parser))
+    draft = {"draft_path": args.draft_model, "num_draft_tokens": args.num_draft_tokens}
+    backend = ModelBackend(model_path, dtype=args.dtype, overrides=long_context_overrides(args, parser), **draft)
     settings = settings_from(args)
     if one_shot:
         return run_once(backend, text, args.system, settings)
@@ -163,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         chat_id=chat_id,
         default_system=args.system,
         default_settings=settings,
-        backend_factory=lambda path: ModelBackend(path, dtype=args.dtype, overrides=backend.overrides),
+        backend_factory=lambda path: ModelBackend(path, dtype=args.dtype, overrides=backend.overrides, **draft),
     )
     code = app.run(inline=args.inline)
     store.close()

@@ -23,7 +23,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "seed": None,
     "context_policy": "refuse",
 }
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "lookup")
 
 
 class Backend(Protocol):
@@ -78,8 +78,18 @@ class ModelBackend:
     rebuilds the Chat's history and Chat's prefix diff reuses what the cache still shares.
     """
 
-    def __init__(self, path: Path, dtype: Optional[str] = None, overrides: Optional[dict] = None):
+    def __init__(
+        self,
+        path: Path,
+        dtype: Optional[str] = None,
+        overrides: Optional[dict] = None,
+        draft_path: Optional[Path] = None,
+        num_draft_tokens: int = 3,
+    ):
         self.path = Path(path)
+        self.draft_path = Path(draft_path) if draft_path else None  # a draft model for speculative decoding
+        self.num_draft_tokens = num_draft_tokens
+        self.draft_model = None
         self.name = model_label(self.path)
         self.dtype = dtype
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}  # dca=, rope_scaling=
@@ -114,8 +124,24 @@ class ModelBackend:
                 progress(done / total, f"loading weights {done / 1e9:.2f}/{total / 1e9:.2f} GB")
         mx.eval(batch)
         progress(1.0, f"loaded {total / 1e9:.2f} GB")
+        if self.draft_path is not None:
+            self.draft_model = self._load_draft(model, tokenizer, dtype, progress)
         self.model, self.tokenizer = model, tokenizer
         self.context_limit = context_limit(model)
+
+    def _load_draft(self, model, tokenizer, dtype, progress):
+        """The draft model, refused in one line unless it shares the model's tokenizer."""
+        import mlx.core as mx
+
+        from qwen2_mlx import load
+        from qwen2_mlx.generation.proposers import check_draft, check_draft_tokenizer
+
+        progress(1.0, f"reading the draft model {self.draft_path}")
+        draft, draft_tokenizer = load(self.draft_path, dtype=dtype)
+        check_draft_tokenizer(tokenizer, draft_tokenizer)
+        check_draft(model, draft, len(tokenizer._tokenizer))
+        mx.eval(draft.parameters())
+        return draft
 
     def generate(self, history, system, settings, cancel):
         prefix, last = history[:-1], history[-1]
@@ -153,7 +179,14 @@ class ModelBackend:
 
         policy = settings.get("context_policy") or "refuse"
         if self.chat is None:
-            self.chat = Chat(self.model, self.tokenizer, system=system, context_policy=policy)
+            self.chat = Chat(
+                self.model,
+                self.tokenizer,
+                system=system,
+                context_policy=policy,
+                draft_model=self.draft_model,
+                num_draft_tokens=self.num_draft_tokens,
+            )
         self.chat.context_policy = policy
         self.chat.system = system
         return self.chat

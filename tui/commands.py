@@ -34,7 +34,9 @@ ALIASES = {
     "num_predict": "max_tokens",
     "context": "context_policy",
     "context_policy": "context_policy",
+    "lookup": "lookup",
 }
+SWITCH = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
 POLICIES = ("refuse", "drop_oldest")
 
 
@@ -54,8 +56,12 @@ def parse_setting(key: str, raw: str) -> tuple[str, Any]:
     """Validate one sampling setting; returns (canonical key, value)."""
     name = ALIASES.get(key.lower())
     if name is None:
-        raise CommandError(f"unknown setting {key!r}: use temp, top_p, top_k, min_p, rep, seed, max or context")
+        raise CommandError(f"unknown setting {key!r}: use temp, top_p, top_k, min_p, rep, seed, max, context or lookup")
     raw = raw.strip()
+    if name == "lookup":  # prompt-lookup speculative decoding, exact: only the speed changes
+        if raw.lower() not in SWITCH:
+            raise CommandError(f"lookup must be on or off, not {raw!r}")
+        return name, SWITCH[raw.lower()]
     if name == "context_policy":
         if raw not in POLICIES:
             raise CommandError(f"context must be one of {', '.join(POLICIES)}, not {raw!r}")

@@ -27,6 +27,9 @@ class FakeResponse:
     peak_memory: float
     time_to_first_token: float
     finish_reason: Optional[str] = None
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    forward_passes: int = 0
 
 
 def split_tokens(text: str) -> list[str]:
@@ -111,7 +114,9 @@ class FakeBackend:
                 self.prefill_progress(done, prompt)
 
         def resp(text, reason=None):
-            return FakeResponse(text, n, prompt, 120.0, n, 30.0, 0.5, 0.25, reason)
+            # With lookup on, fixed figures as if every other token had been a kept proposal.
+            spec = (n, n // 2, n - n // 2) if settings.get("lookup") else (0, 0, 0)
+            return FakeResponse(text, n, prompt, 120.0, n, 30.0, 0.5, 0.25, reason, *spec)
 
         for tok in tokens:
             if cancel.is_set():

@@ -123,7 +123,9 @@ COMMANDS: dict[str, SlashCommand] = {
         "/system [text]", "show or set this chat's system prompt (/system off removes it)", system_prompt
     ),
     "set": SlashCommand(
-        "/set KEY VALUE", "temp, top_p, top_k, min_p, rep (repetition penalty), seed, max, context", set_setting
+        "/set KEY VALUE",
+        "temp, top_p, top_k, min_p, rep (repetition penalty), seed, max, context, lookup on|off",
+        set_setting,
     ),
     # parse() reads `/max N` as `/set max N`; this entry is its line in /help.
     "max": SlashCommand(

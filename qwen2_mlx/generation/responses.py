@@ -73,7 +73,7 @@ class GenerationStats:
     def from_response(cls, r: Optional[GenerationResponse]) -> GenerationStats:
         if r is None:
             return cls()
-        return cls(**{f.name: getattr(r, f.name) for f in fields(cls)})
+        return cls(**{f.name: getattr(r, f.name, f.default) for f in fields(cls)})
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> GenerationStats:

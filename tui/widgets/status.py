@@ -27,14 +27,18 @@ class StatusBar(Horizontal):
         self.set_state(f"Loading model {bar(fraction)} {fraction:4.0%}  {text}")
 
     def set_stats(self, stats) -> None:
-        """Time to first token, prompt and generation speed, peak memory (fields of engine.Stats)."""
+        """Time to first token, prompt and generation speed, peak memory (fields of engine.Stats); with
+        speculative decoding, the share of proposed tokens accepted and tokens per forward pass."""
         if stats is None or not stats.generation_tokens:
             self.query_one("#status-stats", Label).update("")
             return
-        self.query_one("#status-stats", Label).update(
+        text = (
             f"TTFT {stats.time_to_first_token:.2f}s · prompt {stats.prompt_tps:.0f} t/s · "
             f"gen {stats.generation_tps:.1f} t/s · {stats.peak_memory:.2f} GB"
         )
+        if getattr(stats, "forward_passes", 0):  # speculative decoding ran: how well it guessed
+            text += f" · accept {stats.acceptance_rate:.0%} · {stats.tokens_per_forward:.1f} t/fwd"
+        self.query_one("#status-stats", Label).update(text)
 
     def set_context(self, used: int, limit: int) -> None:
         label = self.query_one("#status-context", Label)
