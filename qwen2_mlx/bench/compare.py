@@ -45,7 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--random-dir", help="where --random writes its folder (default: ~/.cache/qwen2-mlx/random)")
     ap.add_argument("--compare-mlx-lm", action="store_true", help="also run mlx-lm on the same folder")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
-    ap.add_argument("--gen-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    ap.add_argument(
+        "--gen-tokens",
+        type=int,
+        default=None,
+        help="tokens to generate (default 64; with --lookup/--draft-model: per task)",
+    )
     ap.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -56,7 +61,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=3, help="timed runs per library (default 3)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     ap.add_argument("--json", metavar="FILE", help="also write all figures to FILE as JSON")
+    spec = ap.add_argument_group("speculative decoding (bench/speculative.py: the task set, plain against speculative)")
+    spec.add_argument("--lookup", action="store_true", help="prompt lookup against plain decoding on the task set")
+    spec.add_argument("--draft-model", metavar="PATH", help="a draft model against plain decoding on the task set")
+    spec.add_argument("--num-draft-tokens", type=int, default=3, help="tokens the draft proposes per step (default 3)")
+    spec.add_argument("--tasks-file", metavar="FILE", help="another task set (default: bench/tasks/speculative.json)")
+    spec.add_argument("--task", action="append", metavar="NAME", help="run only this task (repeatable)")
     args = ap.parse_args(argv)
+    speculative = args.lookup or args.draft_model
+    if speculative:
+        if args.lookup and args.draft_model:
+            ap.error("choose --lookup or --draft-model, not both")
+        if not args.model:
+            ap.error("--lookup and --draft-model need --model (a real tokenizer for the task set)")
+        if args.num_draft_tokens < 1:
+            ap.error("--num-draft-tokens must be at least 1")
+        if args.gen_tokens is not None and args.gen_tokens < 1:
+            ap.error("--gen-tokens must be at least 1")
+        if args.runs < 1:
+            ap.error("--runs must be at least 1")
+        return args
+    if args.gen_tokens is None:
+        args.gen_tokens = 64
     for name in ("prompt_tokens", "gen_tokens", "runs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -393,15 +419,24 @@ def main(argv: Optional[list] = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.draft_model and not Path(args.draft_model).expanduser().is_dir():
+        print(f"error: {args.draft_model}: no such model folder", file=sys.stderr)
+        return 2
+    from . import speculative
+
     try:
-        res = run_benchmark(args)
+        if args.lookup or args.draft_model:
+            speculative.load_tasks(args.tasks_file, args.task)  # a bad task file stops us before loading
+            res = speculative.run(args, log)
+        else:
+            res = run_benchmark(args)
     except (ValueError, OSError) as e:  # bad folders (ModelLoadError, ConfigError) and unwritable paths
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:  # the figures first, then the table made from them
         write_json(args.json, res)
         log(f"figures written to {args.json}")
-    print(report(res))
+    print(speculative.report(res) if "by_kind" in res else report(res))
     return 0
 
 
