@@ -12,10 +12,12 @@ are printed next to them.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
+from qwen2_mlx.cli.args import DTYPE_NAMES, mlx_dtype
 from qwen2_mlx.loading.paths import default_model_path
 
 
@@ -24,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None, help=f"MLX model folder (default {default_model_path()})")
     p.add_argument("--chunk-size", type=int, default=1024, help="DCA chunk_size for the real-model runs")
     p.add_argument("--local-size", type=int, default=256, help="DCA local_size for the real-model runs")
+    p.add_argument(
+        "--lengths",
+        type=str,
+        default=None,
+        help="comma-separated context lengths for the real-model runs (default: 1, 2 and 4 chunks)",
+    )
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="weights and activations (default float32)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure to FILE as JSON")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--prefill-step-size", type=int, default=2048, help="tokens per prefill step (default 2048)")
     p.add_argument(
@@ -51,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py)
     if not 0 < a.local_size < a.chunk_size or not 0 < a.memory_local_size < a.memory_chunk_size:
         p.error("local size must be between 1 and chunk size - 1")
-    try:
-        lengths = [int(x) for x in a.memory_lengths.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--memory-lengths: expected comma-separated whole numbers, got {a.memory_lengths!r}")
+    lengths = _lengths(p, "--memory-lengths", a.memory_lengths)
+    real_lengths = _lengths(p, "--lengths", a.lengths) if a.lengths is not None else None
+    if a.json is not None and not a.json.parent.is_dir():
+        p.error(f"--json: the folder {a.json.parent} does not exist")
     from qwen2_mlx.bench import long_runs
     from qwen2_mlx.loading.loader import ModelLoadError
     from qwen2_mlx.models.config import ConfigError, ModelArgs
@@ -63,19 +73,43 @@ def main(argv: list[str] | None = None) -> int:
         long_runs.clock = time.process_time
     path = a.model or default_model_path()
     real_args = None
+    figures = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
     try:
         if not a.skip_real:
             real_args = ModelArgs.from_file(Path(path) / "config.json")
-            long_runs.bench_real(
-                Path(path), a.chunk_size, a.local_size, a.decode_tokens, a.prefill_step_size, a.random_weights
+            figures["speed"] = long_runs.bench_real(
+                Path(path),
+                a.chunk_size,
+                a.local_size,
+                a.decode_tokens,
+                a.prefill_step_size,
+                a.random_weights,
+                real_lengths,
+                mlx_dtype(a.dtype),
             )
         elif a.model is not None:
             real_args = ModelArgs.from_file(Path(path) / "config.json")
     except (ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    long_runs.bench_memory(real_args, lengths, a.memory_chunk_size, a.memory_local_size, a.prefill_step_size)
+    figures["memory"] = long_runs.bench_memory(
+        real_args, lengths, a.memory_chunk_size, a.memory_local_size, a.prefill_step_size
+    )
+    if a.json is not None:
+        tmp = a.json.with_name(a.json.name + ".tmp")
+        tmp.write_text(json.dumps(figures, indent=1))
+        tmp.replace(a.json)  # never a half-written file
     return 0
+
+
+def _lengths(parser: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 2:
+        parser.error(f"{flag}: expected comma-separated whole numbers of at least 2, got {text!r}")
+    return values
 
 
 if __name__ == "__main__":

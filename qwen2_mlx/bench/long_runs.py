@@ -62,15 +62,27 @@ def decode(model: Model, cache: list, first: int, n: int) -> float:
     return 1.0 / float(np.median(times))
 
 
-def bench_real(path: Path, chunk: int, local: int, n_decode: int, step: int, random_weights: bool = False) -> None:
+def bench_real(
+    path: Path,
+    chunk: int,
+    local: int,
+    n_decode: int,
+    step: int,
+    random_weights: bool = False,
+    lengths: list[int] | None = None,
+    dtype: mx.Dtype = mx.float32,
+) -> list[dict]:
+    """Decode and prefill speed of DCA against plain attention at `lengths` (default 1, 2 and 4 chunks)."""
+    dtype_name = str(dtype).split(".")[-1]
     if random_weights:  # same shapes, hence same speed; for machines the weights cannot be copied to
-        log(f"random float32 weights with the shapes of {path}/config.json")
+        log(f"random {dtype_name} weights with the shapes of {path}/config.json")
         mx.random.seed(0)
         plain = Model(replace(ModelArgs.from_file(path / "config.json"), quantization=None))
+        plain.set_dtype(dtype)
         mx.eval(plain.parameters())
     else:
-        log(f"loading {path} in float32")
-        plain = load_model(path, dtype=mx.float32)
+        log(f"loading {path} in {dtype_name}")
+        plain = load_model(path, dtype=dtype)
     plain = twin(plain, None)
     dca = twin(plain, DCAConfig(chunk, local, 0))
     rng = np.random.default_rng(0)
@@ -79,7 +91,7 @@ def bench_real(path: Path, chunk: int, local: int, n_decode: int, step: int, ran
     for m in (plain, dca):  # first-call costs (allocation, kernels) out of the timed runs
         prefill(m, warm, step)
     print(
-        f"model {path} (float32{', random weights' if random_weights else ''}) on {mx.default_device()}, "
+        f"model {path} ({dtype_name}{', random weights' if random_weights else ''}) on {mx.default_device()}, "
         f"DCA chunk_size {chunk}, local_size {local} (period {chunk - local}); prefill step {step}, "
         f"{n_decode} decode tokens; {'CPU' if clock is time.process_time else 'wall'} time"
     )
@@ -87,11 +99,12 @@ def bench_real(path: Path, chunk: int, local: int, n_decode: int, step: int, ran
         f"{'context':>8} | {'decode plain':>12} {'decode DCA':>11} {'ratio':>6} | "
         f"{'prefill plain':>13} {'prefill DCA':>12} {'ratio':>6}"
     )
-    for n_chunks in (1, 2, 4):
-        L = n_chunks * chunk
+    rows = []
+    for i, L in enumerate(lengths or [n * chunk for n in (1, 2, 4)]):
         toks = mx.array(rng.integers(0, min(vocab, 150000), L), dtype=mx.uint32)
-        row = {}
-        order = (("plain", plain), ("dca", dca)) if n_chunks != 2 else (("dca", dca), ("plain", plain))
+        row = {"context": L}
+        # Alternate which path goes first, so a machine that slows down over time hits both alike.
+        order = (("plain", plain), ("dca", dca)) if i % 2 == 0 else (("dca", dca), ("plain", plain))
         for name, m in order:
             log(f"{name}: prefill {L} tokens")
             cache, secs = prefill(m, toks, step)
@@ -106,7 +119,9 @@ def bench_real(path: Path, chunk: int, local: int, n_decode: int, step: int, ran
             f"{row['prefill dca']:>10.1f}/s {row['prefill dca'] / row['prefill plain']:>6.2f}",
             flush=True,
         )
+        rows.append(row)
     print("goals: decode DCA/plain >= 0.8 at each length; prefill DCA/plain >= 0.7 at 4 chunks")
+    return rows
 
 
 def small_model(args: ModelArgs | None) -> Model:
@@ -134,7 +149,8 @@ def small_model(args: ModelArgs | None) -> Model:
     return m
 
 
-def bench_memory(args: ModelArgs | None, lengths: list[int], chunk: int, local: int, step: int) -> None:
+def bench_memory(args: ModelArgs | None, lengths: list[int], chunk: int, local: int, step: int) -> list[dict]:
+    """Peak memory (MB above the weights) of a prefill, plain against DCA, on a small random model."""
     plain = small_model(args)
     dca = twin(plain, DCAConfig(chunk, local, 0))
     a = plain.args
@@ -146,9 +162,10 @@ def bench_memory(args: ModelArgs | None, lengths: list[int], chunk: int, local: 
     print(f"{'tokens':>8} | {'plain peak':>10} {'DCA peak':>10} | {'KV cache':>9}  (MB; peak above weights)")
     weights = sum(v.nbytes for _, v in tree_flatten(plain.parameters()))
     rng = np.random.default_rng(1)
+    rows = []
     for L in lengths:
         toks = mx.array(rng.integers(0, a.vocab_size, L), dtype=mx.uint32)
-        row = {}
+        row = {"tokens": L}
         for name, m in (("plain", plain), ("dca", dca)):
             mx.clear_cache()
             mx.reset_peak_memory()
@@ -157,5 +174,8 @@ def bench_memory(args: ModelArgs | None, lengths: list[int], chunk: int, local: 
             row[name] = (mx.get_peak_memory() - weights) / 2**20
             kv = sum(c.keys[..., : c.offset, :].nbytes + c.values[..., : c.offset, :].nbytes for c in cache) / 2**20
             del cache
+        row["kv_cache"] = kv
         print(f"{L:>8} | {row['plain']:>10.0f} {row['dca']:>10.0f} | {kv:>9.0f}", flush=True)
+        rows.append(row)
     print("goal: DCA peak grows linearly with the length (no L x L term)")
+    return rows
