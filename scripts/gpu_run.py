@@ -340,8 +340,8 @@ class Plan:
                     argv += ["--quantize-bits", str(bits)] + (["--q-group-size", "32"] if self.rehearsal else [])
                 timeout = {"qwen2-7b": 300}.get(p, 180) + (120 if bits else 0)
                 steps.append(Step(f"bench-{p}-{tag}", "bench", argv, self.t(timeout), meta={"preset": p, "tag": tag}))
-        # (d) DCA against plain at 1, 2 and 4 chunks (random weights of the real model's shapes, float32:
-        # bench.long has no dtype option), then peak memory of a long prefill on a small model.
+        # (d) DCA against plain at 1, 2 and 4 chunks (random weights of the real model's shapes, bfloat16
+        # as the model runs on a GPU; float32 in the rehearsal), then peak memory of a long prefill.
         for i, c in enumerate(self.long_chunks):
             local = max(1, c // 8)
             mem = self.memory_lengths if i == len(self.long_chunks) - 1 else ""
@@ -360,6 +360,10 @@ class Plan:
                         str(c),
                         "--local-size",
                         str(local),
+                        "--dtype",
+                        "float32" if self.rehearsal else "bfloat16",
+                        "--json",
+                        str(r / f"long-{_k(c)}.json"),
                         "--decode-tokens",
                         "8" if self.rehearsal else "32",
                         "--prefill-step-size",
