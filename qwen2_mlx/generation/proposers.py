@@ -163,8 +163,11 @@ class DraftProposer:
         self.cache = cache
         self.distribution = distribution  # None: greedy proposals; else they are sampled from it
 
-    def propose(self, pending: list[int], k: int) -> tuple[list[int], Optional[mx.array]]:
-        """`k` proposals and, when sampling, the (k, vocab) distributions they were drawn from."""
+    def propose(self, pending: list[int], k: int) -> tuple[mx.array, Optional[mx.array]]:
+        """`k` proposals and, when sampling, the (k, vocab) distributions they were drawn from.
+
+        Both stay lazy: the verify forward is queued behind the draft's without a round trip to Python.
+        """
         tokens, dists, inp = [], [], mx.array(pending, dtype=mx.uint32)
         for _ in range(k):
             logits = self.model(inp[None], cache=self.cache)[0, -1:]
@@ -179,7 +182,4 @@ class DraftProposer:
             mx.async_eval(y)
             tokens.append(y)
             inp = y
-        if not tokens:
-            return [], None
-        out = mx.concatenate(tokens).tolist()
-        return out, (mx.concatenate(dists) if dists else None)
+        return mx.concatenate(tokens), (mx.concatenate(dists) if dists else None)

@@ -104,24 +104,28 @@ class _Verifier:
             kept = inputs[:n]
             self.history = kept if self.history is None else mx.concatenate([self.history, kept])
 
-    def accept(self, logprobs: mx.array, proposals: list[int], q: Optional[mx.array]) -> tuple[int, int]:
-        k = len(proposals)
+    def accept(self, logprobs: mx.array, idx: mx.array, q: Optional[mx.array]) -> tuple[int, int, list[int]]:
+        """(accepted count, the model's next token, the proposals as ints) from one evaluation."""
+        k = idx.size
         if self.greedy or (self.distribution is None and self.sampler is None):
-            targets = mx.argmax(logprobs, axis=-1).tolist()
-            return _agree(targets, proposals)
+            targets = mx.argmax(logprobs, axis=-1)
+            mx.eval(targets, idx)
+            return _agree(targets.tolist(), idx.tolist())
         if self.distribution is None:  # a custom sampler: sample each position, keep proposals it matches
-            targets = mx.concatenate([self.sampler(logprobs[i : i + 1]).reshape(-1) for i in range(k + 1)]).tolist()
-            return _agree(targets, proposals)
+            targets = mx.concatenate([self.sampler(logprobs[i : i + 1]).reshape(-1) for i in range(k + 1)])
+            mx.eval(targets, idx)
+            return _agree(targets.tolist(), idx.tolist())
         p = self.distribution(logprobs)  # (k+1, V)
         if k == 0:
-            return 0, mx.random.categorical(mx.log(p[0])).item()
-        idx = mx.array(proposals)
+            return 0, mx.random.categorical(mx.log(p[0])).item(), []
         p_d = mx.take_along_axis(p[:k], idx[:, None], axis=-1)[:, 0]
         q_d = mx.ones(k) if q is None else mx.take_along_axis(q, idx[:, None], axis=-1)[:, 0]
-        ok = (mx.random.uniform(shape=(k,)) < mx.minimum(p_d / q_d, 1.0)).tolist()
-        a = next((i for i, good in enumerate(ok) if not good), k)
+        ok = mx.random.uniform(shape=(k,)) < mx.minimum(p_d / q_d, 1.0)
+        mx.eval(ok, idx)
+        proposals = idx.tolist()
+        a = next((i for i, good in enumerate(ok.tolist()) if not good), k)
         if a == k:
-            return k, mx.random.categorical(mx.log(p[k])).item()
+            return k, mx.random.categorical(mx.log(p[k])).item(), proposals
         if q is None:  # one-hot q: the residual is p without the rejected token
             residual = p[a] * (mx.arange(p.shape[-1]) != proposals[a])
         else:
@@ -129,14 +133,14 @@ class _Verifier:
             if qa.shape[-1] < p.shape[-1]:  # a draft with a smaller (padded) embedding
                 qa = mx.concatenate([qa, mx.zeros(p.shape[-1] - qa.shape[-1], qa.dtype)])
             residual = mx.maximum(p[a] - qa, 0.0)
-        return a, mx.random.categorical(mx.log(residual)).item()
+        return a, mx.random.categorical(mx.log(residual)).item(), proposals
 
 
-def _agree(targets: list[int], proposals: list[int]) -> tuple[int, int]:
+def _agree(targets: list[int], proposals: list[int]) -> tuple[int, int, list[int]]:
     a = 0
     while a < len(proposals) and proposals[a] == targets[a]:
         a += 1
-    return a, targets[a]
+    return a, targets[a], proposals
 
 
 def speculative_generate_step(
@@ -189,20 +193,18 @@ def speculative_generate_step(
             if room is None or room > 0:
                 k = adaptive.next() if adaptive is not None else num_draft_tokens
                 k = k if room is None else min(k, room)
-            q = None
+            q, y = None, mx.array(seq[-1:], dtype=mx.uint32)
             if k and index is not None:
-                proposals = index.propose(k)
+                idx = mx.array(index.propose(k), dtype=mx.uint32)
             elif k and drafter is not None:
-                pending = seq[draft_cache[0].offset - origin :]
-                proposals, q = drafter.propose(pending, k)
+                idx, q = drafter.propose(seq[draft_cache[0].offset - origin :], k)
             else:
-                proposals = []
-            k = len(proposals)
-            y = seq[-1]
-            inputs = mx.array([y] + proposals, dtype=mx.uint32)
+                idx = mx.array([], dtype=mx.uint32)
+            k = idx.size
+            inputs = mx.concatenate([y, idx]) if k else y
             logits = model(inputs[None], cache=cache)[0]
             logprobs = verifier.logprobs(logits, inputs)
-            a, token = verifier.accept(logprobs, proposals, q)
+            a, token, proposals = verifier.accept(logprobs, idx, q)
             stats.forwards += 1
             stats.proposed += k
             if adaptive is not None:
