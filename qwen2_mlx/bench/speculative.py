@@ -106,14 +106,19 @@ def run(args, log) -> dict:
         n = args.gen_tokens or t.get("max_tokens", 128)
         runs: dict = {"plain": [], method: [], "mlx_lm_draft": []}
         _ours(model, tokenizer, prompt, 4)  # warm-up for this prompt length
-        for _ in range(args.runs):
-            runs["plain"].append(_ours(model, tokenizer, prompt, n))
-            runs[method].append(_ours(model, tokenizer, prompt, n, **spec))
-            if theirs is not None:
-                their_model, their_draft, their_tok = theirs
-                runs["mlx_lm_draft"].append(
-                    _mlx_lm(their_model, their_tok, prompt, n, their_draft, args.num_draft_tokens)
-                )
+        jobs = [
+            ("plain", _ours, (model, tokenizer, prompt, n), {}),
+            (method, _ours, (model, tokenizer, prompt, n), spec),
+        ]
+        if theirs is not None:
+            their_model, their_draft, their_tok = theirs
+            their_args = (their_model, their_tok, prompt, n, their_draft, args.num_draft_tokens)
+            jobs.append(("mlx_lm_draft", _mlx_lm, their_args, {}))
+        for r in range(args.runs):
+            # The order turns from run to run and task to task: whichever runs first is not always favoured.
+            shift = (r + len(rows)) % len(jobs)
+            for name, fn, fn_args, kw in jobs[shift:] + jobs[:shift]:
+                runs[name].append(fn(*fn_args, **kw))
         row = {
             "name": t["name"],
             "kind": t["kind"],
