@@ -39,6 +39,7 @@ _EXPORTS = {
     "can_trim_prompt_cache": "qwen2_mlx.generation.prompt_cache",
     "PromptCacheError": "qwen2_mlx.generation.prompt_cache",
     "display_stream": "qwen2_mlx.generation.notebook",
+    "LookupSettings": "qwen2_mlx.generation.proposers",
     "default_model_path": "qwen2_mlx.loading.paths",
 }
 __all__ = list(_EXPORTS)
@@ -80,6 +81,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as plain imports
         save_prompt_cache,
         trim_prompt_cache,
     )
+    from qwen2_mlx.generation.proposers import LookupSettings
     from qwen2_mlx.loading.loader import ModelLoadError, load
     from qwen2_mlx.loading.paths import default_model_path
     from qwen2_mlx.models.config import ConfigError, DCAConfig, ModelArgs
