@@ -214,3 +214,30 @@ def test_loading_holds_at_most_one_layer_twice(tmp_path):
     loaded = load_model(tmp_path)
     assert loaded.layers[0].self_attn._qkv.layer is not None
     assert mx.get_peak_memory() - before <= total + 2 * layer, (mx.get_peak_memory() - before, total, layer)
+
+
+def test_a_twin_shares_the_stacks_and_restacks_alone(tmp_path):
+    """A model built on another's tensors (other long-context settings) shares its stacks, no second copy."""
+    from dataclasses import replace
+
+    from qwen2_mlx.models.config import DCAConfig
+    from qwen2_mlx.models.model import Model
+    from qwen2_mlx.models.stacked import share_stacks
+
+    path, _ = make_checkpoint(tmp_path / "m", DENSE)
+    model, _ = qwen2_mlx.load(path)
+    twin = Model(replace(model.args, dual_chunk_attention_config=DCAConfig(64, 16, 0)))
+    twin.update(model.parameters())
+    share_stacks(model, twin)
+    out = twin(PROMPT[None])  # shorter than a chunk: DCA is plain attention, so the outputs agree
+    mx.eval(out)
+    # The same stacked tensors, not a copy (a copy would be another layer object).
+    assert twin.layers[0].self_attn._qkv.layer is model.layers[0].self_attn._qkv.layer
+    assert twin.layers[0].mlp._gate_up.layer is model.layers[0].mlp._gate_up.layer
+    assert same(out, model(PROMPT[None]))
+    # New weights in the twin restack the twin only.
+    twin.load_weights([(k, v * 0.5) for k, v in tree_flatten(twin.parameters()) if "self_attn" in k], strict=False)
+    assert not same(twin(PROMPT[None]), model(PROMPT[None]))
+    assert twin.layers[0].self_attn._qkv.layer is not model.layers[0].self_attn._qkv.layer
+    x = mx.random.normal((1, 5, model.args.hidden_size), key=mx.random.key(5))
+    assert same(model.layers[0].self_attn(x, "causal"), unfused_attention(model.layers[0].self_attn, x))

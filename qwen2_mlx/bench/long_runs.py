@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 from qwen2_mlx.loading.loader import load_model
 from qwen2_mlx.models.config import DCAConfig, ModelArgs
 from qwen2_mlx.models.model import Model
+from qwen2_mlx.models.stacked import share_stacks
 
 # Wall-clock seconds by default; `--cpu-time` counts this process's CPU seconds instead, which a
 # CPU-only machine shared with other jobs inflates far less (GPU work is not counted by it).
@@ -28,6 +29,7 @@ def twin(model: Model, dca: DCAConfig | None) -> Model:
     """The same weights (shared, not copied) under other long-context settings."""
     other = Model(replace(model.args, dual_chunk_attention_config=dca))
     other.update(model.parameters())
+    share_stacks(model, other)
     other.eval()
     return other
 

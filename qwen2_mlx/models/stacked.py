@@ -80,3 +80,17 @@ class StackedProjections:
         if self.layer is None:
             return mx.concatenate([m(x) for m in mods], axis=-1)
         return self.layer(x)
+
+
+def share_stacks(source: nn.Module, target: nn.Module) -> None:
+    """Let `target`, given `source`'s tensors (`target.update(source.parameters())`), use its stacks too.
+
+    Without this `target` would stack a copy of the same weights at its first forward (a model under other
+    long-context settings, as the benchmarks build, would hold q/k/v and gate/up twice).
+    """
+    for (_, a), (_, b) in zip(source.named_modules(), target.named_modules()):
+        for name in ("_qkv", "_gate_up"):
+            stack = getattr(a, name, None)
+            if isinstance(stack, StackedProjections) and isinstance(getattr(b, name, None), StackedProjections):
+                shared = copy.copy(stack)  # same stacked layer and views; each model may restack on its own
+                setattr(b, name, shared)
