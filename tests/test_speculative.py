@@ -318,3 +318,13 @@ def test_sampled_distribution_is_the_models(mt, near, method):
     assert tv(plain, exact) < TOLERANCE  # the tolerance holds for plain sampling too
     print(f"{method}: TV(speculative, exact) = {tv(got, exact):.3f}, TV(plain, exact) = {tv(plain, exact):.3f}")
     assert tv(got, exact) < TOLERANCE, (tv(got, exact), tv(plain, exact))
+
+
+def test_yarn_model(tmp_path_factory):
+    _, _, path = tiny_model(tmp_path_factory)
+    model, tok = load(path, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    expected, _ = tokens(model, tok, max_tokens=40)
+    got, _ = tokens(model, tok, max_tokens=40, lookup=True, context_tokens=oracle(tok, expected))
+    assert got == expected
+    got, _ = tokens(model, tok, max_tokens=40, draft_model=model, num_draft_tokens=4)
+    assert got == expected

@@ -152,3 +152,15 @@ def test_real_model_chat_three_turns_with_regenerate(request):
         assert got == want, kw
         assert chat.messages == plain.messages
         assert_cache_consistent(chat)
+
+
+def test_saved_chat_gets_a_draft_after_loading(mt, tmp_path):
+    model, tok = mt
+    plain = Chat(model, tok)
+    plain.send("Hello, how are you?", max_tokens=12)
+    plain.save(tmp_path / "c.json", include_cache=True)
+    chat = Chat.load(tmp_path / "c.json", model, tok)
+    chat.draft_model = model  # the draft's cache is built from the cached tokens on the next turn
+    assert chat.send("The quick brown fox", max_tokens=16) == plain.send("The quick brown fox", max_tokens=16)
+    assert chat.last_reply.stats.accepted_tokens > 0
+    assert_cache_is_plain(chat)
