@@ -213,6 +213,31 @@ def test_dca_model_past_one_chunk(tmp_path_factory):
     assert got == expected
 
 
+def test_dca_temperature_of_a_verify_step_is_each_tokens_own(tmp_path_factory):
+    """Past original_max_position_embeddings a verify step of k tokens equals k single decode steps."""
+    from qwen2_mlx.models.dca import dca_temperature
+
+    _, _, path = tiny_model(tmp_path_factory)
+    L0 = 24
+    model, tok = load(path, dca={"chunk_size": 16, "local_size": 4, "original_max_position_embeddings": L0})
+    prompt = ids(tok)
+    extra = [5, 9, 13, 2, 7]
+    assert dca_temperature(len(prompt) + len(extra), L0) > dca_temperature(len(prompt) + 1, L0) > 1.0
+    caches = [make_prompt_cache(model) for _ in range(2)]
+    for c in caches:
+        for layer in c:
+            layer.length_hint = len(prompt)  # as generate_step sets it for the prompt
+        model(mx.array(prompt)[None], cache=c)
+    together = model(mx.array(extra)[None], cache=caches[0])[0]
+    alone = mx.concatenate([model(mx.array([[t]]), cache=caches[1])[0] for t in extra])
+    assert mx.allclose(together, alone, atol=1e-4, rtol=1e-4).item()
+    for a, b in zip(caches[0], caches[1]):
+        assert mx.allclose(a.keys[..., : a.offset, :], b.keys[..., : b.offset, :], atol=1e-5).item()
+    expected, _ = tokens(model, tok, max_tokens=30)
+    got, _ = tokens(model, tok, max_tokens=30, lookup=True, context_tokens=oracle(tok, expected))
+    assert got == expected
+
+
 # --- bad input ------------------------------------------------------------------------------------
 def test_bad_settings_are_refused_in_one_line(mt, tmp_path_factory):
     model, tok = mt

@@ -82,13 +82,20 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         total = offset + L
         # vLLM's temperature: keys keep the factor of their write time, queries use the current one.
-        temp = dca_temperature(max(total, getattr(cache, "length_hint", 0)), geom.original_max_position_embeddings)
+        hint = getattr(cache, "length_hint", 0)
+        temp = dca_temperature(max(total, hint), geom.original_max_position_embeddings)
         k = rotate_keys(self.rope, k, offset, geom)
-        if temp != 1.0:
+        scale = self.scale * temp
+        if L > 1 and 0 < hint <= offset and temp != 1.0:
+            # Several tokens past the prompt (a speculative verify step): each gets the factor it would
+            # have had decoded alone, on its key and (folded into q) its query (docs/long-context.md §5).
+            orig = geom.original_max_position_embeddings
+            temps = mx.array([dca_temperature(offset + i + 1, orig) for i in range(L)], dtype=k.dtype)[:, None]
+            k, q, scale = k * temps, q * temps, self.scale
+        elif temp != 1.0:
             k = k * temp
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        scale = self.scale * temp
         if total <= geom.period or (L > 1 and total <= geom.plain_limit):
             # DCA equals plain attention here; decode past c is cheaper on the DCA path than re-rotating.
             q = self.rope(q, offset=offset)
