@@ -68,3 +68,12 @@ def test_bench_long_bad_arguments_fail_before_any_work(tmp_path, capsys):
             main(["--model", str(tmp_path / "missing"), *bad])
         assert e.value.code == 2
         assert bad[0] in capsys.readouterr().err
+
+
+def test_bench_long_without_memory_runs(tmp_path, capsys):
+    """An empty --memory-lengths (the GPU run's first chunk size) skips the memory table, nothing else."""
+    path, _ = make_checkpoint(tmp_path / "tiny", DENSE)
+    args = ["--model", str(path), "--chunk-size", "16", "--local-size", "4", "--decode-tokens", "2"]
+    assert main([*args, "--lengths", "24", "--memory-lengths", "", "--cpu-time"]) == 0
+    out = capsys.readouterr().out
+    assert "24 |" in out and "DCA peak" not in out

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, mlx_dtype
+from qwen2_mlx.cli.args import DTYPE_NAMES, int_list, mlx_dtype
 from qwen2_mlx.loading.paths import default_model_path
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py)
     if not 0 < a.local_size < a.chunk_size or not 0 < a.memory_local_size < a.memory_chunk_size:
         p.error("local size must be between 1 and chunk size - 1")
-    lengths = _lengths(p, "--memory-lengths", a.memory_lengths)
+    lengths = _lengths(p, "--memory-lengths", a.memory_lengths) if a.memory_lengths.strip() else []  # "": none
     real_lengths = _lengths(p, "--lengths", a.lengths) if a.lengths is not None else None
     if a.json is not None and not a.json.parent.is_dir():
         p.error(f"--json: the folder {a.json.parent} does not exist")
@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    figures["memory"] = long_runs.bench_memory(
-        real_args, lengths, a.memory_chunk_size, a.memory_local_size, a.prefill_step_size
-    )
+    if lengths:
+        figures["memory"] = long_runs.bench_memory(
+            real_args, lengths, a.memory_chunk_size, a.memory_local_size, a.prefill_step_size
+        )
     if a.json is not None:
         tmp = a.json.with_name(a.json.name + ".tmp")
         tmp.write_text(json.dumps(figures, indent=1))
@@ -104,12 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _lengths(parser: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 2:
-        parser.error(f"{flag}: expected comma-separated whole numbers of at least 2, got {text!r}")
-    return values
+        return int_list(text, flag, minimum=2)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,23 @@ def mlx_dtype(name: Optional[str]):
     return getattr(mx, name)
 
 
+def int_list(text: str, name: str, minimum: int = 0, maximum: Optional[int] = None) -> list[int]:
+    """'1024,2048' -> [1024, 2048]; a ValueError naming the option for anything else."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated integers, got '{text}'") from None
+    if not values:
+        raise ValueError(f"{name}: give at least one value")
+    for v in values:
+        if v < minimum or (maximum is not None and v > maximum):
+            bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"{name}: {v} is out of range ({bound})")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name}: duplicate values in '{text}'")
+    return values
+
+
 def _number(kind: type, minimum: float, inclusive: bool):
     """An argparse type: `kind` (int or float) at least (or above) `minimum`, with a one-line error."""
 

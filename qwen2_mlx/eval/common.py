@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, add_long_context_args, long_context_overrides, mlx_dtype
+from qwen2_mlx.cli.args import DTYPE_NAMES, add_long_context_args, int_list, long_context_overrides, mlx_dtype
 from qwen2_mlx.cli.blas import mlx_uses_cpu
 from qwen2_mlx.loading.paths import default_model_path
 
@@ -96,20 +96,11 @@ def load_for_eval(args: argparse.Namespace) -> LoadedModel:
 
 
 def parse_int_list(text: str, name: str, minimum: int = 0, maximum: Optional[int] = None) -> list[int]:
-    """'1024,2048' -> [1024, 2048]; a clear EvalError for anything else."""
+    """'1024,2048' -> [1024, 2048]; a clear EvalError for anything else (cli/args.py's rules)."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EvalError(f"{name}: expected comma-separated integers, got '{text}'") from None
-    if not values:
-        raise EvalError(f"{name}: give at least one value")
-    for v in values:
-        if v < minimum or (maximum is not None and v > maximum):
-            bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
-            raise EvalError(f"{name}: {v} is out of range ({bound})")
-    if len(set(values)) != len(values):
-        raise EvalError(f"{name}: duplicate values in '{text}'")
-    return values
+        return int_list(text, name, minimum, maximum)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 
 def progress(total: int, desc: str):
