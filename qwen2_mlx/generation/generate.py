@@ -340,6 +340,7 @@ def stream_generate(
     num_draft_tokens: int = 3,
     lookup: Union[None, bool, dict, LookupSettings] = None,
     context_tokens: Sequence[int] = (),
+    json_schema: Any = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion as GenerationResponse segments; the last one carries `finish_reason`.
 
@@ -355,6 +356,9 @@ def stream_generate(
     lookup, `draft_model=` with `num_draft_tokens=` for a draft model of the same tokenizer;
     `context_tokens` are the ids `prompt_cache` already holds, for prompt lookup to search.
     Responses then say `from_draft` per token and count proposals, acceptances and forwards.
+
+    `json_schema` (a dict, a JSON string, or `True` for any JSON object) keeps the reply inside the
+    schema while sampling (structured.py, needs the `serve` extra's llguidance).
     """
     if max_tokens is not None and max_tokens < 0:
         max_tokens = None
@@ -365,6 +369,14 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     lookup = LookupSettings.coerce(lookup)
+    if json_schema is not None and json_schema is not False:
+        if draft_model is not None or lookup is not None:
+            raise ValueError("json_schema cannot be combined with speculative decoding")
+        from .structured import json_schema_processor
+
+        schema = None if json_schema is True else json_schema
+        grammar = json_schema_processor(tokenizer, schema, model.args.vocab_size)
+        logits_processors = [*(logits_processors or []), grammar]
     if draft_model is not None:
         check_draft(model, draft_model, len(as_wrapper(tokenizer)._tokenizer))
     # Known settings give the accept/resample rule the distribution; a custom sampler does not.
