@@ -19,8 +19,11 @@ PACKAGES = {
     "tqdm": ("tqdm", None),  # comes with huggingface_hub
     "gguf": ("gguf", None),
     "pip": ("pip", None),
+    "starlette": ("starlette", "serve"),
+    "uvicorn": ("uvicorn", "serve"),
+    "llguidance": ("llguidance", "serve"),
 }
-EXTRAS = {"eval": ["matplotlib"]}
+EXTRAS = {"eval": ["matplotlib"], "serve": ["starlette", "uvicorn", "llguidance"]}
 
 
 class MissingPackage(RuntimeError):

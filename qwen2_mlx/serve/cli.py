@@ -1,0 +1,167 @@
+"""`qwen2-serve`: the command line. Arguments are parsed and checked before MLX is imported.
+
+qwen2-serve --model PATH [--host 127.0.0.1] [--port 8080] [--api-key KEY]
+            [--max-concurrency 8] [--queue-size 32] [--prompt-cache-size 10] [--prompt-cache-bytes 4GB]
+            [--dca-chunk-size N ...] [--yarn-factor F ...] [--lookup | --draft-model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from qwen2_mlx.cli.args import DTYPE_NAMES, add_long_context_args, long_context_overrides
+
+PROG = "qwen2-serve"
+
+
+def _size(text: str) -> int:
+    """'4GB', '512MB', '1e9' -> bytes."""
+    t = text.strip().upper().removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4GB or 512MB, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return int(value)
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {v}")
+        return v
+
+    return parse
+
+
+_positive, _non_negative = _count(1), _count(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qwen2_mlx.loading.paths import default_model_path
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Serve a Qwen2 model over OpenAI's and Anthropic's HTTP APIs "
+        "(/v1/chat/completions, /v1/completions, /v1/messages, /v1/models, /health).",
+    )
+    p.add_argument("--model", default=str(default_model_path()), help="model folder (default: %(default)s)")
+    p.add_argument("--model-name", default=None, help="the id clients use (default: the folder's name)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="cast the weights (float32 is fast on a CPU)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("QWEN2_SERVE_API_KEY"),
+        help="require this bearer token on every route but /health (default: $QWEN2_SERVE_API_KEY, else none)",
+    )
+    g = p.add_argument_group("scheduling and caches")
+    g.add_argument("--max-concurrency", type=_positive, default=8, help="requests decoded together (default 8)")
+    g.add_argument(
+        "--queue-size", type=_non_negative, default=32, help="requests waiting beyond those; more get 429 (default 32)"
+    )
+    g.add_argument(
+        "--max-tokens", type=_positive, default=None, help="default completion limit (default: the context window)"
+    )
+    g.add_argument(
+        "--prompt-cache-size", type=_positive, default=10, help="conversations kept in the prefix cache (default 10)"
+    )
+    g.add_argument("--prompt-cache-bytes", type=_size, default=4 << 30, help="prefix cache size in bytes (default 4GB)")
+    g.add_argument(
+        "--prefill-step-size", type=_positive, default=2048, help="prompt tokens per prefill step (default 2048)"
+    )
+    s = p.add_argument_group("speculative decoding (requests then run one at a time)")
+    s.add_argument("--lookup", action="store_true", help="prompt-lookup speculative decoding (exact)")
+    s.add_argument(
+        "--draft-model", type=Path, default=None, metavar="PATH", help="a draft model with the same tokenizer"
+    )
+    s.add_argument(
+        "--num-draft-tokens", type=_positive, default=3, help="tokens the draft proposes per step (default 3)"
+    )
+    add_long_context_args(p)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides = long_context_overrides(args, parser)
+    if args.lookup and args.draft_model is not None:
+        parser.error("choose --lookup or --draft-model, not both")
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    from qwen2_mlx.extras import MissingPackage, require
+
+    try:
+        for module in ("starlette", "uvicorn", "llguidance"):
+            require(module, PROG)
+    except MissingPackage as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    for label, path in (("--model", args.model), ("--draft-model", args.draft_model)):
+        if path is not None and not (Path(path) / "config.json").is_file():
+            print(
+                f"{PROG}: error: {label} {path}: no config.json there (convert a model with convert.py)",
+                file=sys.stderr,
+            )
+            return 2
+
+    from qwen2_mlx.cli.blas import ensure_openblas
+
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded
+    return serve(args, overrides)
+
+
+def serve(args: argparse.Namespace, overrides: dict) -> int:
+    import logging
+
+    import uvicorn
+
+    from qwen2_mlx.cli.args import mlx_dtype
+    from qwen2_mlx.loading.loader import ModelLoadError, load
+    from qwen2_mlx.models.config import ConfigError
+
+    from .app import create_app
+    from .engine import Engine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        model, tokenizer = load(args.model, dtype=mlx_dtype(args.dtype), **overrides)
+        draft = load(args.draft_model, dtype=mlx_dtype(args.dtype))[0] if args.draft_model else None
+    except (ModelLoadError, ConfigError, OSError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    engine = Engine(
+        model,
+        tokenizer,
+        model_name=args.model_name or Path(args.model).resolve().name,
+        max_concurrency=args.max_concurrency,
+        queue_size=args.queue_size,
+        cache_entries=args.prompt_cache_size,
+        cache_bytes=args.prompt_cache_bytes,
+        prefill_step_size=args.prefill_step_size,
+        default_max_tokens=args.max_tokens,
+        lookup=True if args.lookup else None,
+        draft_model=draft,
+        num_draft_tokens=args.num_draft_tokens,
+    )
+    engine.start()
+    app = create_app(engine, api_key=args.api_key, model_path=str(args.model))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    finally:
+        engine.close()
+    return 0
