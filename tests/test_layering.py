@@ -5,7 +5,7 @@ Layers, lowest first (docs/architecture.md):
   loading     reading folders and checkpoints, the tokenizer, where files live
   generation  sampling and stopping, prompt caches, batches, chat sessions, notebook display
   cli         helpers shared by the command lines (OpenBLAS re-run, long-context switches)
-  tools       convert, eval, bench, distributed: programs built on the layers below
+  tools       convert, eval, bench, distributed, serve: programs built on the layers below
   tui         the chat app, on top of everything; nothing in qwen2_mlx imports it
 `qwen2_mlx/__init__.py` (the lazy public names) and `extras.py` (standard library only) sit beside them.
 """
@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"models": 0, "loading": 1, "generation": 2, "cli": 3, "tools": 4, "tui": 5}
-TOOLS = ("convert", "eval", "bench", "distributed", "bench_long", "bench_batch")
+TOOLS = ("convert", "eval", "bench", "distributed", "bench_long", "bench_batch", "serve")
 
 
 def layer_of(module: str) -> str | None:
@@ -197,6 +197,7 @@ ENTRY_POINTS = [
     "qwen2_mlx.bench.long",
     "qwen2_mlx.bench.batch",
     "qwen2_mlx.distributed",
+    "qwen2_mlx.serve.cli",
 ]
 
 

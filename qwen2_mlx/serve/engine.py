@@ -119,6 +119,7 @@ class Engine:
         self._lock = threading.Lock()
         self._pending = 0  # submitted and not finished
         self._running = 0
+        self._reasons: dict = {}  # finished requests by finish reason, for /health
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="qwen2-serve-engine", daemon=True)
         self.healthy = True
@@ -140,6 +141,7 @@ class Engine:
                 "cached_sequences": len(self.cache),
                 "cached_bytes": self.cache.nbytes,
                 "batching": self.batching,
+                "finished": dict(self._reasons),
                 "healthy": self.healthy and self._thread.is_alive(),
             }
 
@@ -186,6 +188,7 @@ class Engine:
             info["ttft"] = (active.first_token or time.perf_counter()) - active.started
         job.emit("done", reason, info)
         with self._lock:
+            self._reasons[reason] = self._reasons.get(reason, 0) + 1
             self._pending -= 1
             self._running -= 1
 
