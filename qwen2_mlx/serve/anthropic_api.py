@@ -86,6 +86,19 @@ def _messages(msgs: Any) -> list:
     return out
 
 
+def _output_format(body: dict):
+    """Structured output: `output_config.format` (or the older `output_format`) of type json_schema."""
+    oc = body.get("output_config")
+    if oc is not None and not isinstance(oc, dict):
+        raise bad("output_config: must be an object", "output_config")
+    fmt = (oc or {}).get("format", body.get("output_format"))
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise bad("output_config.format: must be {'type': 'json_schema', 'schema': {...}}", "output_config")
+    return fmt["schema"] or True
+
+
 def parse_messages(body: dict) -> Spec:
     model = _model(body)
     if not model:
@@ -105,6 +118,7 @@ def parse_messages(body: dict) -> Spec:
     spec.stop = get_stop(body, "stop_sequences")
     spec.stream = get_bool(body, "stream")
     spec.tools = _tools(body.get("tools"))
+    spec.schema = _output_format(body)
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "none":
         spec.tools = []

@@ -130,7 +130,7 @@ class Server:
             if kind == "anthropic"
             else openai_api.OpenAIFormat(spec, model, kind == "chat")
         )
-        splitter = ToolCallSplitter() if spec.tools else None
+        splitter = ToolCallSplitter(t["function"]["name"] for t in spec.tools) if spec.tools else None
         if spec.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._stream(job, fmt, splitter), media_type="text/event-stream", headers=headers)

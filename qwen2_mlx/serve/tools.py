@@ -10,6 +10,7 @@ format); the splitting is ours because our streams already carry stop-string fil
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -44,11 +45,18 @@ def parse_call(text: str) -> ToolCall:
 
 
 class ToolCallSplitter:
-    """Streamed text in, (text to show now) out; `finish()` gives the rest and the parsed calls."""
+    """Streamed text in, (text to show now) out; `finish()` gives the rest and the parsed calls.
 
-    def __init__(self):
+    Small models often answer a tool request with the bare call, as JSON or in a ```json fence,
+    instead of inside the tags: a reply that starts that way is held to its end and becomes a call
+    when it names one of `names` (the offered tools); otherwise it is released as text.
+    """
+
+    def __init__(self, names=()):
+        self.names = set(names)
         self.held = ""
         self.in_call = False
+        self.shown = False
 
     def feed(self, text: str) -> str:
         if self.in_call:
@@ -58,16 +66,29 @@ class ToolCallSplitter:
         i = buf.find(OPEN)
         if i >= 0:
             self.in_call, self.held = True, buf[i:]
-            return buf[:i]
+            return self._show(buf[:i])
+        start = buf.lstrip()
+        if not self.shown and self.names and (start.startswith(("{", "```")) or (start and "```".startswith(start))):
+            self.in_call, self.held = True, buf
+            return ""
+        if not self.shown and not start:
+            self.held = buf
+            return ""
         keep = next((k for k in range(min(len(OPEN) - 1, len(buf)), 0, -1) if buf.endswith(OPEN[:k])), 0)
         self.held = buf[len(buf) - keep :] if keep else ""
-        return buf[: len(buf) - keep]
+        return self._show(buf[: len(buf) - keep])
+
+    def _show(self, text: str) -> str:
+        self.shown = self.shown or bool(text)
+        return text
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """(text not yet shown, calls). Text around and between blocks is kept as text."""
         rest, self.held = self.held, ""
         if not self.in_call:
             return rest, []
+        if OPEN not in rest:
+            return self._bare(rest)
         calls, text = [], []
         while rest:
             i = rest.find(OPEN)
@@ -83,6 +104,15 @@ class ToolCallSplitter:
                 text.append(rest[i : j + len(CLOSE) if j >= 0 else len(rest)])
             rest = rest[j + len(CLOSE) :] if j >= 0 else ""
         return "".join(text).strip() if calls else "".join(text), calls
+
+    def _bare(self, text: str) -> tuple[str, list[ToolCall]]:
+        body = text.strip()
+        fence = re.fullmatch(r"```[a-zA-Z]*\s*(.*?)\s*```", body, re.DOTALL)
+        try:
+            call = parse_call(fence.group(1) if fence else body)
+        except (ValueError, json.JSONDecodeError):
+            return text, []
+        return ("", [call]) if call.name in self.names else (text, [])
 
 
 def openai_tools(tools: Any, where: str = "tools") -> list:
