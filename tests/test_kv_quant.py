@@ -41,6 +41,15 @@ class RoundTripDCACache(DCAKVCache):
         )
 
 
+@pytest.fixture(autouse=True, params=["dequantized reads", "quantized reads"])
+def reads(request, monkeypatch):
+    """Every test runs both ways a quantized cache can be read (on a CPU they differ: kv_cache.py)."""
+    import qwen2_mlx.models.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "QUANTIZED_READS_ON_CPU", request.param == "quantized reads")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """A tiny model whose head size (32) takes quantization groups of 32."""
