@@ -112,4 +112,3 @@ class GrammarProcessor:
 def json_schema_processor(tokenizer, schema: Union[dict, str, bool, None], vocab_size: int) -> GrammarProcessor:
     """A logits processor keeping the reply inside `schema` (None: any JSON object)."""
     return GrammarProcessor(tokenizer, compile_json_schema(schema), vocab_size)
-
