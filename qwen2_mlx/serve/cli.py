@@ -13,7 +13,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, add_long_context_args, long_context_overrides
+from qwen2_mlx.cli.args import (
+    DTYPE_NAMES,
+    add_kv_cache_args,
+    add_long_context_args,
+    kv_cache_settings,
+    long_context_overrides,
+)
 
 PROG = "qwen2-serve"
 
@@ -89,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-draft-tokens", type=_positive, default=3, help="tokens the draft proposes per step (default 3)"
     )
     add_long_context_args(p)
+    add_kv_cache_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -155,6 +162,7 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
         lookup=True if args.lookup else None,
         draft_model=draft,
         num_draft_tokens=args.num_draft_tokens,
+        kv=kv_cache_settings(args),
     )
     engine.start()
     app = create_app(engine, api_key=args.api_key, model_path=str(args.model))

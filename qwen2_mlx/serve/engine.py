@@ -3,7 +3,7 @@
 Plain-attention models run as a continuous batch on mlx-lm's `BatchGenerator` (our models follow
 mlx-lm's protocol, so its `BatchKVCache` drives them): a request joins between decode steps, a
 finished or cancelled one leaves, and its slot is refilled from the waiting ones. What cannot batch
-(Dual Chunk Attention, speculative decoding) runs one request at a time through `stream_generate`,
+(Dual Chunk Attention, speculative decoding, a quantized KV cache) runs one request at a time through `stream_generate`,
 in arrival order. Either way each request starts from the longest cached prefix of its tokens
 (mlx-lm's `LRUPromptCache`: several conversations, bounded in entries and bytes, least recently
 used evicted), and its KV cache goes back there when it ends, however it ends, holding exactly the
@@ -103,6 +103,7 @@ class Engine:
         lookup=None,
         draft_model=None,
         num_draft_tokens: int = 3,
+        kv: Optional[dict] = None,
     ):
         self.model, self.tokenizer = model, as_wrapper(tokenizer)
         self.model_name = model_name
@@ -110,10 +111,12 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self.default_max_tokens = default_max_tokens
         self.lookup, self.draft_model, self.num_draft_tokens = lookup, draft_model, num_draft_tokens
+        # KV-cache quantization (kv_bits, kv_group_size, quantized_kv_start): stream_generate's settings
+        self.kv = {k: v for k, v in (kv or {}).items() if v is not None} if (kv or {}).get("kv_bits") else {}
         self.window = context_limit(model)
         self.eos = set(self.tokenizer.eos_token_ids or [])
         dca = getattr(model.args, "dual_chunk_attention_config", None) is not None
-        self.batching = not dca and draft_model is None and not lookup
+        self.batching = not dca and draft_model is None and not lookup and not self.kv
         self.cache = LRUPromptCache(max_size=cache_entries, max_bytes=cache_bytes)
         self._incoming: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -383,6 +386,7 @@ class Engine:
             num_draft_tokens=self.num_draft_tokens,
             lookup=self.lookup,
             context_tokens=job.prompt[: job.cached_tokens],
+            **self.kv,
         ):
             if a.first_token is None:
                 a.first_token = time.perf_counter()
