@@ -402,3 +402,62 @@ def test_non_streamed_request_cancelled_when_the_client_goes(server, oai):
         httpx.post(server.url + "/v1/chat/completions", json=body, headers=headers(), timeout=1.5)
     h = server.wait_idle(timeout=5)  # 4000 tokens would take far longer: cancelled as the client went
     assert h["finished"]["cancelled"] == before + 1
+
+
+# --- what cannot batch (here Dual Chunk Attention) runs one request at a time ------------------------
+
+DCA = {"chunk_size": 64, "local_size": 8, "original_max_position_embeddings": 0}  # what --dca-chunk-size 64 gives
+
+
+@pytest.fixture(scope="module")
+def serial(tiny_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-log") / "serial.log"
+    s = ServerProcess(tiny_path, "--dca-chunk-size", "64", "--model-name", "dca", log=log)
+    yield s, openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    s.stop()
+
+
+def test_dca_requests_queue_and_equal_the_library(serial, tiny_path):
+    from qwen2_mlx import load
+    from qwen2_mlx.generation.generate import generate
+
+    server, client = serial
+    assert server.health()["batching"] is False
+    model, tokenizer = load(tiny_path, dca=DCA)
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 6 + str(i) for i in range(3)]  # > one chunk
+    want, got = {}, {}
+    for p in prompts:
+        ids = tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
+        assert len(ids) > 64
+        want[p] = str(generate(model, tokenizer, ids, 12))
+
+    def run(p):
+        r = client.chat.completions.create(
+            model="dca", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0
+        )
+        got[p] = (r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {p: g[0] for p, g in got.items()} == want
+    # the prompts share their first ~60 tokens: the later ones started from the earlier ones' caches
+    assert max(g[1] for g in got.values()) > 50
+    run(prompts[0])
+    assert got[prompts[0]][0] == want[prompts[0]]
+
+
+def test_dca_disconnect_cancels(serial):
+    server, _ = serial
+    before = server.health()["finished"].get("cancelled", 0)
+    body = {"model": "dca", "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000, "stream": True}
+    body["response_format"] = ENDLESS
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert [next(lines) for _ in range(4)]
+    assert server.wait_idle(timeout=10)["finished"]["cancelled"] == before + 1
