@@ -198,6 +198,7 @@ ENTRY_POINTS = [
     "qwen2_mlx.bench.batch",
     "qwen2_mlx.distributed",
     "qwen2_mlx.serve.cli",
+    "qwen2_mlx.bench.serve",
 ]
 
 
