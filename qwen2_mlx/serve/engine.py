@@ -165,6 +165,8 @@ class Engine:
         return room if max_tokens is None else min(max_tokens, room)
 
     def submit(self, job: Job) -> None:
+        if not (self.healthy and self._thread.is_alive()):
+            raise APIError(503, "the generation thread has stopped; restart the server", "server_error")
         with self._lock:
             if self._pending >= self.max_concurrency + self.queue_size:
                 raise QueueFull(self.max_concurrency + self.queue_size)
