@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = run(args, lengths, bits, modes)
-    except ModelLoadError as e:
+    except (ModelLoadError, ValueError) as e:  # a missing folder, a length too short for the needle
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json is not None:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 def held_bytes(c) -> int:
     """Bytes of the tokens a layer's cache holds (its buffers also keep up to 255 columns of spare room)."""
     keys, values = c.keys, c.values
-    parts = [*keys, *values] if isinstance(keys, tuple) else [keys, values]
+    parts = [*keys, *values] if isinstance(keys, (tuple, list)) else [keys, values]
     return sum(t[..., : c.offset, :].nbytes for t in parts)
 
 
@@ -76,7 +76,7 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
     elements = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim  # keys and values, all layers
     print(
         f"model: {a.num_hidden_layers} layers x {a.num_key_value_heads} KV heads x {a.head_dim}; a token's keys and "
-        f"values are {elements} numbers: {elements * 4 / 1024:.0f} KiB in float32, {elements * 2 / 1024:.0f} KiB "
+        f"values are {elements} numbers: {elements * 4 / 1024:.1f} KiB in float32, {elements * 2 / 1024:.1f} KiB "
         f"in float16 (computed)"
     )
     print(f"{'tokens':>6} {'mode':>5} {'cache':>7} | {'KiB/token':>9} {'KV MB':>7} {'peak MB':>8} {'prefill s':>9} | "
