@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="plain,dca", help="plain and/or dca (default %(default)s)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="weights and activations (default float32)")
     p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep only the first N layers: memory figures per layer hold, the text is nonsense (long runs on a CPU)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure to FILE as JSON")
     args = p.parse_args(argv)
     try:
@@ -72,6 +79,11 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
     from qwen2_mlx.models.config import DCAConfig
 
     model, tok = load(args.model or default_model_path(), dtype=mlx_dtype(args.dtype))
+    if args.layers is not None:
+        if not 0 < args.layers <= len(model.layers):
+            raise ValueError(f"--layers must be between 1 and the model's {len(model.layers)}")
+        model.model.layers = model.model.layers[: args.layers]
+        model.args.num_hidden_layers = args.layers
     a = model.args
     elements = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim  # keys and values, all layers
     print(
