@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="plain,dca", help="plain and/or dca (default %(default)s)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="weights and activations (default float32)")
     p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep only the first N layers: memory figures per layer hold, the text is nonsense (long runs on a CPU)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure to FILE as JSON")
     args = p.parse_args(argv)
     try:
@@ -44,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rows = run(args, lengths, bits, modes)
-    except ModelLoadError as e:
+    except (ModelLoadError, ValueError) as e:  # a missing folder, a length too short for the needle
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json is not None:
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def held_bytes(c) -> int:
     """Bytes of the tokens a layer's cache holds (its buffers also keep up to 255 columns of spare room)."""
     keys, values = c.keys, c.values
-    parts = [*keys, *values] if isinstance(keys, tuple) else [keys, values]
+    parts = [*keys, *values] if isinstance(keys, (tuple, list)) else [keys, values]
     return sum(t[..., : c.offset, :].nbytes for t in parts)
 
 
@@ -72,11 +79,16 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
     from qwen2_mlx.models.config import DCAConfig
 
     model, tok = load(args.model or default_model_path(), dtype=mlx_dtype(args.dtype))
+    if args.layers is not None:
+        if not 0 < args.layers <= len(model.layers):
+            raise ValueError(f"--layers must be between 1 and the model's {len(model.layers)}")
+        model.model.layers = model.model.layers[: args.layers]
+        model.args.num_hidden_layers = args.layers
     a = model.args
     elements = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim  # keys and values, all layers
     print(
         f"model: {a.num_hidden_layers} layers x {a.num_key_value_heads} KV heads x {a.head_dim}; a token's keys and "
-        f"values are {elements} numbers: {elements * 4 / 1024:.0f} KiB in float32, {elements * 2 / 1024:.0f} KiB "
+        f"values are {elements} numbers: {elements * 4 / 1024:.1f} KiB in float32, {elements * 2 / 1024:.1f} KiB "
         f"in float16 (computed)"
     )
     print(f"{'tokens':>6} {'mode':>5} {'cache':>7} | {'KiB/token':>9} {'KV MB':>7} {'peak MB':>8} {'prefill s':>9} | "
