@@ -28,10 +28,26 @@ def tiny_path(tmp_path_factory):
     return path
 
 
+SAVED = [{"role": "user", "content": "A saved conversation about the lazy dog."}]
+
+
 @pytest.fixture(scope="module")
-def server(tiny_path, tmp_path_factory):
+def saved_chat(tiny_path, tmp_path_factory):
+    """A chat saved with its KV cache, as qwen2-chat or the Python API writes it."""
+    from qwen2_mlx import Chat, load
+
+    chat = Chat(*load(tiny_path), max_tokens=5)
+    chat.send(SAVED[0]["content"])
+    path = tmp_path_factory.mktemp("chats") / "saved.json"
+    chat.save(path, include_cache=True)
+    return path, chat.messages, len(chat._cache_tokens)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path, tmp_path_factory, saved_chat):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    s = ServerProcess(tiny_path, "--api-key", KEY, "--max-concurrency", "3", "--queue-size", "1", log=log)
+    args = ["--api-key", KEY, "--max-concurrency", "3", "--queue-size", "1", "--chat", str(saved_chat[0])]
+    s = ServerProcess(tiny_path, *args, log=log)
     yield s
     s.stop()
 
@@ -86,9 +102,17 @@ ENDLESS = {
 # --- OpenAI ------------------------------------------------------------------------------------------
 
 
-def test_health_and_models(server, oai):
+def test_a_saved_chat_starts_warm(server, oai, saved_chat):
+    _, messages, held = saved_chat
     h = httpx.get(server.url + "/health").json()  # no key needed
-    assert h["status"] == "ok" and h["model"] == NAME and h["batching"] is True
+    assert h["status"] == "ok" and h["model"] == NAME and h["batching"] is True and h["cached_sequences"] == 1
+    r = oai.chat.completions.create(
+        model=NAME, messages=messages + [{"role": "user", "content": "More?"}], max_tokens=3, temperature=0
+    )
+    assert r.usage.prompt_tokens_details.cached_tokens >= held - 1
+
+
+def test_health_and_models(server, oai):
     models = oai.models.list()
     assert [m.id for m in models.data] == [NAME]
 

@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--prefill-step-size", type=_positive, default=2048, help="prompt tokens per prefill step (default 2048)"
     )
+    g.add_argument(
+        "--chat",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a chat saved with its KV cache (Chat.save(..., include_cache=True)): its conversation starts warm",
+    )
     s = p.add_argument_group("speculative decoding (requests then run one at a time)")
     s.add_argument("--lookup", action="store_true", help="prompt-lookup speculative decoding (exact)")
     s.add_argument(
@@ -116,6 +124,10 @@ def main(argv: Optional[list] = None) -> int:
     except MissingPackage as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    for chat in args.chat:
+        if not chat.is_file():
+            print(f"{PROG}: error: --chat {chat}: no such file", file=sys.stderr)
+            return 2
     for label, path in (("--model", args.model), ("--draft-model", args.draft_model)):
         if path is not None and not (Path(path) / "config.json").is_file():
             print(
@@ -164,6 +176,17 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
         num_draft_tokens=args.num_draft_tokens,
         kv=kv_cache_settings(args),
     )
+    from qwen2_mlx.generation.chat import Chat, ChatFileError
+    from qwen2_mlx.generation.prompt_cache import PromptCacheError
+
+    for path in args.chat:  # before the engine thread starts: nothing else touches the cache yet
+        try:
+            chat = Chat.load(path, model, tokenizer)
+        except (ChatFileError, PromptCacheError, ValueError) as e:
+            print(f"{PROG}: error: --chat {path}: {e}", file=sys.stderr)
+            return 2
+        if not engine.preload(chat._cache_tokens, chat._cache):
+            print(f"{PROG}: warning: --chat {path}: saved without its KV cache; nothing to preload", file=sys.stderr)
     engine.start()
     app = create_app(engine, api_key=args.api_key, model_path=str(args.model))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)

@@ -164,6 +164,14 @@ class Engine:
             max_tokens = self.default_max_tokens
         return room if max_tokens is None else min(max_tokens, room)
 
+    def preload(self, tokens: list, cache) -> bool:
+        """Put a saved conversation's cache (a chat file's) into the prefix cache; False if there is none."""
+        if cache is None or not tokens or any(t < 0 for t in tokens):
+            return False
+        mx.eval([c.state for c in cache])  # loaded on this thread: nothing may stay pending on its streams
+        self._keep(list(tokens), cache)
+        return True
+
     def submit(self, job: Job) -> None:
         if not (self.healthy and self._thread.is_alive()):
             raise APIError(503, "the generation thread has stopped; restart the server", "server_error")
