@@ -267,6 +267,11 @@ class Engine:
                     waiting.append(job)
             except queue.Empty:
                 pass
+            for job in [j for j in waiting if j.cancel.is_set()]:  # gone before their turn came
+                waiting.remove(job)
+                with self._lock:
+                    self._running += 1
+                self._finished(job, "cancelled")
             # Fill free slots (the generator would queue them too, but a waiting request's cache
             # is fetched only when it starts, so it sees what the requests before it left).
             while waiting and len(active) < self.max_concurrency:
