@@ -47,6 +47,9 @@ async def system_prompt(chat: ChatScreen, cmd: Command) -> None:
 
 
 async def set_setting(chat: ChatScreen, cmd: Command) -> None:
+    if cmd.key == "cache_disk":  # an app setting, not this chat's
+        chat.app.set_cache_disk(cmd.value)
+        return
     chat.settings[cmd.key] = cmd.value
     chat.save_chat_settings()
     chat.notify(f"{cmd.key} = {cmd.value}")
@@ -124,7 +127,8 @@ COMMANDS: dict[str, SlashCommand] = {
     ),
     "set": SlashCommand(
         "/set KEY VALUE",
-        "temp, top_p, top_k, min_p, rep (repetition penalty), seed, max, context, lookup on|off",
+        "temp, top_p, top_k, min_p, rep (repetition penalty), seed, max, context, lookup on|off; "
+        "cache-disk SIZE|off: disk kept for chat caches, all chats (default 4GB)",
         set_setting,
     ),
     # parse() reads `/max N` as `/set max N`; this entry is its line in /help.
