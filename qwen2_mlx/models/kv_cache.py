@@ -1,30 +1,35 @@
-"""The KV cache of Dual Chunk Attention layers (plain layers use mlx-lm's `KVCache` as is)."""
+"""The KV caches of Dual Chunk Attention layers (plain layers use mlx-lm's `KVCache` as is)."""
 
 from __future__ import annotations
 
 from typing import Optional
 
-from mlx_lm.models.cache import KVCache
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 
-class DCAKVCache(KVCache):
-    """mlx-lm's KVCache for Dual Chunk Attention layers.
+class _DCASettings:
+    """What DCA caches add to mlx-lm's: the geometry their keys were written for, and `length_hint`.
 
-    The storage and trimming are KVCache's; what differs is what goes in: keys rotated at `j mod c`
-    and scaled by the DCA temperature at write time (docs/long-context.md §6), so they never need re-rotating.
-    Such keys are plain RoPE keys only for `j < c`: the DCA settings travel in `meta_state` and a
-    model configured differently refuses the cache.
+    Keys are rotated at `j mod c` and scaled by the DCA temperature at write time (docs/long-context.md §6),
+    so they never need re-rotating. Such keys are plain RoPE keys only for `j < c`: the DCA settings
+    travel in `meta_state` and a model configured differently refuses the cache.
 
     `length_hint` is the total length the current prompt will reach; stepwise prefill uses it so
     every prompt key gets the temperature of the whole prompt, as in vLLM (docs/long-context.md §5).
     """
 
-    def __init__(self, chunk_size: int = 0, local_size: int = 0, original_max_position_embeddings: int = 0):
-        super().__init__()
+    chunk_size = local_size = original_max_position_embeddings = length_hint = 0
+
+    def _set_dca(self, chunk_size: int, local_size: int, original_max_position_embeddings: int) -> None:
         self.chunk_size = chunk_size
         self.local_size = local_size
         self.original_max_position_embeddings = original_max_position_embeddings
         self.length_hint = 0
+
+    @property
+    def dca_settings(self) -> tuple:
+        return (self.chunk_size, self.local_size, self.original_max_position_embeddings)
 
     @property
     def meta_state(self) -> tuple:
@@ -32,14 +37,10 @@ class DCAKVCache(KVCache):
 
     @meta_state.setter
     def meta_state(self, v) -> None:
-        self.chunk_size, self.local_size, self.original_max_position_embeddings = (int(x) for x in v)
-
-    @property
-    def dca_settings(self) -> tuple:
-        return (self.chunk_size, self.local_size, self.original_max_position_embeddings)
+        self._set_dca(*(int(x) for x in v))
 
     @classmethod
-    def from_state(cls, state, meta_state: Optional[tuple] = None) -> DCAKVCache:
+    def from_state(cls, state, meta_state: Optional[tuple] = None):
         obj = cls()
         obj.state = state
         if meta_state:
@@ -50,3 +51,37 @@ class DCAKVCache(KVCache):
         n = super().trim(n)
         self.length_hint = 0  # the prompt it described is gone
         return n
+
+
+class DCAKVCache(_DCASettings, KVCache):
+    """mlx-lm's KVCache for Dual Chunk Attention layers: the storage and trimming are KVCache's."""
+
+    def __init__(self, chunk_size: int = 0, local_size: int = 0, original_max_position_embeddings: int = 0):
+        KVCache.__init__(self)
+        self._set_dca(chunk_size, local_size, original_max_position_embeddings)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> QuantizedDCAKVCache:
+        """The same keys (already rotated and temperature-scaled) and values, quantized."""
+        q = QuantizedDCAKVCache(group_size, bits, *self.dca_settings)
+        q.length_hint, q.offset = self.length_hint, self.offset
+        if self.keys is not None:
+            keys, values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+            q.keys = mx.quantize(keys, group_size=group_size, bits=bits)
+            q.values = mx.quantize(values, group_size=group_size, bits=bits)
+        return q
+
+
+class QuantizedDCAKVCache(_DCASettings, QuantizedKVCache):
+    """mlx-lm's QuantizedKVCache for DCA layers: keys are quantized after rotation and scaling, so the
+    attention reads them as stored (dca.py's matmuls take the quantized triples directly)."""
+
+    def __init__(
+        self,
+        group_size: int = 64,
+        bits: int = 8,
+        chunk_size: int = 0,
+        local_size: int = 0,
+        original_max_position_embeddings: int = 0,
+    ):
+        QuantizedKVCache.__init__(self, group_size=group_size, bits=bits)
+        self._set_dca(chunk_size, local_size, original_max_position_embeddings)
