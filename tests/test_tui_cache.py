@@ -212,3 +212,48 @@ async def test_settings_panel_and_help_show_the_cache_disk_budget(tmp_path, data
         await wait_until(pilot, lambda: not isinstance(app.screen, SettingsScreen))
         assert app.cache_disk == 2_500_000_000 and "cache_disk" not in app.chat.settings
     assert json.loads((data_home / "qwen2-mlx" / "ui.json").read_text())["cache_disk"] == 2_500_000_000
+
+
+def test_kv_bits_flag_and_command():
+    from tui.__main__ import build_parser, settings_from
+
+    assert settings_from(build_parser().parse_args(["--kv-bits", "4"]))["kv_bits"] == 4
+    assert "kv_bits" not in settings_from(build_parser().parse_args([]))
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--kv-bits", "3"])
+    assert commands.parse("/set kv-bits 8").value == 8 and commands.parse("/set kv-bits off").value is None
+    with pytest.raises(commands.CommandError, match="kv-bits must be 4, 8 or off"):
+        commands.parse("/set kv-bits 5")
+
+
+async def test_kv_bits_are_kept_per_chat_and_in_the_cache_files_validity(tmp_path, tmp_path_factory, data_home):
+    from qwen2_mlx.generation.kv_quant import cache_bits
+
+    # head size 64, so kv_group_size 64 divides it
+    path = tiny_model(tmp_path_factory, hidden_size=128, num_attention_heads=2)[2]
+    app = make(tmp_path, path)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: app.loaded, timeout=60)
+        await send(pilot, "/set kv-bits 8")
+        await send(pilot, "Hello there, a quantized chat.")
+        chat_id = app.chat.chat_id
+        assert app.store.chat(chat_id).settings["kv_bits"] == 8
+        assert cache_bits(app.backend.chat.export_cache()[0]) == 8
+    (name,) = caches(data_home)
+    app = make(tmp_path, path, chat_id=chat_id)  # reopened: the chat's kv-bits choose the cache to load
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: "cached tokens from disk" in state(app), timeout=60)
+        assert cache_bits(app.backend.chat.export_cache()[0]) == 8
+        await send(pilot, "/set kv-bits off")
+        await send(pilot, "Now in floats.")
+        assert "quantization changed" in state(app)
+        assert cache_bits(app.backend.chat.export_cache()[0]) is None
+    history = [m.as_dict() for m in Store(tmp_path / "chats.sqlite3").path(chat_id)]
+    cold = ModelBackend(path, dtype="float32", cache_budget=0)
+    cold.load(lambda *_: None)
+    for _ in cold.generate(history[:-1], None, {**DEFAULT_SETTINGS, **GREEDY}, threading.Event()):
+        pass
+    assert cold.last_reply == history[-1]["content"]  # the rebuilt float cache answers as a cold one
+    app = make(tmp_path, path, chat_id=chat_id)
+    async with app.run_test(size=(100, 30)) as pilot:  # the file was rewritten as a float cache
+        await wait_until(pilot, lambda: "cached tokens from disk" in state(app), timeout=60)

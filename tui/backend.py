@@ -122,7 +122,7 @@ class ModelBackend:
         self.active_key: Optional[str] = None
         self.cache_note: Optional[tuple[str, bool]] = None  # (text, warning) for the status bar, after a reply
         self._persisted: tuple = (None, None)
-        self._validity: Optional[dict] = None
+        self._validity: Optional[tuple] = None  # (kv settings, validity) of the last computation
         self._announce_reuse = False
 
     def load(self, progress: Callable[[float, str], None]) -> None:
@@ -187,6 +187,9 @@ class ModelBackend:
         if self.prefill_progress is not None:
             kw["prompt_progress_callback"] = self.prefill_progress
         chat = self._chat_for(system, settings)
+        if self._set_kv_bits(settings.get("kv_bits")) and self.cache_owner is not None:
+            self._announce_reuse = False  # nothing loaded is reused: the cache was dropped
+            self.cache_note = ("KV cache quantization changed: the chat's cache was rebuilt", False)
         have = [m for m in chat.messages if m["role"] != "system"]
         offset = len(chat.messages) - len(have)
         n = len(prefix)
@@ -231,20 +234,24 @@ class ModelBackend:
         """What a chat cache must have been made with to be loaded here (see cache_store.py)."""
         from qwen2_mlx.generation.cache_store import chat_cache_validity
 
-        if self._validity is None or self._validity.get("kv_bits") != getattr(self._chat(), "kv_bits", None):
-            self._validity = chat_cache_validity(self._chat(), self.path)
-        return self._validity
+        chat = self._chat()
+        if self._validity is None or self._validity[0] != chat.kv_settings:
+            self._validity = (dict(chat.kv_settings), chat_cache_validity(chat, self.path))
+        return self._validity[1]
 
-    def open_chat(self, key: Optional[str], expect: bool = False) -> Optional[tuple[str, bool]]:
+    def open_chat(
+        self, key: Optional[str], expect: bool = False, kv_bits: Optional[int] = None
+    ) -> Optional[tuple[str, bool]]:
         """The chat `key` is on screen: save the cache of the one before, load this one's from disk.
 
         Returns a (text, warning) note for the status bar, or None. `expect`: the chat has replies,
-        so a missing cache is worth a line.
+        so a missing cache is worth a line. `kv_bits`: the chat's KV-cache quantization.
         """
         self.active_key = key
         if key is None or key == self.cache_owner or not self._store_on():
             return None
         note = self.persist()
+        self._set_kv_bits(kv_bits)
         loaded = self.cache_store.load(key, self.validity(), self.model)
         if not loaded.ok:
             if loaded.status != "missing":
@@ -256,6 +263,10 @@ class ModelBackend:
         self.cache_owner, self._persisted = key, (key, list(loaded.tokens))
         self._announce_reuse = True
         return (f"loaded {len(loaded.tokens):,} cached tokens from disk in {loaded.seconds:.1f}s", False)
+
+    def _set_kv_bits(self, kv_bits: Optional[int]) -> bool:
+        """Quantize the KV cache to `kv_bits` (4, 8, None: float). A change drops the cache: it is rebuilt."""
+        return self._chat().set_kv_quantization(kv_bits) if self.model is not None else False
 
     def persist(self) -> Optional[tuple[str, bool]]:
         """Write the cache of `cache_owner` unless it holds the same tokens as the last write."""

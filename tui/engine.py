@@ -143,9 +143,9 @@ class Engine:
         self.jobs.put(job)
         return job
 
-    def open_chat(self, chat_key: Optional[str], expect_cache: bool = False) -> None:
+    def open_chat(self, chat_key: Optional[str], expect_cache: bool = False, kv_bits: Optional[int] = None) -> None:
         """A chat is on screen: save the previous chat's cache, load this one's (after queued jobs)."""
-        self.jobs.put(_Task("open_chat", (chat_key, expect_cache)))
+        self.jobs.put(_Task("open_chat", (chat_key, expect_cache, kv_bits)))
 
     def forget_chat(self, chat_key: str) -> None:
         self.jobs.put(_Task("forget_chat", (chat_key,)))
@@ -248,7 +248,7 @@ class Engine:
                 self.post(Finished(job.id, "cancelled", "", Stats(context_limit=limit)))
                 return
             if job.chat_key is not None:
-                self._call("open_chat", job.chat_key)
+                self._call("open_chat", job.chat_key, False, job.settings.get("kv_bits"))
             # Long prompts take a while to read: the backend reports progress through this hook.
             self.backend.prefill_progress = lambda done, total: self.post(Prefill(job.id, done, total))
             for r in self.backend.generate(job.history, job.system, job.settings, job.cancel):

@@ -90,13 +90,16 @@ def cache_validity(
 
 
 def chat_cache_validity(chat: Any, model_path: Union[str, Path, None] = None, dtype: Optional[str] = None) -> dict:
-    """`cache_validity` for a `Chat`: its model and KV-cache settings (None where it has none)."""
+    """`cache_validity` for a `Chat`: its model and KV-cache quantization (`chat.kv_settings`)."""
+    kv = getattr(chat, "kv_settings", None) or {
+        k: getattr(chat, k, None) for k in ("kv_bits", "kv_group_size", "quantized_kv_start")
+    }
     return cache_validity(
         chat.model,
         model_path,
-        kv_bits=getattr(chat, "kv_bits", None),
-        kv_group_size=getattr(chat, "kv_group_size", None),
-        quantized_kv_start=getattr(chat, "quantized_kv_start", None),
+        kv_bits=kv.get("kv_bits"),
+        kv_group_size=kv.get("kv_group_size"),
+        quantized_kv_start=kv.get("quantized_kv_start"),
         dtype=dtype,
     )
 

@@ -134,7 +134,7 @@ class ChatScreen(Screen):
         # The engine saves the previous chat's KV cache and loads this one's from disk meanwhile.
         replied = any(m.role == "assistant" and m.content for m in self.path())
         self.status.set_note("")
-        self.engine.open_chat(self.store.cache_key(self.chat_id), expect_cache=replied)
+        self.engine.open_chat(self.store.cache_key(self.chat_id), replied, self.settings.get("kv_bits"))
         await self.render_transcript()
 
     def _ensure_chat(self, first_text: str) -> int:
