@@ -205,3 +205,16 @@ def test_validity_is_read_back_as_saved(saved):
     n = struct.unpack("<Q", file.read_bytes()[:8])[0]
     meta = json.loads(file.read_bytes()[8 : 8 + n])["__metadata__"]
     assert json.loads(meta["0." + VALIDITY_KEY]) == validity and validity["dtype"] == "float32"
+
+
+def test_reopen_benchmark_runs_and_compares_first_tokens(mtp, capsys):
+    from qwen2_mlx.bench.reopen import main
+
+    _, _, path = mtp
+    assert main(["--model", str(path), "--tokens", "200", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "reopened / cold:" in out and "same first token:       yes" in out
+    cold = float(out.split("TTFT cold (median):")[1].split("s")[0])
+    assert cold > 0
+    with pytest.raises(SystemExit):
+        main(["--model", str(path), "--tokens", "10"])
