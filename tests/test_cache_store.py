@@ -71,6 +71,8 @@ def test_adopt_refuses_a_cache_that_does_not_fit(mtp):
         other.adopt_cache(cache, tokens[:-1])
     with pytest.raises(ValueError, match="does not fit"):
         other.adopt_cache(cache[:1], tokens)
+    chat.clear_cache()
+    assert chat.export_cache() == (None, []) and chat.send("Again") is not None
 
 
 @pytest.fixture

@@ -252,6 +252,9 @@ class ModelBackend:
             return None
         note = self.persist()
         self._set_kv_bits(kv_bits)
+        if self.cache_store.path(key).is_file():
+            self._chat().clear_cache()  # saved above: free it before the next one is read, not after
+            self.cache_owner = None
         loaded = self.cache_store.load(key, self.validity(), self.model)
         if not loaded.ok:
             if loaded.status != "missing":

@@ -375,6 +375,11 @@ class Chat:
         self._check_idle()
         return self._cache, list(self._cache_tokens)
 
+    def clear_cache(self) -> None:
+        """Drop the KV cache (its memory is freed); the next turn prefills the whole history."""
+        self._check_idle()
+        self._cache, self._cache_tokens, self._draft_cache, self._draft_of = None, [], None, None
+
     def adopt_cache(self, cache: list, tokens: list[int]) -> None:
         """Use a cache loaded from disk (see generation/cache_store.py) that holds exactly `tokens`.
 
