@@ -257,3 +257,41 @@ async def test_kv_bits_are_kept_per_chat_and_in_the_cache_files_validity(tmp_pat
     app = make(tmp_path, path, chat_id=chat_id)
     async with app.run_test(size=(100, 30)) as pilot:  # the file was rewritten as a float cache
         await wait_until(pilot, lambda: "cached tokens from disk" in state(app), timeout=60)
+
+
+def test_the_engine_saves_after_the_reply_is_out_and_at_quit():
+    import time
+
+    from tui.engine import CacheNote, Engine, Finished
+    from tui.fake import FakeBackend
+
+    class Recording(FakeBackend):
+        def __init__(self):
+            super().__init__(["a reply"])
+            self.log = []
+
+        def open_chat(self, key, expect=False, kv_bits=None):
+            self.log.append(("open", key, kv_bits))
+            return ("loaded 5 cached tokens from disk in 0.0s", False)
+
+        def persist(self):
+            self.log.append("persist")
+            if len(self.log) > 3:
+                raise OSError("disk full")
+
+    events = []
+    backend = Recording()
+    engine = Engine(backend, events.append)
+    engine.start()
+    engine.submit([{"role": "user", "content": "hi"}], None, {"kv_bits": 8}, chat_key="k")
+    deadline = time.monotonic() + 10
+    while len(backend.log) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds.index("CacheNote") < kinds.index("Finished")
+    assert backend.log == [("open", "k", 8), "persist"]  # saved once the reply was out
+    engine.open_chat("other", True, None)
+    engine.shutdown()
+    assert backend.log == [("open", "k", 8), "persist", ("open", "other", None), "persist"]
+    assert isinstance(events[-1], CacheNote) and "disk full" in events[-1].text and events[-1].warning
+    assert any(isinstance(e, Finished) for e in events)

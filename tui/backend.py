@@ -204,6 +204,9 @@ class ModelBackend:
             chat = self._rebuild(chat, prefix, system, settings)
             replies = chat.stream(last["content"], cancel=cancel, **kw)
         self.last_reply = None
+        # From here the cache holds this chat's turns (the previous owner's were saved by open_chat),
+        # also when the reply fails or is stopped half-way.
+        self.cache_owner = self.active_key
         try:
             yield from replies
         finally:
@@ -212,7 +215,6 @@ class ModelBackend:
         final = chat.messages[-1] if chat.messages else None
         if final is not None and final["role"] == "assistant":
             self.last_reply = final["content"]
-        self.cache_owner = self.active_key  # the cache now holds this chat's turns
         if self._announce_reuse:  # the first reply after loading a chat's cache from disk
             self._announce_reuse = False
             self.cache_note = (f"reused {chat.last_cached_tokens:,} cached tokens", False)
@@ -248,9 +250,11 @@ class ModelBackend:
         so a missing cache is worth a line. `kv_bits`: the chat's KV-cache quantization.
         """
         self.active_key = key
-        if key is None or key == self.cache_owner or not self._store_on():
+        if key == self.cache_owner or not self._store_on():
             return None
         note = self.persist()
+        if key is None:  # a new chat: the cache stays in memory, its system prompt may be reused
+            return note
         self._set_kv_bits(kv_bits)
         if self.cache_store.path(key).is_file():
             self._chat().clear_cache()  # saved above: free it before the next one is read, not after
