@@ -41,6 +41,15 @@ class RoundTripDCACache(DCAKVCache):
         )
 
 
+@pytest.fixture(autouse=True, params=["dequantized reads", "quantized reads"])
+def reads(request, monkeypatch):
+    """Every test runs both ways a quantized cache can be read (on a CPU they differ: kv_cache.py)."""
+    import qwen2_mlx.models.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "QUANTIZED_READS_ON_CPU", request.param == "quantized reads")
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """A tiny model whose head size (32) takes quantization groups of 32."""
@@ -256,3 +265,34 @@ def test_bytes_per_token(wide):
     assert sizes[None] >= elements * 4
     assert sizes[8] == pytest.approx(sizes[None] * (1 + 8 / 32) / 4, rel=0.05)
     assert sizes[4] == pytest.approx(sizes[None] * (0.5 + 8 / 32) / 4, rel=0.05)
+
+
+# --- the benchmark ----------------------------------------------------------------------------------
+def test_bench_kv_prints_and_writes_its_figures(tmp_path, capsys, reads):
+    import json
+
+    from tiny import DENSE, make_checkpoint
+
+    from qwen2_mlx.bench.kv import main
+
+    if reads != "dequantized reads":
+        pytest.skip("the benchmark runs as the machine does")
+    path, _ = make_checkpoint(tmp_path / "tiny", DENSE, hidden_size=128)
+    out_file = tmp_path / "kv.json"
+    args = ["--model", str(path), "--lengths", "600", "--bits", "8,4", "--group-size", "32"]
+    assert main([*args, "--dca-chunk-size", "64", "--dca-local-size", "8", "--json", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "8-bit" in out and "4-bit" in out and " dca " in out
+    rows = json.loads(out_file.read_text())
+    assert [(r["mode"], r["kv_bits"]) for r in rows] == [(m, b) for m in ("plain", "dca") for b in (None, 8, 4)]
+    per_token = {(r["mode"], r["kv_bits"]): r["kv_bytes_per_token"] for r in rows}
+    elements = 2 * 2 * 2 * 32  # K and V, 2 layers, 2 KV heads, head size 32
+    for mode in ("plain", "dca"):
+        assert per_token[(mode, None)] == elements * 4
+        assert per_token[(mode, 8)] == elements * (1 + 8 / 32)
+        assert per_token[(mode, 4)] == elements * (0.5 + 8 / 32)
+    assert all(r["max_logit_deviation"] > 0 and r["kl"] > -1e-6 for r in rows if r["kv_bits"])
+    assert main(["--model", str(tmp_path / "missing")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+    assert main([*args, "--lengths", "100"]) == 2
+    assert "too short" in capsys.readouterr().err

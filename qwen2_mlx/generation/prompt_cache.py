@@ -199,7 +199,7 @@ def _check_shapes(path: Path, cache: list, model: nn.Module) -> None:
         keys = getattr(c, "keys", None)
         if isinstance(keys, mx.array):
             heads, size = keys.shape[1], keys.shape[3]
-        elif isinstance(keys, tuple) and keys:  # quantized (data, scales, biases): one scale per group
+        elif isinstance(keys, (tuple, list)) and keys:  # quantized (data, scales, biases): one scale per group
             heads, size = keys[1].shape[1], keys[1].shape[3] * c.group_size
         else:
             continue

@@ -19,7 +19,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 
 from .config import ModelArgs
 from .dca import DCAGeometry, QuantizedKV, dca_attention, dca_temperature, plain_keys, rotate_keys
-from .kv_cache import DCAKVCache, QuantizedDCAKVCache
+from .kv_cache import DCAKVCache, QuantizedDCAKVCache, reads_dequantized
 from .rope import RoPE
 from .stacked import StackedProjections
 
@@ -60,6 +60,9 @@ class Attention(nn.Module):
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
+            if hasattr(cache, "bits") and reads_dequantized():
+                k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
+                cache = None  # the fused kernel on floats
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -101,7 +104,7 @@ class Attention(nn.Module):
         if total <= geom.period or (L > 1 and total <= geom.plain_limit):
             # DCA equals plain attention here; decode past c is cheaper on the DCA path than re-rotating.
             q = self.rope(q, offset=offset)
-            if quantized and total <= geom.period:  # no key needs re-rotating: attend to them as stored
+            if quantized and total <= geom.period and not reads_dequantized():  # no re-rotation: read as stored
                 return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
             if quantized:  # one prefill reaching past c: its keys are re-rotated once, in float
                 k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))

@@ -18,6 +18,8 @@ from typing import NamedTuple, Optional, Union
 import mlx.core as mx
 import numpy as np
 
+from .kv_cache import reads_dequantized
+
 # Score elements (query heads x tile rows x keys) one tile may hold at once; about 32 MB in fp32.
 SCORE_BUDGET = 1 << 23
 TILE_Q = 256
@@ -169,8 +171,14 @@ class QuantizedKV(NamedTuple):
         data, scales, biases = (t[..., a:b, :] for t in (self.data, self.scales, self.biases))
         return self._replace(data=data, scales=scales, biases=biases)
 
+    def dequantized(self) -> mx.array:
+        return mx.dequantize(self.data, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
     def matmul(self, x: mx.array, transpose: bool) -> mx.array:
         x = x.astype(self.scales.dtype)
+        if reads_dequantized():
+            w = self.dequantized()
+            return x @ (w.swapaxes(-1, -2) if transpose else w)
         return mx.quantized_matmul(
             x, self.data, self.scales, self.biases, transpose=transpose, group_size=self.group_size, bits=self.bits
         )
