@@ -1,0 +1,60 @@
+"""Mixed-precision quantization recipes: mlx-lm's, by their names, and two of ours.
+
+mlx-lm's recipes (`mixed_2_6` ... `mixed_4_6`, llama.cpp's Q4_K_M choices) give `lm_head`, and
+`v_proj`/`down_proj` in the first and last eighth of the layers and every third layer between, the
+high bits, everything else the low bits. Ours reuse that layer choice with other bit widths and also
+give the token embeddings and the head 8 bits: with an untied head they are 43 % of a 0.5B model's
+weights and the whole of its output distribution (README, "Quantization by measured quality").
+This module imports nothing heavy at the top, so `--help` and name checks stay instant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+MLX_LM_RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")  # mlx_lm.convert.QUANT_RECIPES
+# name -> (mlx-lm recipe whose layer choice is reused, its bit widths -> ours, bits of embeddings and head)
+OWN_RECIPES = {
+    "mixed_4_6_e8": ("mixed_4_6", {4: 4, 6: 6}, 8),
+    "mixed_6_8": ("mixed_4_6", {4: 6, 6: 8}, 8),
+}
+RECIPES = MLX_LM_RECIPES + tuple(OWN_RECIPES)
+_EDGES = ("embed_tokens", "lm_head")
+
+Predicate = Callable[[str, object], Union[bool, dict]]
+
+
+def describe(name: str) -> str:
+    """One line saying what a recipe does (for --help and the README)."""
+    if name in MLX_LM_RECIPES:
+        low, high = name.split("_")[1:]
+        return f"mlx-lm's: {high}-bit lm_head and sensitive v_proj/down_proj, {low}-bit elsewhere"
+    base, remap, edges = OWN_RECIPES[name]
+    return f"{edges}-bit embeddings and head, {remap[6]}-bit sensitive layers ({base}'s), {remap[4]}-bit elsewhere"
+
+
+def check_name(name: str) -> None:
+    if name not in RECIPES:
+        raise ValueError(f"unknown --quant-predicate {name!r} (choose from {', '.join(RECIPES)})")
+
+
+def recipe_predicate(name: str, model, group_size: int) -> Predicate:
+    """mlx-lm's `quant_predicate` signature: (path, module) -> True or {"group_size", "bits", "mode"}."""
+    from mlx_lm.convert import mixed_quant_predicate_builder
+
+    check_name(name)
+    if name in MLX_LM_RECIPES:
+        return mixed_quant_predicate_builder(name, model, group_size)
+    base_name, remap, edge_bits = OWN_RECIPES[name]
+    base = mixed_quant_predicate_builder(base_name, model, group_size)
+
+    def predicate(path: str, module) -> Union[bool, dict]:
+        if path.rsplit(".", 1)[-1] in _EDGES:
+            return {"group_size": group_size, "bits": edge_bits, "mode": "affine"}
+        choice = base(path, module)
+        if isinstance(choice, dict):
+            choice = {**choice, "bits": remap[choice["bits"]]}
+        return choice
+
+    return predicate
