@@ -31,7 +31,7 @@ VARIANTS: list[tuple[str, dict]] = [
     ("4-bit g32", {"quantize": True, "q_bits": 4, "q_group_size": 32}),
     *(
         (f"{r} g64", {"quantize": True, "quant_predicate": r, "q_group_size": 64})
-        for r in ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6", "mixed_4_6_e8", "mixed_6_8")
+        for r in ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6", "mixed_4_6_e8", "mixed_6_8", "mixed_6_8_e4")
     ),
     ("mixed_4_6_e8 g32", {"quantize": True, "quant_predicate": "mixed_4_6_e8", "q_group_size": 32}),
 ]
@@ -238,7 +238,7 @@ def format_table(rows: list[dict], dequantized: bool) -> str:
         name = r["name"] + (" (reference)" if r["name"] == "float32" else "")
         lines.append(
             f"| {name} | {r['size_bytes'] / 1e9:.3f} | {rel} | {r['perplexity']:.3f} | "
-            f"{r['agreement']:.2%} | {r['kl']:.4f} |"
+            f"{r['agreement']:.2%} | {r['kl']:.5f} |"
         )
     if dequantized:
         lines.append("\nQuantized rows computed with their layers dequantized to float32 (the same weights).")
