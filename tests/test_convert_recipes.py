@@ -125,7 +125,8 @@ def test_bad_recipe_options_are_one_line_and_nothing_written(ckpt, tmp_path, cap
 
 
 def _row(name, agreement, size, bits=None, group=64, recipe=None, kl=0.01):
-    return dict(name=name, bits=bits, group_size=group, recipe=recipe, agreement=agreement, size_bytes=size, kl=kl)
+    spec = dict(name=name, bits=bits, group_size=group, recipe=recipe, dtype="bfloat16")
+    return dict(spec, agreement=agreement, size_bytes=size, kl=kl)
 
 
 ROWS = [
@@ -147,7 +148,13 @@ def test_choice_takes_the_best_agreement_within_the_size_budget():
     assert pick(ROWS, budget=1.2)[0]["name"] == "4-bit g32"
     assert pick(ROWS, budget=2.0)[0]["name"] == "8-bit g64"
     choice = default_conversion("metal", ROWS)
-    assert choice.options == {"quantize": True, "q_bits": None, "q_group_size": 64, "quant_predicate": "mixed_4_6_e8"}
+    assert choice.options == {
+        "quantize": True,
+        "q_bits": None,
+        "q_group_size": 64,
+        "quant_predicate": "mixed_4_6_e8",
+        "dtype": "bfloat16",
+    }
     assert "mixed_4_6_e8 g64" in choice.reason and "97.0%" in choice.reason and "1.39x" in choice.reason
 
 
@@ -181,8 +188,9 @@ def test_default_run_on_a_mac_converts_with_the_choice_and_says_why(ckpt, tmp_pa
     err = capsys.readouterr().err
     best, _ = pick(load_table())
     assert f"Quantizing to {best['name']}" in err
-    q = json.loads((out / "config.json").read_text())["quantization"]
-    assert q["group_size"] == best["group_size"]
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg["quantization"]
+    assert q["group_size"] == best["group_size"] and cfg["torch_dtype"] == best["dtype"] == "bfloat16"
     if best["recipe"]:
         assert q["model.embed_tokens"]["bits"] == expected_bits(best["recipe"], "model.embed_tokens")
     else:

@@ -52,12 +52,13 @@ def pick(rows: list[dict], budget: float = SIZE_BUDGET) -> tuple[dict, dict]:
 
 
 def options_for(row: dict) -> dict:
-    """convert()'s keyword arguments that rebuild a table row's variant (its dtype is the source's own)."""
+    """convert()'s keyword arguments that rebuild a table row's variant, dtype (of scales and norms) included."""
     return {
         "quantize": True,
         "q_bits": None if row.get("recipe") else row["bits"],
         "q_group_size": row["group_size"],
         "quant_predicate": row.get("recipe"),
+        "dtype": row.get("dtype"),
     }
 
 

@@ -181,7 +181,7 @@ def _table(args, ref, ref_hidden, tokens, text, variants, common) -> dict:
         "recipe": None,
     }
     rows = []
-    if not args.variants or "float32" in args.variants.split(","):
+    if not args.variants or "float32" in [v.strip() for v in args.variants.split(",")]:
         same = quality.compare(ref_model, ref_hidden, ref_model, ref_hidden, tokens)
         size = {"disk_bytes": quality.disk_bytes(ref_path), "memory_bytes": quality.memory_bytes(ref_model)}
         rows.append(_row(base, size, same))
