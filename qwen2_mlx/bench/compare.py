@@ -15,6 +15,7 @@ the benchmark runs on a machine without a model and without network.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -24,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
+
+from qwen2_mlx.cli.args import add_kv_cache_args, kv_cache_settings
 
 # mlx, mlx-lm and our package are imported in main(), after the OpenBLAS re-exec.
 
@@ -61,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=3, help="timed runs per library (default 3)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     ap.add_argument("--json", metavar="FILE", help="also write all figures to FILE as JSON")
+    add_kv_cache_args(ap)  # both libraries take mlx-lm's kv_bits, kv_group_size, quantized_kv_start
     spec = ap.add_argument_group("speculative decoding (bench/speculative.py: the task set, plain against speculative)")
     spec.add_argument("--lookup", action="store_true", help="prompt lookup against plain decoding on the task set")
     spec.add_argument("--draft-model", metavar="PATH", help="a draft model against plain decoding on the task set")
@@ -270,6 +274,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         mx.eval(theirs.parameters())
         libs.append(("mlx_lm", theirs, theirs_step))
     weights = {name: weight_bytes(m, ours.args)[0] for name, m, _ in libs}
+    kv = kv_cache_settings(args)
+    if kv["kv_bits"] is not None:
+        libs = [(name, m, functools.partial(step, **kv)) for name, m, step in libs]
 
     mx.random.seed(args.seed)
     prompt = mx.random.randint(0, ours.args.vocab_size, (args.prompt_tokens,)).astype(mx.uint32)
@@ -297,6 +304,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "gen_tokens": args.gen_tokens,
         "runs": args.runs,
         "dca": dca,
+        **kv_cache_settings(args),
         "machine": machine_description(),
         "versions": versions(),
         "per_run": {n: [{k: v for k, v in r.items() if k != "tokens"} for r in rs] for n, rs in runs.items()},
@@ -324,6 +332,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     # Roofline: a decoded token must stream the weights it uses plus the KV cache once.
     _, per_tok = weight_bytes(ours, ours.args)
     itemsize = ours.model.norm.weight.itemsize
+    if kv_cache_settings(args)["kv_bits"]:  # packed values plus a scale and a bias per group
+        itemsize = args.kv_bits / 8 + 2 * itemsize / args.kv_group_size
     context = args.prompt_tokens + args.gen_tokens / 2
     kv = kv_bytes_per_position(ours, itemsize) * context
     size = (256 << 20) if on_cpu else (2 << 30)

@@ -103,6 +103,36 @@ def add_long_context_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+def add_kv_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add --kv-bits, --kv-group-size, --quantized-kv-start (mlx-lm's switches; absent: a float cache)."""
+    g = parser.add_argument_group("KV cache", "Quantize the KV cache to fit longer contexts in memory")
+    g.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="bits per cached key and value")
+    g.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=(32, 64, 128),
+        default=64,
+        help="elements sharing a scale and bias (default: %(default)s; must divide the head size)",
+    )
+    g.add_argument(
+        "--quantized-kv-start",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="keep the cache in floats until it holds N tokens (default: %(default)s)",
+    )
+    return parser
+
+
+def kv_cache_settings(args: argparse.Namespace) -> dict:
+    """`kv_bits`, `kv_group_size`, `quantized_kv_start` for generation calls (kv_bits None: a float cache)."""
+    return {
+        "kv_bits": getattr(args, "kv_bits", None),
+        "kv_group_size": getattr(args, "kv_group_size", 64),
+        "quantized_kv_start": getattr(args, "quantized_kv_start", 0),
+    }
+
+
 def long_context_overrides(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> dict:
     """`dict(dca=..., rope_scaling=...)` for `load(path, **overrides)`; None values change nothing.
 

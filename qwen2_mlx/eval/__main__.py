@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         results = ResultsFile(args.results, _settings(args, lm.settings, {"length": args.length, "seed": args.seed}))
         with progress(args.trials, "passkey") as bar:
             summary = passkey.run_passkey(
-                lm.model, lm.tokenizer, args.length, args.trials, args.seed, results, args.prefill_step_size, bar
+                lm.model, lm.tokenizer, args.length, args.trials, args.seed, results, args.prefill_step_size, bar, lm.kv
             )
         report = passkey.format_report(summary)
         summary = {"command": "passkey", "settings": results.settings, "length": args.length, **summary}
@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> dict:
                 results,
                 args.prefill_step_size,
                 bar,
+                lm.kv,
             )
         title = args.title or f"Needle in a haystack\n{lm.label}"
         summary = {"command": "niah", "settings": results.settings, "label": lm.label, "title": title, **grid}
@@ -186,7 +187,9 @@ def run(args: argparse.Namespace) -> dict:
         }
         results = ResultsFile(args.results, _settings(args, lm.settings, extra))
         with progress(len(ppl.windows(len(tokens), args.context, args.stride)), "ppl") as bar:
-            summary = ppl.perplexity(lm.model, tokens, args.context, args.stride, results, args.prefill_step_size, bar)
+            summary = ppl.perplexity(
+                lm.model, tokens, args.context, args.stride, results, args.prefill_step_size, bar, lm.kv
+            )
         report = (
             f"perplexity: {summary['perplexity']:.4f}\ntokens: {summary['tokens']} "
             f"(scored {summary['scored_tokens']}, {len(summary['windows'])} windows)"

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, add_long_context_args, int_list, long_context_overrides, mlx_dtype
+from qwen2_mlx.cli.args import (
+    DTYPE_NAMES,
+    add_kv_cache_args,
+    add_long_context_args,
+    int_list,
+    kv_cache_settings,
+    long_context_overrides,
+    mlx_dtype,
+)
 from qwen2_mlx.cli.blas import mlx_uses_cpu
 from qwen2_mlx.loading.paths import default_model_path
 
@@ -44,6 +52,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results as JSON")
     add_long_context_args(parser)
+    add_kv_cache_args(parser)
 
 
 @dataclass
@@ -51,7 +60,11 @@ class LoadedModel:
     model: object
     tokenizer: object
     path: Path
-    settings: dict  # what identifies the model side of a run: folder, dtype, DCA, YaRN
+    settings: dict  # what identifies the model side of a run: folder, dtype, DCA, YaRN, KV-cache bits
+
+    @property
+    def kv(self) -> dict:
+        return {k: self.settings[k] for k in ("kv_bits", "kv_group_size", "quantized_kv_start")}
 
     @property
     def label(self) -> str:
@@ -68,11 +81,14 @@ class LoadedModel:
             parts.append(f"YaRN x{rs['factor']:g}")
         if not dca and not rs:
             parts.append("no DCA")
+        if self.settings.get("kv_bits"):
+            parts.append(f"{self.settings['kv_bits']}-bit KV cache")
         return " · ".join(parts)
 
 
 def load_for_eval(args: argparse.Namespace) -> LoadedModel:
     """Load the model named by --model with the long-context switches; user errors become EvalError."""
+    from qwen2_mlx.generation.kv_quant import KVQuantization
     from qwen2_mlx.loading.loader import ModelLoadError, load, resolve_path
     from qwen2_mlx.loading.tokenizer import TokenizerError
     from qwen2_mlx.models.config import ConfigError
@@ -84,13 +100,15 @@ def load_for_eval(args: argparse.Namespace) -> LoadedModel:
         path = resolve_path(args.model or default_model_path()).resolve()
         dtype = mlx_dtype(args.dtype)
         model, tokenizer = load(path, dtype=dtype, **overrides)
-    except (ModelLoadError, ConfigError, TokenizerError) as e:
+        KVQuantization.make(**kv_cache_settings(args), model=model)
+    except (ModelLoadError, ConfigError, TokenizerError, ValueError) as e:
         raise EvalError(str(e)) from None
     settings = {
         "model": str(path),
         "dtype": args.dtype,
         "dca": overrides.get("dca"),
         "rope_scaling": overrides.get("rope_scaling"),
+        **kv_cache_settings(args),
     }
     return LoadedModel(model, tokenizer, path, settings)
 

@@ -38,6 +38,7 @@ def run_niah(
     results: Optional[ResultsFile] = None,
     prefill_step_size: int = 512,
     bar=None,
+    kv: Optional[dict] = None,
 ) -> dict:
     """Run (or resume) the grid; `scores[d][l]` is the fraction found at depths[d] %, lengths[l] tokens."""
     results = results or ResultsFile(None, {})
@@ -57,7 +58,7 @@ def run_niah(
                             "length": length,
                             "depth": depth,
                             "trial": t,
-                            **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar),
+                            **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar, kv),
                         }
                     )
                 cells.append(record)

@@ -25,6 +25,7 @@ def run_passkey(
     results: Optional[ResultsFile] = None,
     prefill_step_size: int = 512,
     bar=None,
+    kv: Optional[dict] = None,
 ) -> dict:
     """Run (or resume) `trials` trials; returns {"accuracy", "trials": [records]}."""
     results = results or ResultsFile(None, {})
@@ -40,7 +41,7 @@ def run_passkey(
                     "id": unit,
                     "trial": i,
                     "depth": depth,
-                    **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar),
+                    **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar, kv),
                 }
             )
         records.append(record)

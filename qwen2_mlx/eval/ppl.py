@@ -15,6 +15,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from qwen2_mlx.generation.kv_quant import KVQuantization, quantizer
 from qwen2_mlx.generation.prompt_cache import make_prompt_cache
 
 from .results import ResultsFile
@@ -39,8 +40,12 @@ def _head(model, h: mx.array) -> mx.array:
     return model.lm_head(h)
 
 
-def window_nll(model, tokens: Sequence[int], first: int, prefill_step_size: int = 512) -> tuple[float, int]:
-    """Sum of -log p(token) over tokens[first:] given the tokens before them in the window."""
+def window_nll(
+    model, tokens: Sequence[int], first: int, prefill_step_size: int = 512, kv: Optional[dict] = None
+) -> tuple[float, int]:
+    """Sum of -log p(token) over tokens[first:] given the tokens before them in the window
+    (`kv`: KV-cache quantization settings, applied after each step as generation applies them)."""
+    quantize = quantizer(KVQuantization.make(**kv, model=model) if kv else None)
     x = mx.array(list(tokens), dtype=mx.uint32)
     n = x.size
     cache = make_prompt_cache(model)
@@ -51,6 +56,7 @@ def window_nll(model, tokens: Sequence[int], first: int, prefill_step_size: int 
     for s in range(0, n, prefill_step_size):
         e = min(s + prefill_step_size, n)
         h = model.model(x[s:e][None], cache=cache)
+        quantize(cache)
         # Position p predicts token p + 1; scored tokens are first..n-1, so p runs first-1..n-2.
         a, b = max(s, first - 1), min(e, n - 1)
         if a < b:
@@ -74,6 +80,7 @@ def perplexity(
     results: Optional[ResultsFile] = None,
     prefill_step_size: int = 512,
     bar=None,
+    kv: Optional[dict] = None,
 ) -> dict:
     """Run (or resume) the strided evaluation; returns perplexity, scored token count and per-window sums."""
     if len(tokens) < 2:
@@ -84,7 +91,7 @@ def perplexity(
         unit = f"window:{begin}"
         record = results.get(unit)
         if record is None:
-            nll, scored = window_nll(model, tokens[begin:end], first, prefill_step_size)
+            nll, scored = window_nll(model, tokens[begin:end], first, prefill_step_size, kv)
             record = results.add({"id": unit, "begin": begin, "end": end, "scored": scored, "nll": nll})
         records.append(record)
         total += record["nll"]

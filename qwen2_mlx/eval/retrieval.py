@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from qwen2_mlx.generation.generate import generate
 
 from .prompts import HaystackPrompt, first_number
 
 
-def answer(model, tokenizer, prompt: HaystackPrompt, max_tokens: int, prefill_step_size: int, bar=None) -> dict:
+def answer(
+    model,
+    tokenizer,
+    prompt: HaystackPrompt,
+    max_tokens: int,
+    prefill_step_size: int,
+    bar=None,
+    kv: Optional[dict] = None,
+) -> dict:
     """Run one prompt; the record says what was expected, what came back and whether it matched.
 
     With a tqdm `bar`, its postfix follows the prefill (a long prompt on a CPU takes minutes)."""
@@ -25,6 +34,7 @@ def answer(model, tokenizer, prompt: HaystackPrompt, max_tokens: int, prefill_st
         max_tokens=max_tokens,
         prefill_step_size=prefill_step_size,
         prompt_progress_callback=on_prefill if bar is not None else None,
+        **(kv or {}),
     )
     return {
         "tokens": len(prompt.tokens),

@@ -30,6 +30,7 @@ from .generate import (
     fresh_detokenizer,
     generation_stream,
 )
+from .kv_quant import KVQuantization, quantize_batch_cache
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -130,15 +131,19 @@ def batch_generate(
     stop: Optional[Iterable[str]] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     verbose: bool = False,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> BatchResponse:
     """Generate a completion for every prompt, decoding up to `batch_size` of them together.
 
     A prompt is a string (encoded as is), token ids, or a list of chat messages (the chat
     template is applied). `max_tokens` is one limit or one per prompt (None: until the end of
-    the turn or the context window). Sampling settings are `stream_generate`'s.
+    the turn or the context window). Sampling and KV-cache settings are `stream_generate`'s.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    kv = KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model)
     if getattr(model.args, "dual_chunk_attention_config", None) is not None:
         raise ValueError("batch_generate does not support Dual Chunk Attention models; use stream_generate")
     tokenizer = as_wrapper(tokenizer)
@@ -188,7 +193,7 @@ def batch_generate(
                 )
             )
         with mx.stream(generation_stream):
-            _run_group(model, rows, sample, procs, eos, prefill_step_size, stats)
+            _run_group(model, rows, sample, procs, eos, prefill_step_size, stats, kv)
         for r in rows:
             results[r.index] = r
         if verbose:
@@ -215,6 +220,7 @@ def _run_group(
     eos: set,
     prefill_step_size: int,
     stats: BatchStats,
+    kv: Optional[KVQuantization] = None,
 ) -> None:
     tic = time.perf_counter()
     width = max(len(r.prompt) for r in rows)
@@ -225,6 +231,7 @@ def _run_group(
     # Prefill all but the last column, evaluating only the cache; the last goes through the head.
     for a in range(0, width - 1, prefill_step_size):
         model(tokens[:, a : min(a + prefill_step_size, width - 1)], cache=cache)
+        quantize_batch_cache(cache, kv)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
 
@@ -232,6 +239,7 @@ def _run_group(
 
     def step(inputs: mx.array, generated: bool):
         logits = model(inputs, cache=cache)[:, -1, :]
+        quantize_batch_cache(cache, kv)
         if procs:
             rows_logits = []
             for k, r in enumerate(live):

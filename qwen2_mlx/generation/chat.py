@@ -28,6 +28,7 @@ from .generate import (
     prefill_prompt_cache,
     stream_generate,
 )
+from .kv_quant import KVQuantization
 from .notebook import chat_markdown
 from .prompt_cache import (
     PromptCacheError,
@@ -139,6 +140,9 @@ class Chat:
         draft_model: Optional[nn.Module] = None,
         num_draft_tokens: int = 3,
         lookup: Any = None,
+        kv_bits: Optional[int] = None,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
         **sampling: Any,
     ):
         if context_policy not in POLICIES:
@@ -147,6 +151,8 @@ class Chat:
         if max_context is not None and not (0 < max_context <= model_limit):
             raise ValueError(f"max_context must be between 1 and the model's {model_limit} tokens")
         _check_settings(sampling, SAMPLING_KEYS)
+        # KV-cache quantization (kv_quant.py) belongs to the chat, not to a turn: its cache is built with it.
+        self.kv_quantization = KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model)
         self.model = model
         self.tokenizer = as_wrapper(tokenizer)
         self.context_policy = context_policy
@@ -357,7 +363,7 @@ class Chat:
             k = len(self._cache_tokens)
             held = self._draft_cache[0].offset
             if held < k:
-                prefill_prompt_cache(draft, self.tokenizer, ids[held:k], self._draft_cache)
+                prefill_prompt_cache(draft, self.tokenizer, ids[held:k], self._draft_cache, **self.kv_settings)
         return ids[len(self._cache_tokens) :]
 
     def _trim_to(self, k: int) -> None:
@@ -385,6 +391,24 @@ class Chat:
             trim_prompt_cache(self._draft_cache, self._draft_cache[0].offset - len(held))
         history = self._tokens(self.messages, False)
         self._trim_to(_common_prefix(self._cache_tokens, history))
+
+    # --- KV-cache quantization -------------------------------------------------------------------
+    @property
+    def kv_settings(self) -> dict:
+        """`kv_bits`, `kv_group_size`, `quantized_kv_start` as given (kv_bits None: a float cache)."""
+        kv = self.kv_quantization
+        return kv.to_dict() if kv is not None else {"kv_bits": None, "kv_group_size": 64, "quantized_kv_start": 0}
+
+    def set_kv_quantization(self, kv_bits: Optional[int], kv_group_size: int = 64, quantized_kv_start: int = 0) -> bool:
+        """Change the KV-cache quantization; a cache built otherwise is dropped (the next turn prefills
+        the history again). Returns whether it changed."""
+        self._check_idle()
+        kv = KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, self.model)
+        if kv == self.kv_quantization:
+            return False
+        self.kv_quantization = kv
+        self._cache, self._cache_tokens, self._draft_cache, self._draft_of = None, [], None, None
+        return True
 
     # --- generation ----------------------------------------------------------------------------
     def _check_idle(self) -> None:
@@ -464,8 +488,19 @@ class Chat:
         last: Optional[GenerationResponse] = None
         recorded = False
 
+        run_cache: list = []
+
+        def take_back() -> None:
+            # generation may have swapped layers for quantized ones in the list it was given
+            if run_cache:
+                n = len(self._cache)
+                self._cache, rest = run_cache[:n], run_cache[n:]
+                if rest:
+                    self._draft_cache = rest
+
         def record(reason: str) -> None:
             nonlocal recorded
+            take_back()
             recorded = True
             text = "".join(parts)
             if text or reason != "cancelled":
@@ -482,14 +517,16 @@ class Chat:
             spec = {"lookup": lookup, "context_tokens": ids[: len(ids) - len(suffix)]} if lookup else {}
             if draft is not None:
                 spec = {"draft_model": draft, "num_draft_tokens": self.num_draft_tokens}
+            run_cache = self._cache + (self._draft_cache if draft is not None else [])
             responses = stream_generate(
                 self.model,
                 self.tokenizer,
                 suffix,
                 max_tokens,
-                prompt_cache=self._cache + (self._draft_cache if draft is not None else []),
+                prompt_cache=run_cache,
                 cancel=cancel,
                 max_context=self.context_limit,
+                **self.kv_settings,
                 **spec,
                 **settings,
             )
@@ -507,11 +544,13 @@ class Chat:
             raise
         except BaseException:
             if self._cache is not None and not recorded:
+                take_back()
                 self._sync_cache(ids + generated)
             raise
         finally:
             if responses is not None:
                 responses.close()
+            take_back()
             self._release(stream)
 
     # --- save / load ---------------------------------------------------------------------------
@@ -533,6 +572,7 @@ class Chat:
             "messages": [c.to_dict() for c in self._root.children],
             "active": self._root.active,
             "dropped": self.dropped,
+            "kv_cache": self.kv_settings,
             "cache": None,
         }
         if include_cache and self._cache is not None and self._cache_tokens:
@@ -585,6 +625,9 @@ class Chat:
         system = data.get("system")
         if system is not None and not isinstance(system, str):
             raise bad("system", "must be a string or null")
+        kv = data.get("kv_cache") or {}
+        if not isinstance(kv, dict) or any(k not in ("kv_bits", "kv_group_size", "quantized_kv_start") for k in kv):
+            raise bad("kv_cache", "must be an object with keys among kv_bits, kv_group_size, quantized_kv_start")
         try:
             chat = cls(
                 model,
@@ -592,6 +635,7 @@ class Chat:
                 system=system,
                 context_policy=data.get("context_policy", "refuse"),
                 max_context=data.get("max_context"),
+                **kv,
                 **sampling,
             )
         except (ValueError, TypeError) as e:

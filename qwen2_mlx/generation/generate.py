@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .kv_quant import KVQuantization, quantizer
 from .prompt_cache import make_prompt_cache
 from .proposers import LookupSettings, check_draft
 from .responses import ContextOverflowError, GenerationResponse, GenerationStats, Reply
@@ -72,6 +73,9 @@ def generate_step(
     context_tokens: Sequence[int] = (),
     distribution: Optional[Callable] = None,
     speculative_stats: Optional[SpeculativeStats] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Generator[tuple, None, None]:
     """Yield (token, logprobs) pairs. `max_tokens=None` never stops by count.
 
@@ -84,9 +88,13 @@ def generate_step(
     `draft_model` proposes `num_draft_tokens` tokens (then `prompt_cache`, if given, is mlx-lm's
     model-then-draft list). `distribution` (speculative.make_distribution) is what the sampler
     draws from, for the accept/resample rule at temperature > 0.
+
+    `kv_bits` (with `kv_group_size`, `quantized_kv_start`: mlx-lm's names and rule) quantizes each
+    layer's cache, in place in `prompt_cache`, once it holds `quantized_kv_start` tokens (kv_quant.py).
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    quantize = quantizer(KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model))
     lookup = LookupSettings.coerce(lookup)
     if draft_model is not None or lookup is not None:
         yield from _speculative(
@@ -104,6 +112,7 @@ def generate_step(
             context_tokens=context_tokens,
             distribution=distribution,
             stats=speculative_stats,
+            quantize=quantize,
         )
         return
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
@@ -115,6 +124,7 @@ def generate_step(
     def step(tokens: mx.array):
         nonlocal history
         logits = model(tokens[None], cache=cache)[:, -1, :]
+        quantize(cache)
         if logits_processors:
             history = tokens if history is None else mx.concatenate([history, tokens])
             for proc in logits_processors:
@@ -127,7 +137,7 @@ def generate_step(
             c.length_hint = c.offset + prompt.size
     with mx.stream(generation_stream):
         # Prefill all but the last prompt token; the last one goes through the head in `step`.
-        done = _prefill(model, prompt[:-1], cache, prefill_step_size, lambda d, _: progress(d, total))
+        done = _prefill(model, prompt[:-1], cache, prefill_step_size, lambda d, _: progress(d, total), quantize)
         if logits_processors and done:
             history = prompt[:done]
         y, logprobs = step(prompt[done:])
@@ -171,22 +181,31 @@ def _speculative(prompt, model, *, prompt_cache, prefill_step_size, prompt_progr
 
     def prefill(m: nn.Module, tokens: mx.array, c: list) -> int:
         report = (lambda d, _: progress(d, total)) if m is model else (lambda *_: None)
-        return _prefill(m, tokens, c, prefill_step_size, report)
+        return _prefill(m, tokens, c, prefill_step_size, report, kw["quantize"])
 
-    with mx.stream(generation_stream):
-        yield from speculative_generate_step(
-            prompt,
-            model,
-            cache,
-            prefill=prefill,
-            draft_cache=draft_cache,
-            on_first=lambda: progress(total, total),
-            **kw,
-        )
+    try:
+        with mx.stream(generation_stream):
+            yield from speculative_generate_step(
+                prompt,
+                model,
+                cache,
+                prefill=prefill,
+                draft_cache=draft_cache,
+                on_first=lambda: progress(total, total),
+                **kw,
+            )
+    finally:
+        if draft_cache is not None:  # layers quantized in the split lists go back to the caller's list
+            prompt_cache[:] = cache + draft_cache
 
 
 def _prefill(
-    model: nn.Module, tokens: mx.array, cache: list, step_size: int, progress: Callable[[int, int], None]
+    model: nn.Module,
+    tokens: mx.array,
+    cache: list,
+    step_size: int,
+    progress: Callable[[int, int], None],
+    quantize: Callable[[list], None] = lambda cache: None,
 ) -> int:
     """Run `tokens` into the cache in chunks, evaluating only the cache (no head). Returns the count."""
     total, done = tokens.size, 0
@@ -194,6 +213,7 @@ def _prefill(
     while done < total:
         n = min(step_size, total - done)
         model(tokens[done : done + n][None], cache=cache)
+        quantize(cache)
         mx.eval([c.state for c in cache])
         done += n
         progress(done, total)
@@ -209,15 +229,20 @@ def prefill_prompt_cache(
     *,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> list:
     """Process a prompt (e.g. a long document) into a KV cache once, to reuse for many questions.
 
     Appends to `prompt_cache` when given (else a new cache) and returns it; it then holds every
-    prompt token, so later calls pass only the new tokens with `prompt_cache=`.
+    prompt token, so later calls pass only the new tokens with `prompt_cache=`. `kv_bits` and
+    friends quantize it as generate_step does (pass the same settings when generating from it).
     """
     tokens = encode_prompt(tokenizer, prompt)
     if tokens.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    quantize = quantizer(KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model))
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     held = getattr(cache[0], "offset", 0) if cache else 0
     if held + tokens.size > context_limit(model):
@@ -229,7 +254,7 @@ def prefill_prompt_cache(
         if hasattr(c, "length_hint"):
             c.length_hint = c.offset + tokens.size
     with mx.stream(generation_stream):
-        _prefill(model, tokens, cache, prefill_step_size, prompt_progress_callback or (lambda *_: None))
+        _prefill(model, tokens, cache, prefill_step_size, prompt_progress_callback or (lambda *_: None), quantize)
     return cache
 
 
@@ -340,6 +365,9 @@ def stream_generate(
     num_draft_tokens: int = 3,
     lookup: Union[None, bool, dict, LookupSettings] = None,
     context_tokens: Sequence[int] = (),
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion as GenerationResponse segments; the last one carries `finish_reason`.
 
@@ -355,7 +383,11 @@ def stream_generate(
     lookup, `draft_model=` with `num_draft_tokens=` for a draft model of the same tokenizer;
     `context_tokens` are the ids `prompt_cache` already holds, for prompt lookup to search.
     Responses then say `from_draft` per token and count proposals, acceptances and forwards.
+
+    `kv_bits` (2-8; 4 and 8 are the useful ones), `kv_group_size` and `quantized_kv_start` quantize the
+    KV cache as mlx-lm does, DCA layers included (their keys after rotation and scaling).
     """
+    KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model)  # bad settings fail before any work
     if max_tokens is not None and max_tokens < 0:
         max_tokens = None
     if max_tokens is not None and max_tokens == 0:
@@ -444,6 +476,9 @@ def stream_generate(
         context_tokens=context_tokens,
         distribution=distribution,
         speculative_stats=spec,
+        kv_bits=kv_bits,
+        kv_group_size=kv_group_size,
+        quantized_kv_start=quantized_kv_start,
     )
     reason, pending = None, ""
     try:

@@ -18,10 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as mlx_cache
-from mlx_lm.models.cache import KVCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache, trim_prompt_cache
 
 from qwen2_mlx.models.dca import long_context_signature
-from qwen2_mlx.models.kv_cache import DCAKVCache
+from qwen2_mlx.models.kv_cache import DCAKVCache, QuantizedDCAKVCache
 
 SIGNATURE_KEY = "qwen2_mlx_signature"
 META_STATE_KEY = "qwen2_mlx_meta_state"  # per layer; mlx-lm's layout no longer saves it
@@ -54,6 +54,10 @@ def _compact(c: Any) -> Any:
     if isinstance(c, KVCache) and c.keys is not None and c.keys.shape[2] > c.offset:
         out = copy.copy(c)
         out.keys, out.values = c.keys[..., : c.offset, :], c.values[..., : c.offset, :]
+        return out
+    if isinstance(c, QuantizedKVCache) and c.keys is not None and c.keys[0].shape[2] > c.offset:
+        out = copy.copy(c)
+        out.keys, out.values = (tuple(t[..., : c.offset, :] for t in x) for x in (c.keys, c.values))
         return out
     return c
 
@@ -93,7 +97,8 @@ def save_prompt_cache(
 
 
 def _cache_class(name: str, path: Path):
-    cls = {"DCAKVCache": DCAKVCache}.get(name)  # the cache classes of our models first, then mlx-lm's
+    # the cache classes of our models first, then mlx-lm's
+    cls = {"DCAKVCache": DCAKVCache, "QuantizedDCAKVCache": QuantizedDCAKVCache}.get(name)
     if not (isinstance(cls, type) and hasattr(cls, "from_state")):
         cls = getattr(mlx_cache, name, None)
     if not (isinstance(cls, type) and hasattr(cls, "from_state")):
@@ -120,9 +125,15 @@ def _check_shapes(path: Path, cache: list, model: nn.Module) -> None:
         raise PromptCacheError(f"{path}: the cache has {len(cache)} layers, the model {args.num_hidden_layers}")
     for c in cache:
         keys = getattr(c, "keys", None)
-        if isinstance(keys, mx.array) and (keys.shape[1], keys.shape[3]) != (args.num_key_value_heads, args.head_dim):
+        if isinstance(keys, mx.array):
+            heads, size = keys.shape[1], keys.shape[3]
+        elif isinstance(keys, (tuple, list)) and keys:  # quantized (data, scales, biases): one scale per group
+            heads, size = keys[1].shape[1], keys[1].shape[3] * c.group_size
+        else:
+            continue
+        if (heads, size) != (args.num_key_value_heads, args.head_dim):
             raise PromptCacheError(
-                f"{path}: cached keys have {keys.shape[1]} heads of size {keys.shape[3]}, the model "
+                f"{path}: cached keys have {heads} heads of size {size}, the model "
                 f"{args.num_key_value_heads} of size {args.head_dim}"
             )
 

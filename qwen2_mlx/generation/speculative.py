@@ -160,11 +160,13 @@ def speculative_generate_step(
     context_tokens: Sequence[int] = (),
     stats: Optional[SpeculativeStats] = None,
     on_first: Callable[[], None] = lambda: None,
+    quantize: Callable[[list], None] = lambda cache: None,
 ) -> Generator[tuple[int, mx.array, bool], None, None]:
     """Yield (token, logprobs, from_draft) like mlx-lm's speculative_generate_step.
 
     `prefill(model, tokens, cache)` runs tokens into a cache (generate.py's chunked prefill);
     `context_tokens` are the tokens `cache` held before `prompt` (prompt lookup searches them too).
+    `quantize(cache)` quantizes layers in place (kv_quant.py) after each verify step.
     """
     if not can_trim_prompt_cache(cache) or (draft_cache is not None and not can_trim_prompt_cache(draft_cache)):
         raise ValueError("speculative decoding needs trimmable KV caches")
@@ -213,8 +215,10 @@ def speculative_generate_step(
                 on_first()
             # Keep y and the accepted proposals; the rest of this forward's keys go.
             _trim_to(cache, good + 1 + a)
+            quantize(cache)
             if draft_cache is not None:
                 _trim_to(draft_cache, min(draft_cache[0].offset, good + 1 + a))
+                quantize(draft_cache)
             verifier.commit(inputs, 1 + a)
             good += 1  # y
             for i in range(a):

@@ -18,8 +18,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
 from .config import ModelArgs
-from .dca import DCAGeometry, dca_attention, dca_temperature, plain_keys, rotate_keys
-from .kv_cache import DCAKVCache
+from .dca import DCAGeometry, QuantizedKV, dca_attention, dca_temperature, plain_keys, rotate_keys
+from .kv_cache import DCAKVCache, QuantizedDCAKVCache, reads_dequantized
 from .rope import RoPE
 from .stacked import StackedProjections
 
@@ -60,14 +60,18 @@ class Attention(nn.Module):
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
+            if hasattr(cache, "bits") and reads_dequantized():
+                k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
+                cache = None  # the fused kernel on floats
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _dual_chunk(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[Any], cache: Optional[Any]):
         geom = self.dca
-        if cache is not None and not isinstance(cache, DCAKVCache):
+        if cache is not None and not isinstance(cache, (DCAKVCache, QuantizedDCAKVCache)):
             raise TypeError(
-                f"Dual Chunk Attention needs DCAKVCache layers (from model.make_cache()), got {type(cache).__name__}"
+                "Dual Chunk Attention needs DCAKVCache layers (from model.make_cache(), or their quantized "
+                f"form), got {type(cache).__name__}"
             )
         if (
             cache is not None
@@ -96,12 +100,19 @@ class Attention(nn.Module):
             k = k * temp
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        quantized = hasattr(cache, "bits")  # keys were quantized after rotation and scaling
         if total <= geom.period or (L > 1 and total <= geom.plain_limit):
             # DCA equals plain attention here; decode past c is cheaper on the DCA path than re-rotating.
             q = self.rope(q, offset=offset)
+            if quantized and total <= geom.period and not reads_dequantized():  # no re-rotation: read as stored
+                return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+            if quantized:  # one prefill reaching past c: its keys are re-rotated once, in float
+                k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
             return scaled_dot_product_attention(
                 q, plain_keys(self.rope, k, geom), v, cache=None, scale=scale, mask=mask
             )
         if isinstance(mask, mx.array):
             raise ValueError("Dual Chunk Attention builds its own causal masks; padded batches are not supported")
+        if quantized:
+            k, v = (QuantizedKV(*x, cache.group_size, cache.bits) for x in (k, v))
         return dca_attention(q, k, v, offset, self.rope, scale, geom)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import mlx.core as mx
 import numpy as np
+
+from .kv_cache import reads_dequantized
 
 # Score elements (query heads x tile rows x keys) one tile may hold at once; about 32 MB in fp32.
 SCORE_BUDGET = 1 << 23
@@ -150,13 +152,56 @@ def query_copies(rope, q: mx.array, start: int, geom: DCAGeometry):
 # Attention
 
 
-def _scores(q: mx.array, k: mx.array) -> mx.array:
+class QuantizedKV(NamedTuple):
+    """Keys or values as a quantized KV cache holds them: mlx's (data, scales, biases) and the format.
+
+    DCA reads them as stored, through quantized matmuls, never dequantizing the cache as a whole."""
+
+    data: mx.array
+    scales: mx.array
+    biases: mx.array
+    group_size: int
+    bits: int
+
+    @property
+    def shape(self) -> tuple:
+        return (*self.data.shape[:-1], self.data.shape[-1] * 32 // self.bits)
+
+    def rows(self, a: int, b: int) -> QuantizedKV:
+        data, scales, biases = (t[..., a:b, :] for t in (self.data, self.scales, self.biases))
+        return self._replace(data=data, scales=scales, biases=biases)
+
+    def dequantized(self) -> mx.array:
+        return mx.dequantize(self.data, self.scales, self.biases, group_size=self.group_size, bits=self.bits)
+
+    def matmul(self, x: mx.array, transpose: bool) -> mx.array:
+        x = x.astype(self.scales.dtype)
+        if reads_dequantized():
+            w = self.dequantized()
+            return x @ (w.swapaxes(-1, -2) if transpose else w)
+        return mx.quantized_matmul(
+            x, self.data, self.scales, self.biases, transpose=transpose, group_size=self.group_size, bits=self.bits
+        )
+
+
+KV = Union[mx.array, QuantizedKV]
+
+
+def _rows(x: KV, a: int, b: int) -> KV:
+    return x.rows(a, b) if isinstance(x, QuantizedKV) else x[..., a:b, :]
+
+
+def _scores(q: mx.array, k: KV) -> mx.array:
     """q (B, Hkv, G*T, D) @ k (B, Hkv, K, D)^T in the input dtype, returned in float32."""
+    if isinstance(k, QuantizedKV):
+        return k.matmul(q, transpose=True).astype(mx.float32)
     return (q @ k.swapaxes(-1, -2)).astype(mx.float32)
 
 
-def _pv(p: mx.array, v: mx.array) -> mx.array:
+def _pv(p: mx.array, v: KV) -> mx.array:
     """Probabilities (fp32) times values, the result in float32."""
+    if isinstance(v, QuantizedKV):
+        return v.matmul(p, transpose=False).astype(mx.float32)
     if v.dtype == mx.float32:
         return p @ v
     return (p.astype(v.dtype) @ v).astype(mx.float32)
@@ -192,11 +237,11 @@ def _attend_concat(copies, keys, values, start, e, groups, T, geom):
     """One softmax over the concatenated scores of all parts (needs Hq*T*e score elements)."""
     parts = []
     for name, k0, k1, causal in _tile_ranges(start, e, geom):
-        s = _scores(copies[name], keys[..., k0:k1, :])
+        s = _scores(copies[name], _rows(keys, k0, k1))
         parts.append(_mask_tail(s, groups, T) if causal and T > 1 else s)
     s = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     p = mx.softmax(s, axis=-1, precise=True)
-    return _pv(p, values[..., :e, :])
+    return _pv(p, _rows(values, 0, e))
 
 
 def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block, bounded=False):
@@ -210,7 +255,7 @@ def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block, bound
         b1 = k1
         while b1 > k0:
             b0 = max(k0, b1 - block)  # block >= T: the tile's own keys share one block
-            s = _scores(q, keys[..., b0:b1, :])
+            s = _scores(q, _rows(keys, b0, b1))
             if causal and b1 == k1 and T > 1:
                 s = _mask_tail(s, groups, T)
             m = mx.max(s, axis=-1, keepdims=True)
@@ -218,7 +263,7 @@ def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block, bound
                 m = mx.maximum(m, m_run)
             p = mx.exp(s - m)
             norm = mx.sum(p, axis=-1, keepdims=True)
-            o = _pv(p, values[..., b0:b1, :])
+            o = _pv(p, _rows(values, b0, b1))
             if m_run is not None:
                 a = mx.exp(m_run - m)  # rescale what came before to the new running max
                 norm = norm + a * l_run
@@ -258,8 +303,8 @@ def _decode_step(q, keys, values, offset, rope, geom, groups):
 
 def dca_attention(
     q: mx.array,
-    keys: mx.array,
-    values: mx.array,
+    keys: KV,
+    values: KV,
     offset: int,
     rope,
     scale: float,
@@ -270,8 +315,8 @@ def dca_attention(
     """DCA for queries at `offset .. offset+T-1` over cached keys `0 .. offset+T-1`.
 
     `q` (B, Hq, T, D) is un-rotated; `keys` are rotated at `j mod c` (and carry the key temperature);
-    `values` are raw. `scale` multiplies q·k (1/sqrt(D) times the query temperature). Returns
-    (B, Hq, T, D) in q's dtype. Query head h reads KV head h // G.
+    `values` are raw; either may be a `QuantizedKV` (a quantized cache). `scale` multiplies q·k
+    (1/sqrt(D) times the query temperature). Returns (B, Hq, T, D) in q's dtype. Query head h reads KV head h // G.
     """
     B, Hq, T, D = q.shape
     Hkv = keys.shape[1]

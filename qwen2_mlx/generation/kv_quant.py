@@ -1,0 +1,135 @@
+"""Quantized KV caches: mlx-lm's settings (`kv_bits`, `kv_group_size`, `quantized_kv_start`) checked once,
+and the one rule that applies them: a layer's cache becomes quantized when it holds `quantized_kv_start`
+tokens (mlx-lm's `maybe_quantize_kv_cache`, run after every forward). The quantized cache classes are
+mlx-lm's `QuantizedKVCache`, our `QuantizedDCAKVCache` (models/kv_cache.py) and, for batches,
+`QuantizedBatchKVCache` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import maybe_quantize_kv_cache
+from mlx_lm.models.cache import BatchKVCache
+
+KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize supports; the chat app offers 4 and 8
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class KVQuantization:
+    bits: int
+    group_size: int = 64
+    start: int = 0
+
+    @classmethod
+    def make(
+        cls, kv_bits: Optional[int], kv_group_size: int = 64, quantized_kv_start: int = 0, model: Any = None
+    ) -> Optional[KVQuantization]:
+        """The settings, checked (ValueError naming the argument), or None when `kv_bits` is None."""
+        if kv_bits is None:
+            return None
+        if isinstance(kv_bits, bool) or kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {KV_BITS} (or None for a float cache), not {kv_bits!r}")
+        if isinstance(kv_group_size, bool) or kv_group_size not in KV_GROUP_SIZES:
+            raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, not {kv_group_size!r}")
+        if isinstance(quantized_kv_start, bool) or not isinstance(quantized_kv_start, int) or quantized_kv_start < 0:
+            raise ValueError(f"quantized_kv_start must be a non-negative integer, not {quantized_kv_start!r}")
+        head_dim = getattr(getattr(model, "args", None), "head_dim", None)
+        if head_dim is not None and head_dim % kv_group_size:
+            raise ValueError(f"kv_group_size {kv_group_size} does not divide the model's head size {head_dim}")
+        return cls(kv_bits, kv_group_size, quantized_kv_start)
+
+    def apply(self, cache: list) -> None:
+        """Quantize, in place in the list, the layers that reached `start` tokens (others stay as they are)."""
+        maybe_quantize_kv_cache(cache, self.start, self.group_size, self.bits)
+
+    def to_dict(self) -> dict:
+        return {"kv_bits": self.bits, "kv_group_size": self.group_size, "quantized_kv_start": self.start}
+
+
+def quantizer(kv: Optional[KVQuantization]):
+    """The after-forward hook generation loops call on their caches (a no-op without quantization)."""
+    return kv.apply if kv is not None else (lambda cache: None)
+
+
+def cache_bits(cache: list) -> Optional[int]:
+    """The bits of a cache's quantized layers, None when every layer holds floats."""
+    return next((c.bits for c in cache if hasattr(c, "bits")), None)
+
+
+class QuantizedBatchKVCache(BatchKVCache):
+    """mlx-lm's BatchKVCache (left-padded rows, `filter` as rows finish) holding quantized keys and values.
+
+    mlx-lm has no quantized batch cache; the attention needs only `bits`/`group_size` to take mlx-lm's
+    quantized SDPA, which applies the batch's array mask as given.
+    """
+
+    def __init__(self, left_padding: list, group_size: int = 64, bits: int = 8):
+        super().__init__(left_padding)
+        self.group_size, self.bits = group_size, bits
+
+    @classmethod
+    def from_batch(cls, c: BatchKVCache, group_size: int, bits: int) -> QuantizedBatchKVCache:
+        q = cls([], group_size, bits)
+        q.left_padding, q.offset, q._idx = c.left_padding, c.offset, c._idx
+        if c.keys is not None:
+            k, v = c.keys[..., : c._idx, :], c.values[..., : c._idx, :]
+            q.keys = mx.quantize(k, group_size=group_size, bits=bits)
+            q.values = mx.quantize(v, group_size=group_size, bits=bits)
+        return q
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        prev, n = self._idx, keys.shape[2]
+        if self.keys is None or prev + n > self.keys[0].shape[2]:
+            steps = (self.step + n - 1) // self.step * self.step
+            k, v = (self._quantize(mx.zeros((*x.shape[:2], steps, x.shape[3]), x.dtype)) for x in (keys, values))
+            if self.keys is None:
+                self.keys, self.values = k, v
+            else:
+                self.keys, self.values = (
+                    tuple(mx.concatenate([a[..., :prev, :], b], axis=2) for a, b in zip(old, new))
+                    for old, new in ((self.keys, k), (self.values, v))
+                )
+        self.offset = self.offset + n
+        self._idx += n
+        for stored, new in ((self.keys, keys), (self.values, values)):
+            for s, x in zip(stored, self._quantize(new)):
+                s[..., prev : self._idx, :] = x
+        return self.keys_and_values()
+
+    def _quantize(self, x: mx.array) -> tuple:
+        return mx.quantize(x, group_size=self.group_size, bits=self.bits)
+
+    def keys_and_values(self):
+        return tuple(tuple(t[..., : self._idx, :] for t in x) for x in (self.keys, self.values))
+
+    def filter(self, batch_indices) -> None:
+        if self.keys is not None:
+            self.keys, self.values = (tuple(t[batch_indices] for t in x) for x in (self.keys, self.values))
+        self.offset = self.offset[batch_indices]
+        self.left_padding = self.left_padding[batch_indices]
+        shift = min(self.left_padding.tolist())  # rows that left may free columns of padding
+        if shift > 0:
+            if self.keys is not None:
+                self.keys, self.values = (tuple(t[..., shift:, :] for t in x) for x in (self.keys, self.values))
+            self._idx -= shift
+            self.left_padding -= shift
+
+    def extend(self, other) -> None:
+        raise NotImplementedError("a quantized batch cache does not take new rows")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for x in (self.keys or (), self.values or ()) for t in x)
+
+
+def quantize_batch_cache(cache: list, kv: Optional[KVQuantization]) -> None:
+    """The batch form of `KVQuantization.apply`: layers holding `start` columns become quantized."""
+    if kv is None:
+        return
+    for i, c in enumerate(cache):
+        if type(c) is BatchKVCache and c._idx >= kv.start:
+            cache[i] = QuantizedBatchKVCache.from_batch(c, kv.group_size, kv.bits)
