@@ -129,12 +129,13 @@ def test_no_argument_run_falls_back_to_pypi_gguf(default_env, capsys):
 
 
 def test_no_argument_run_on_metal_quantizes_as_the_quality_table_chooses(default_env, monkeypatch, capsys):
-    from qwen2_mlx.convert.choice import load_table, pick
+    from qwen2_mlx.convert.choice import load_table, pick, planned_bytes
     from qwen2_mlx.convert.cli import run
 
     monkeypatch.setattr("qwen2_mlx.convert.cli._metal", lambda: True)
     assert run([]) == 0
-    best, _ = pick(load_table())
+    config = json.loads((default_env / "config.json").read_text())
+    best, _ = pick(load_table(), size_of=lambda r: planned_bytes(config, r))
     assert f"Quantizing to {best['name']}" in capsys.readouterr().err
     q = json.loads((default_env / "config.json").read_text())["quantization"]
     assert q["group_size"] == best["group_size"] and (best["recipe"] or q["bits"] == best["bits"])

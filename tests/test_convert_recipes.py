@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tiny import DENSE, make_checkpoint
 
-from qwen2_mlx.convert.choice import SIZE_BUDGET, default_conversion, load_table, options_for, pick
+from qwen2_mlx.convert.choice import SIZE_BUDGET, default_conversion, load_table, options_for, pick, planned_bytes
 from qwen2_mlx.convert.recipes import MLX_LM_RECIPES, RECIPES
 
 # hidden 128 and MLP 256: every input width divides 32, 64 and 128. Of four layers, mlx-lm's rule gives
@@ -91,6 +91,15 @@ def test_mlx_lm_recipes_are_mlx_lms_own(ckpt, tmp_path):
                 assert ours(path, m) == theirs(path, m), (recipe, path)
 
 
+def test_tied_embeddings_get_the_heads_bits(tmp_path):
+    """With no lm_head the embedding matrix is the output head too: our recipes give it the head's bits."""
+    tied, _ = make_checkpoint(tmp_path / "tied", WIDE, tie_word_embeddings=True)
+    out = tmp_path / "m"
+    assert _convert(tied, out, "--quant-predicate", "mixed_6_8_e4") == 0
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["model.embed_tokens"]["bits"] == 8 and "lm_head" not in q
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_group_sizes_work_with_recipes(ckpt, tmp_path, group):
     out = tmp_path / "m"
@@ -158,6 +167,24 @@ def test_choice_takes_the_best_agreement_within_the_size_budget():
     assert "mixed_4_6_e8 g64" in choice.reason and "97.0%" in choice.reason and "1.39x" in choice.reason
 
 
+def test_choice_uses_the_sizes_of_the_model_being_converted():
+    sizes = {"4-bit g64": 100, "6-bit g64": 144, "mixed_4_6_e8 g64": 161}  # e.g. a model with tied embeddings
+    best, _ = pick(ROWS, size_of=lambda r: sizes.get(r["name"], 10**9))
+    assert best["name"] == "6-bit g64"
+    assert "(1.44x here)" in default_conversion("metal", ROWS, size_of=lambda r: sizes.get(r["name"], 10**9)).reason
+
+
+@pytest.mark.parametrize("name", ["4-bit g64", "6-bit g32", "mixed_4_6 g64", "mixed_6_8_e4 g64"])
+def test_planned_bytes_are_the_bytes_the_converter_writes(ckpt, tmp_path, name):
+    from qwen2_mlx.convert.converter import convert
+    from qwen2_mlx.convert.folder import FolderSource
+
+    row = next(r for r in load_table() if r["name"] == name)
+    convert(FolderSource(ckpt), tmp_path / "m", **options_for(row), log=lambda m: None)
+    written = sum(v.nbytes for f in (tmp_path / "m").glob("*.safetensors") for v in mx.load(str(f)).values())
+    assert planned_bytes(json.loads((ckpt / "config.json").read_text()), row) == written
+
+
 def test_choice_off_a_mac_keeps_float32():
     assert default_conversion("cpu", ROWS).options == {"dtype": "float32"}
     assert default_conversion("cuda", ROWS).options == {"dtype": "float32"}
@@ -186,13 +213,15 @@ def test_default_run_on_a_mac_converts_with_the_choice_and_says_why(ckpt, tmp_pa
     out = tmp_path / "default"
     assert cli.run(["--mlx-path", str(out)]) == 0
     err = capsys.readouterr().err
-    best, _ = pick(load_table())
+    config = json.loads((ckpt / "config.json").read_text())
+    best, _ = pick(load_table(), size_of=lambda r: planned_bytes(config, r))
     assert f"Quantizing to {best['name']}" in err
     cfg = json.loads((out / "config.json").read_text())
     q = cfg["quantization"]
     assert q["group_size"] == best["group_size"] and cfg["torch_dtype"] == best["dtype"] == "bfloat16"
     if best["recipe"]:
-        assert q["model.embed_tokens"]["bits"] == expected_bits(best["recipe"], "model.embed_tokens")
+        # a layer at the block's default bits has no entry of its own
+        assert q.get("model.embed_tokens", q)["bits"] == expected_bits(best["recipe"], "model.embed_tokens")
     else:
         assert q["bits"] == best["bits"]
     monkeypatch.setattr(cli, "_metal", lambda: False)

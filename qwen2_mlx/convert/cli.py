@@ -166,9 +166,11 @@ def _run(args) -> int:
             raise ConvertError("-d/--dequantize needs a quantized source (--hf-path or --gguf)")
         source, label = _default_source(args)
         if not args.quantize and not args.dtype:
-            from .choice import default_conversion
+            from .choice import default_conversion, planned_bytes
 
-            choice = default_conversion("metal" if _metal() else "cpu")
+            choice = default_conversion(
+                "metal" if _metal() else "cpu", size_of=lambda r: planned_bytes(source.config, r)
+            )
             for key, value in choice.options.items():  # argparse's names; what the user set stays
                 if getattr(args, key) in (None, False):
                     setattr(args, key, value)

@@ -5,7 +5,8 @@ mlx-lm's recipes (`mixed_2_6` ... `mixed_4_6`, llama.cpp's Q4_K_M choices) give 
 high bits, everything else the low bits. Ours reuse that layer choice with other bit widths and set
 the head's and the token embeddings' bits apart: with an untied head they are 43 % of a 0.5B
 model's weights. Measured on the real model (README, "Quantization by measured quality"): the head
-and the sensitive layers gain from 8 bits, the embeddings (a lookup) lose little at 4.
+and the sensitive layers gain from 8 bits, the embeddings (a lookup) lose little at 4. In a model with
+tied embeddings the one matrix is also the head, and gets the head's bits.
 This module imports nothing heavy at the top, so `--help` and name checks stay instant.
 """
 
@@ -51,7 +52,8 @@ def recipe_predicate(name: str, model, group_size: int) -> Predicate:
         return mixed_quant_predicate_builder(name, model, group_size)
     base_name, remap, head_bits, embed_bits = OWN_RECIPES[name]
     base = mixed_quant_predicate_builder(base_name, model, group_size)
-    edges = {"lm_head": head_bits, "embed_tokens": embed_bits}
+    tied = "lm_head" not in dict(model.named_modules())  # the embedding is the head too: it gets the head's bits
+    edges = {"lm_head": head_bits, "embed_tokens": head_bits if tied else embed_bits}
 
     def predicate(path: str, module) -> Union[bool, dict]:
         leaf = path.rsplit(".", 1)[-1]
