@@ -196,6 +196,7 @@ ENTRY_POINTS = [
     "qwen2_mlx.bench.compare",
     "qwen2_mlx.bench.long",
     "qwen2_mlx.bench.batch",
+    "qwen2_mlx.bench.reopen",
     "qwen2_mlx.distributed",
 ]
 

@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-draft-tokens", type=int, default=3, metavar="N", help="tokens the draft proposes per step (default 3)"
     )
+    p.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(4, 8),
+        default=None,
+        help="quantize the KV cache to 4 or 8 bits in new chats: longer chats in less memory (/set kv-bits)",
+    )
     p.add_argument("--inline", "-i", action="store_true", help="run under the prompt instead of full screen")
     p.add_argument("--chat", type=int, default=None, metavar="ID", help="reopen a saved chat by id")
     p.add_argument("--last", action="store_true", help="reopen the most recent chat")
@@ -62,6 +69,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         "max_tokens": args.max_tokens,
         "seed": args.seed,
         "lookup": True if args.lookup else None,
+        "kv_bits": args.kv_bits,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 

@@ -23,7 +23,7 @@ from textual.screen import Screen
 from qwen2_mlx.loading.paths import data_dir
 
 from . import cjk_wrap, slash
-from .backend import DEFAULT_SETTINGS
+from .backend import DEFAULT_CACHE_DISK, DEFAULT_SETTINGS
 from .engine import Engine, Loaded, LoadFailed, Loading
 from .models import check_model
 from .models import resolve as resolve_model
@@ -49,8 +49,25 @@ def keymap_path() -> Path:
 
 
 def ui_state_path() -> Path:
-    """Remembered look (the theme picked in the command palette)."""
+    """Remembered app-wide settings: the theme picked in the command palette, the cache disk budget."""
     return data_dir() / "ui.json"
+
+
+def read_ui_state() -> dict:
+    try:
+        state = json.loads(ui_state_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def write_ui_state(**changes) -> None:
+    try:
+        path = ui_state_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**read_ui_state(), **changes}), encoding="utf-8")
+    except OSError:  # a read-only data folder only costs the remembered settings
+        pass
 
 
 class ChatApp(App):
@@ -89,6 +106,10 @@ class ChatApp(App):
         self.loaded = False
         self.context_limit = 0
         self.load_seconds = 0.0
+        budget = read_ui_state().get("cache_disk")
+        self.cache_disk = budget if isinstance(budget, int) and budget >= 0 else DEFAULT_CACHE_DISK
+        if getattr(backend, "cache_budget", 0) is None:  # the backend keeps chat caches on disk
+            backend.cache_budget = self.cache_disk
         self.chat = ChatScreen(
             self.store, self.engine, chat_id, default_system, {**DEFAULT_SETTINGS, **(default_settings or {})}
         )
@@ -134,10 +155,7 @@ class ChatApp(App):
         self.set_keymap(keymap)
 
     def _load_theme(self) -> None:
-        try:
-            theme = json.loads(ui_state_path().read_text(encoding="utf-8")).get("theme")
-        except (OSError, ValueError, AttributeError):
-            theme = None
+        theme = read_ui_state().get("theme")
         if isinstance(theme, str) and theme in self.available_themes:
             self.theme = theme
         self._theme_loaded = True
@@ -145,12 +163,17 @@ class ChatApp(App):
     def watch_theme(self, theme: str) -> None:
         if not getattr(self, "_theme_loaded", False):
             return
-        try:
-            path = ui_state_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"theme": theme}), encoding="utf-8")
-        except OSError:  # a read-only data folder only costs the remembered theme
-            pass
+        write_ui_state(theme=theme)
+
+    def set_cache_disk(self, nbytes: int) -> None:
+        """The disk budget of the chat caches (all chats): remembered, applied at once (evicting)."""
+        self.cache_disk = nbytes
+        write_ui_state(cache_disk=nbytes)
+        self.engine.set_cache_budget(nbytes)
+        from qwen2_mlx.generation.cache_store import format_size
+
+        shown = format_size(nbytes)
+        self.notify(f"cache-disk = {shown}" + (" (chat caches on disk are off)" if not nbytes else " for all chats"))
 
     async def on_unmount(self) -> None:
         self.chat.save_unfinished()
@@ -200,7 +223,10 @@ class ChatApp(App):
             return
         self.loaded = False
         self.status.set_loading(0.0, str(path))
-        self.engine.switch(self.backend_factory(path))
+        backend = self.backend_factory(path)
+        if getattr(backend, "cache_budget", 0) is None:
+            backend.cache_budget = self.cache_disk
+        self.engine.switch(backend)
 
     # keys: what concerns the chat runs on the chat screen's message queue, in turn with its replies
     def action_stop(self) -> None:
@@ -218,9 +244,13 @@ class ChatApp(App):
     def action_settings(self) -> None:
         self.chat.call_later(self.chat.open_settings)
 
-    def chat_deleted(self) -> None:
-        """Called by the chat list when the open chat was deleted."""
-        self.chat.call_later(self.chat.open_chat, None)
+    def chat_deleted(self, chat_id: Optional[int] = None, was_open: bool = True) -> None:
+        """Called by the chat list when a chat was deleted: its cache on disk goes too."""
+        key = self.store.cache_key(chat_id)
+        if key is not None:
+            self.engine.forget_chat(key)
+        if was_open:
+            self.chat.call_later(self.chat.open_chat, None)
 
     def action_interrupt(self) -> None:
         if isinstance(self.screen, (ConfirmScreen,)):

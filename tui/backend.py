@@ -3,6 +3,10 @@
 `Backend` is the interface the generation thread (`engine.Engine`) drives; `ModelBackend` is the
 real one, over `qwen2_mlx.generation.chat.Chat`, and `fake.FakeBackend` the scripted one for tests.
 Every method here runs on the engine's thread. MLX is imported only when a model is loaded.
+
+`ModelBackend` also keeps each chat's KV cache on disk (`qwen2_mlx.generation.cache_store`): it is
+written when a reply ends, when another chat is opened and at quit (skipped when the cached tokens
+did not change), and loaded when a chat is reopened, so a restart prefills only the new suffix.
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "context_policy": "refuse",
 }
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "lookup")
+DEFAULT_CACHE_DISK = 4_000_000_000  # bytes of chat caches kept on disk (cache_store.DEFAULT_BUDGET; /set cache-disk)
+
+
+def cache_dir() -> Path:
+    """Where the chat app keeps each chat's KV cache between runs."""
+    from qwen2_mlx.loading.paths import data_dir
+
+    return data_dir() / "caches"
 
 
 class Backend(Protocol):
@@ -85,6 +97,8 @@ class ModelBackend:
         overrides: Optional[dict] = None,
         draft_path: Optional[Path] = None,
         num_draft_tokens: int = 3,
+        cache_root: Optional[Path] = None,
+        cache_budget: Optional[int] = None,
     ):
         self.path = Path(path)
         self.draft_path = Path(draft_path) if draft_path else None  # a draft model for speculative decoding
@@ -99,6 +113,17 @@ class ModelBackend:
         self.model = self.tokenizer = None
         self.chat = None
         self.prefill_progress: Optional[Callable[[int, int], None]] = None
+        # Chat caches on disk. The Chat's cache holds the turns of `cache_owner` (a chat key);
+        # `active_key` is the chat on screen; `_persisted` the (key, tokens) last written.
+        self.cache_root = cache_root
+        self.cache_budget = cache_budget
+        self.cache_store = None
+        self.cache_owner: Optional[str] = None
+        self.active_key: Optional[str] = None
+        self.cache_note: Optional[tuple[str, bool]] = None  # (text, warning) for the status bar, after a reply
+        self._persisted: tuple = (None, None)
+        self._validity: Optional[tuple] = None  # (kv settings, validity) of the last computation
+        self._announce_reuse = False
 
     def load(self, progress: Callable[[float, str], None]) -> None:
         import mlx.core as mx
@@ -128,6 +153,16 @@ class ModelBackend:
             self.draft_model = self._load_draft(model, tokenizer, dtype, progress)
         self.model, self.tokenizer = model, tokenizer
         self.context_limit = context_limit(model)
+        self._open_store()
+
+    def _open_store(self) -> None:
+        from qwen2_mlx.generation.cache_store import CacheStore
+
+        budget = DEFAULT_CACHE_DISK if self.cache_budget is None else self.cache_budget
+        try:
+            self.cache_store = CacheStore(self.cache_root or cache_dir(), budget)
+        except OSError:  # an unreadable data folder costs the caches, never the chat
+            self.cache_store = None
 
     def _load_draft(self, model, tokenizer, dtype, progress):
         """The draft model, refused in one line unless it shares the model's tokenizer."""
@@ -144,6 +179,7 @@ class ModelBackend:
         return draft
 
     def generate(self, history, system, settings, cancel):
+        self.cache_note = None
         prefix, last = history[:-1], history[-1]
         if last["role"] != "user":
             raise ValueError("the conversation must end with a user message")
@@ -151,6 +187,9 @@ class ModelBackend:
         if self.prefill_progress is not None:
             kw["prompt_progress_callback"] = self.prefill_progress
         chat = self._chat_for(system, settings)
+        if self._set_kv_bits(settings.get("kv_bits")) and self.cache_owner is not None:
+            self._announce_reuse = False  # nothing loaded is reused: the cache was dropped
+            self.cache_note = ("KV cache quantization changed: the chat's cache was rebuilt", False)
         have = [m for m in chat.messages if m["role"] != "system"]
         offset = len(chat.messages) - len(have)
         n = len(prefix)
@@ -165,6 +204,9 @@ class ModelBackend:
             chat = self._rebuild(chat, prefix, system, settings)
             replies = chat.stream(last["content"], cancel=cancel, **kw)
         self.last_reply = None
+        # From here the cache holds this chat's turns (the previous owner's were saved by open_chat),
+        # also when the reply fails or is stopped half-way.
+        self.cache_owner = self.active_key
         try:
             yield from replies
         finally:
@@ -173,20 +215,102 @@ class ModelBackend:
         final = chat.messages[-1] if chat.messages else None
         if final is not None and final["role"] == "assistant":
             self.last_reply = final["content"]
+        if self._announce_reuse:  # the first reply after loading a chat's cache from disk
+            self._announce_reuse = False
+            self.cache_note = (f"reused {chat.last_cached_tokens:,} cached tokens", False)
 
-    def _chat_for(self, system, settings):
+    # --- chat caches on disk ----------------------------------------------------------------------
+    def _chat(self):
         from qwen2_mlx.generation.chat import Chat
 
-        policy = settings.get("context_policy") or "refuse"
         if self.chat is None:
             self.chat = Chat(
-                self.model,
-                self.tokenizer,
-                system=system,
-                context_policy=policy,
-                draft_model=self.draft_model,
-                num_draft_tokens=self.num_draft_tokens,
+                self.model, self.tokenizer, draft_model=self.draft_model, num_draft_tokens=self.num_draft_tokens
             )
+        return self.chat
+
+    def _store_on(self) -> bool:
+        return self.cache_store is not None and self.cache_store.budget > 0 and self.model is not None
+
+    def validity(self) -> dict:
+        """What a chat cache must have been made with to be loaded here (see cache_store.py)."""
+        from qwen2_mlx.generation.cache_store import chat_cache_validity
+
+        chat = self._chat()
+        if self._validity is None or self._validity[0] != chat.kv_settings:
+            self._validity = (dict(chat.kv_settings), chat_cache_validity(chat, self.path))
+        return self._validity[1]
+
+    def open_chat(
+        self, key: Optional[str], expect: bool = False, kv_bits: Optional[int] = None
+    ) -> Optional[tuple[str, bool]]:
+        """The chat `key` is on screen: save the cache of the one before, load this one's from disk.
+
+        Returns a (text, warning) note for the status bar, or None. `expect`: the chat has replies,
+        so a missing cache is worth a line. `kv_bits`: the chat's KV-cache quantization.
+        """
+        self.active_key = key
+        if key == self.cache_owner or not self._store_on():
+            return None
+        note = self.persist()
+        if key is None:  # a new chat: the cache stays in memory, its system prompt may be reused
+            return note
+        self._set_kv_bits(kv_bits)
+        if self.cache_store.path(key).is_file():
+            self._chat().clear_cache()  # saved above: free it before the next one is read, not after
+            self.cache_owner = None
+        loaded = self.cache_store.load(key, self.validity(), self.model)
+        if not loaded.ok:
+            if loaded.status != "missing":
+                self.cache_store.delete(key)  # unusable: rebuilt and written again after the next reply
+            elif not expect:
+                return note
+            return (f"chat cache ignored: {loaded.reason}; the next reply reads the whole chat", True)
+        self._chat().adopt_cache(loaded.cache, loaded.tokens)
+        self.cache_owner, self._persisted = key, (key, list(loaded.tokens))
+        self._announce_reuse = True
+        return (f"loaded {len(loaded.tokens):,} cached tokens from disk in {loaded.seconds:.1f}s", False)
+
+    def _set_kv_bits(self, kv_bits: Optional[int]) -> bool:
+        """Quantize the KV cache to `kv_bits` (4, 8, None: float). A change drops the cache: it is rebuilt."""
+        return self._chat().set_kv_quantization(kv_bits) if self.model is not None else False
+
+    def persist(self) -> Optional[tuple[str, bool]]:
+        """Write the cache of `cache_owner` unless it holds the same tokens as the last write."""
+        if self.cache_owner is None or self.chat is None or not self._store_on():
+            return None
+        cache, tokens = self.chat.export_cache()
+        if cache is None or not tokens or self._persisted == (self.cache_owner, tokens):
+            return None
+        self._persisted = (self.cache_owner, tokens)
+        saved = self.cache_store.save(self.cache_owner, cache, tokens, self.validity(), self.model)
+        if not saved.written:
+            return (f"chat cache not saved: {saved.reason}", True)
+        return None
+
+    def forget_chat(self, key: str) -> None:
+        """The chat was deleted: so is its cache file."""
+        if self.cache_store is not None:
+            self.cache_store.delete(key)
+        if self.cache_owner == key:
+            self.cache_owner, self._persisted = None, (None, None)
+
+    def set_cache_budget(self, budget: int) -> Optional[tuple[str, bool]]:
+        from qwen2_mlx.generation.cache_store import format_size
+
+        self.cache_budget = budget
+        if self.cache_store is None:
+            return None
+        evicted = self.cache_store.set_budget(budget)
+        if budget <= 0:
+            return ("chat caches on disk are off (all removed)" if evicted else "chat caches on disk are off", False)
+        if evicted:
+            return (f"disk budget {format_size(budget)}: evicted {len(evicted)} old chat cache(s)", False)
+        return None
+
+    def _chat_for(self, system, settings):
+        policy = settings.get("context_policy") or "refuse"
+        self._chat()
         self.chat.context_policy = policy
         self.chat.system = system
         return self.chat

@@ -35,6 +35,12 @@ ALIASES = {
     "context": "context_policy",
     "context_policy": "context_policy",
     "lookup": "lookup",
+    "kv-bits": "kv_bits",
+    "kv_bits": "kv_bits",
+    "kvbits": "kv_bits",
+    "cache-disk": "cache_disk",
+    "cache_disk": "cache_disk",
+    "cachedisk": "cache_disk",
 }
 SWITCH = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
 POLICIES = ("refuse", "drop_oldest")
@@ -56,8 +62,24 @@ def parse_setting(key: str, raw: str) -> tuple[str, Any]:
     """Validate one sampling setting; returns (canonical key, value)."""
     name = ALIASES.get(key.lower())
     if name is None:
-        raise CommandError(f"unknown setting {key!r}: use temp, top_p, top_k, min_p, rep, seed, max, context or lookup")
+        raise CommandError(
+            f"unknown setting {key!r}: use temp, top_p, top_k, min_p, rep, seed, max, context, lookup, "
+            "kv-bits or cache-disk"
+        )
     raw = raw.strip()
+    if name == "kv_bits":  # KV-cache quantization: 4 or 8 bits, or a float cache
+        if raw.lower() in ("off", "none", "no", "0", "16", "32"):
+            return name, None
+        if raw not in ("4", "8"):
+            raise CommandError(f"kv-bits must be 4, 8 or off, not {raw!r}")
+        return name, int(raw)
+    if name == "cache_disk":  # the disk budget of the chat caches, for all chats
+        from qwen2_mlx.generation.cache_store import parse_size
+
+        try:
+            return name, parse_size(raw)
+        except ValueError as e:
+            raise CommandError(f"cache-disk: {e}") from None
     if name == "lookup":  # prompt-lookup speculative decoding, exact: only the speed changes
         if raw.lower() not in SWITCH:
             raise CommandError(f"lookup must be on or off, not {raw!r}")

@@ -5,6 +5,9 @@ generated on the same dedicated thread, under a thread-local stream (`mx.new_thr
 The UI never blocks on it: it queues jobs and receives events through `post`, a thread-safe
 callback (the app wraps `App.post_message`). A job is stopped by setting its cancel flag, which the
 generation loop checks after every token. The backends themselves are in `backend.py`.
+
+Chat caches on disk are written here too, between jobs: after each reply (once its Finished event
+is out, so the UI never waits for the write), when another chat is opened and at shutdown.
 """
 
 from __future__ import annotations
@@ -83,6 +86,17 @@ class Failed:
     context: bool = False  # the conversation no longer fits the context window (policy "refuse")
 
 
+SHUTDOWN_WAIT = 3.0  # seconds quitting waits for the generation thread (a reply's stop, the cache's save)
+
+
+@dataclass
+class CacheNote:
+    """A line for the status bar about a chat's cache on disk (loaded, reused, ignored and why)."""
+
+    text: str
+    warning: bool = False
+
+
 @dataclass
 class Job:
     id: int
@@ -90,11 +104,20 @@ class Job:
     system: Optional[str]
     settings: dict
     cancel: threading.Event = field(default_factory=threading.Event)
+    chat_key: Optional[str] = None  # which chat: its KV cache is kept on disk under this key
 
 
 @dataclass
 class _Switch:
     backend: Any
+
+
+@dataclass
+class _Task:
+    """A call of a backend method on the engine's thread (backends without it skip it)."""
+
+    method: str
+    args: tuple = ()
 
 
 class Engine:
@@ -108,16 +131,27 @@ class Engine:
         self.loaded = threading.Event()
         self.load_error: Optional[str] = None
         self._next_id = 0
+        self.closing = False
         self._thread = threading.Thread(target=self._run, name="qwen2-generation", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, history: list[dict], system: Optional[str], settings: dict) -> Job:
+    def submit(self, history: list[dict], system: Optional[str], settings: dict, chat_key: Optional[str] = None) -> Job:
         self._next_id += 1
-        job = Job(self._next_id, [dict(m) for m in history], system, dict(settings))
+        job = Job(self._next_id, [dict(m) for m in history], system, dict(settings), chat_key=chat_key)
         self.jobs.put(job)
         return job
+
+    def open_chat(self, chat_key: Optional[str], expect_cache: bool = False, kv_bits: Optional[int] = None) -> None:
+        """A chat is on screen: save the previous chat's cache, load this one's (after queued jobs)."""
+        self.jobs.put(_Task("open_chat", (chat_key, expect_cache, kv_bits)))
+
+    def forget_chat(self, chat_key: str) -> None:
+        self.jobs.put(_Task("forget_chat", (chat_key,)))
+
+    def set_cache_budget(self, nbytes: int) -> None:
+        self.jobs.put(_Task("set_cache_budget", (nbytes,)))
 
     def cancel(self, job: Optional[Job] = None) -> None:
         """Stop `job` (default: the one running); queued jobs are dropped when cancelled too."""
@@ -125,7 +159,13 @@ class Engine:
         if job is not None:
             job.cancel.set()
 
-    def shutdown(self, timeout: float = 2.0) -> None:
+    def shutdown(self, timeout: float = SHUTDOWN_WAIT) -> None:
+        """Stop the reply being written, drop queued ones, save the chat's cache; wait `timeout` at most.
+
+        A save still running then is abandoned: its temporary file is removed on the next start and
+        the chat's previous cache file (written when its last reply ended) stays valid.
+        """
+        self.closing = True
         if self.current is not None:
             self.current.cancel.set()
         self.jobs.put(None)
@@ -144,6 +184,18 @@ class Engine:
         """Load another model after the queued jobs; on failure the current one stays."""
         self.jobs.put(_Switch(backend))
 
+    def _call(self, method: str, *args: Any) -> None:
+        """Run a backend's cache method; its note goes to the status bar, its failure too (never the app)."""
+        fn = getattr(self.backend, method, None)
+        if fn is None:
+            return
+        try:
+            note = fn(*args)
+        except Exception as e:
+            note = (f"chat cache: {method} failed ({type(e).__name__}: {e})", True)
+        if note:
+            self.post(CacheNote(*note))
+
     def _load(self, backend: Backend, initial: bool) -> bool:
         tic = time.perf_counter()
         try:
@@ -154,6 +206,8 @@ class Engine:
                 self.load_error = error
             self.post(LoadFailed(error, initial))
             return False
+        if not initial:
+            self._call("persist")  # the outgoing model's cache, before it is dropped
         self.backend = backend
         self.post(Loaded(backend.name, backend.context_limit, time.perf_counter() - tic))
         return True
@@ -168,15 +222,22 @@ class Engine:
             while True:
                 job = self.jobs.get()
                 if job is None:
+                    self._call("persist")  # at quit: the cache of the chat last answered
                     return
                 if isinstance(job, _Switch):
                     self._load(job.backend, initial=False)
                     continue
+                if isinstance(job, _Task):
+                    self._call(job.method, *job.args)
+                    continue
+                if self.closing:
+                    continue  # queued replies are dropped at quit
                 self.current = job
                 try:
                     self._generate(job)
                 finally:
                     self.current = None
+                self._call("persist")  # after Finished is out: the UI is not kept waiting
 
     def _generate(self, job: Job) -> None:
         limit = self.backend.context_limit
@@ -186,6 +247,8 @@ class Engine:
             if job.cancel.is_set():
                 self.post(Finished(job.id, "cancelled", "", Stats(context_limit=limit)))
                 return
+            if job.chat_key is not None:
+                self._call("open_chat", job.chat_key, False, job.settings.get("kv_bits"))
             # Long prompts take a while to read: the backend reports progress through this hook.
             self.backend.prefill_progress = lambda done, total: self.post(Prefill(job.id, done, total))
             for r in self.backend.generate(job.history, job.system, job.settings, job.cancel):
@@ -202,6 +265,9 @@ class Engine:
             used = getattr(self.backend, "context_used", 0) or 0
             stats = Stats.from_response(last, used, limit) if last is not None else Stats(context_limit=limit)
             self.post(Finished(job.id, reason, text, stats))
+            note = getattr(self.backend, "cache_note", None)
+            if note:
+                self.post(CacheNote(*note))
         except Exception as e:  # any model error ends this reply, never the app
             if type(e).__name__ == "ContextOverflowError":
                 self.post(Failed(job.id, str(e), context=True))

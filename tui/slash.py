@@ -47,8 +47,17 @@ async def system_prompt(chat: ChatScreen, cmd: Command) -> None:
 
 
 async def set_setting(chat: ChatScreen, cmd: Command) -> None:
+    if cmd.key == "cache_disk":  # an app setting, not this chat's
+        chat.app.set_cache_disk(cmd.value)
+        return
+    changed = chat.settings.get(cmd.key) != cmd.value
     chat.settings[cmd.key] = cmd.value
     chat.save_chat_settings()
+    if cmd.key == "kv_bits":
+        shown = f"{cmd.value}-bit" if cmd.value else "off (float)"
+        rebuilt = " · this chat's KV cache is rebuilt at the next reply" if changed else ""
+        chat.notify(f"KV cache quantization {shown}{rebuilt}")
+        return
     chat.notify(f"{cmd.key} = {cmd.value}")
 
 
@@ -124,7 +133,9 @@ COMMANDS: dict[str, SlashCommand] = {
     ),
     "set": SlashCommand(
         "/set KEY VALUE",
-        "temp, top_p, top_k, min_p, rep (repetition penalty), seed, max, context, lookup on|off",
+        "temp, top_p, top_k, min_p, rep (repetition penalty), seed, max, context, lookup on|off, "
+        "kv-bits 4|8|off (quantized KV cache, this chat); "
+        "cache-disk SIZE|off: disk kept for chat caches, all chats (default 4GB)",
         set_setting,
     ),
     # parse() reads `/max N` as `/set max N`; this entry is its line in /help.

@@ -8,6 +8,7 @@ flush of a streaming reply. Prompt history (for Up-arrow recall) lives in the sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -97,6 +98,13 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def cache_key(self, chat_id: Optional[int]) -> Optional[str]:
+        """The name of a chat's KV cache on disk: its id, tagged with this database (--db may differ)."""
+        if chat_id is None:
+            return None
+        where = str(self.db_path.resolve()) if str(self.db_path) != ":memory:" else f":memory:{id(self)}"
+        return f"chat-{hashlib.sha1(where.encode()).hexdigest()[:8]}-{chat_id}"
 
     # chats
     def new_chat(

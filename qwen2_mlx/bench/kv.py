@@ -2,9 +2,9 @@
 
 For each length, with plain attention and with Dual Chunk Attention, and for a float cache and each
 `--kv-bits`: a needle-in-a-haystack prompt is prefilled (memory: bytes the cache holds per token, peak
-above the weights), then 8 tokens are decoded greedily. Printed against the float cache of the same run:
-the first answer position's logits (largest deviation, KL divergence), whether the greedy tokens agree
-and whether the needle was found.
+above the weights during the prefill and during decoding), then 8 tokens are decoded greedily.
+Printed against the float cache of the same run: the first answer position's logits (largest
+deviation, KL divergence), whether the greedy tokens agree and whether the needle was found.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
         f"values are {elements} numbers: {elements * 4 / 1024:.1f} KiB in float32, {elements * 2 / 1024:.1f} KiB "
         f"in float16 (computed)"
     )
-    print(f"{'tokens':>6} {'mode':>5} {'cache':>7} | {'KiB/token':>9} {'KV MB':>7} {'peak MB':>8} {'prefill s':>9} | "
+    print(f"{'tokens':>6} {'mode':>5} {'cache':>7} | {'KiB/token':>9} {'KV MB':>7} {'peak MB':>8} {'decode':>7} "
+          f"{'prefill s':>9} | "
           f"{'max |dlogit|':>12} {'KL':>9} {'tokens=':>7} {'found':>5}")  # fmt: skip
     rows = []
     weights = mx.get_active_memory()
@@ -115,8 +116,10 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
                     if not out:
                         seconds = time.perf_counter() - tic
                         first = np.array(lp.astype(mx.float32))
+                        peak = (mx.get_peak_memory() - weights) / 2**20
+                        mx.reset_peak_memory()  # decoding holds the cache and one step's work
                     out.append(t)
-                peak = (mx.get_peak_memory() - weights) / 2**20
+                decode_peak = (mx.get_peak_memory() - weights) / 2**20
                 kv_bytes = sum(held_bytes(c) for c in cache)
                 text = tok.decode(out)
                 row = {
@@ -127,6 +130,7 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
                     "kv_bytes_per_token": kv_bytes / cache[0].offset,
                     "kv_mb": kv_bytes / 2**20,
                     "peak_mb_above_weights": peak,
+                    "decode_peak_mb_above_weights": decode_peak,
                     "prefill_seconds": seconds,
                     "found": first_number(text) == prompt.expected,
                     "answer": text,
@@ -145,7 +149,7 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
                     dev = f"{row['max_logit_deviation']:12.4f} {row['kl']:9.2e} {row['same_tokens']!s:>7}"
                 print(
                     f"{row['tokens']:>6} {mode:>5} {name:>7} | {row['kv_bytes_per_token'] / 1024:9.1f} "
-                    f"{row['kv_mb']:7.1f} {peak:8.1f} {seconds:9.1f} | {dev} {row['found']!s:>5}",
+                    f"{row['kv_mb']:7.1f} {peak:8.1f} {decode_peak:7.1f} {seconds:9.1f} | {dev} {row['found']!s:>5}",
                     flush=True,
                 )
                 del cache, steps

@@ -64,7 +64,8 @@ class LoadedModel:
 
     @property
     def kv(self) -> dict:
-        return {k: self.settings[k] for k in ("kv_bits", "kv_group_size", "quantized_kv_start")}
+        defaults = {"kv_bits": None, "kv_group_size": 64, "quantized_kv_start": 0}  # a float cache
+        return {k: self.settings.get(k, v) for k, v in defaults.items()}
 
     @property
     def label(self) -> str:

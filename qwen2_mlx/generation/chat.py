@@ -163,6 +163,7 @@ class Chat:
         self._root = _Node("root", "")
         self._cache: Optional[list] = None
         self._cache_tokens: list[int] = []  # exactly the token ids the KV cache holds
+        self.last_cached_tokens = 0  # tokens of the last reply's prompt that came from the cache
         # Speculative decoding (see generation/speculative.py); prompt lookup wins when both are set.
         # The draft's cache holds a prefix of `_cache_tokens`, and is rebuilt for another draft model.
         self.draft_model = draft_model
@@ -366,6 +367,36 @@ class Chat:
                 prefill_prompt_cache(draft, self.tokenizer, ids[held:k], self._draft_cache, **self.kv_settings)
         return ids[len(self._cache_tokens) :]
 
+    def export_cache(self) -> tuple[Optional[list], list[int]]:
+        """The KV cache (None before the first reply) and a copy of the token ids it holds, to save.
+
+        The cache is the live one, not a copy: write it out before the next turn changes it.
+        """
+        self._check_idle()
+        return self._cache, list(self._cache_tokens)
+
+    def clear_cache(self) -> None:
+        """Drop the KV cache (its memory is freed); the next turn prefills the whole history."""
+        self._check_idle()
+        self._cache, self._cache_tokens, self._draft_cache, self._draft_of = None, [], None, None
+
+    def adopt_cache(self, cache: list, tokens: list[int]) -> None:
+        """Use a cache loaded from disk (see generation/cache_store.py) that holds exactly `tokens`.
+
+        It replaces the chat's own cache; the next turn's prefix diff decides how much of it is
+        reused, so a cache that shares little with the history costs a trim, never a wrong reply.
+        """
+        self._check_idle()
+        layers = len(make_prompt_cache(self.model)) if self._cache is None else len(self._cache)
+        held = getattr(cache[0], "offset", None) if cache else None
+        if len(cache) != layers or held != len(tokens):
+            raise ValueError(
+                f"the cache ({len(cache)} layers holding {held} tokens) does not fit this chat "
+                f"({layers} layers) and its {len(tokens)} token ids"
+            )
+        self._cache, self._cache_tokens = cache, [int(t) for t in tokens]
+        self._draft_cache = self._draft_of = None  # the draft's cache held the old tokens
+
     def _trim_to(self, k: int) -> None:
         extra = len(self._cache_tokens) - k
         if extra > 0:
@@ -513,6 +544,7 @@ class Chat:
             lookup = settings.pop("lookup", self.lookup)
             draft = self.draft_model if not lookup else None
             suffix = self._reuse_cache(ids, draft)
+            self.last_cached_tokens = len(ids) - len(suffix)
             max_tokens = settings.pop("max_tokens")
             spec = {"lookup": lookup, "context_tokens": ids[: len(ids) - len(suffix)]} if lookup else {}
             if draft is not None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache, trim_prompt_cache
 
@@ -62,8 +63,79 @@ def _compact(c: Any) -> Any:
     return c
 
 
+def cache_nbytes(cache: list) -> int:
+    """Bytes the arrays of `cache` take in a saved file (what each layer holds, not its spare room)."""
+    return sum(a.nbytes for c in cache for _, a in tree_flatten(_compact(c).state) if isinstance(a, mx.array))
+
+
 def _atomic_target(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
+
+
+_SAFETENSORS_DTYPES = {
+    mx.float32: "F32",
+    mx.float16: "F16",
+    mx.bfloat16: "BF16",
+    mx.uint32: "U32",
+    mx.int32: "I32",
+    mx.int64: "I64",
+    mx.uint64: "U64",
+    mx.uint16: "U16",
+    mx.int16: "I16",
+    mx.uint8: "U8",
+    mx.int8: "I8",
+    mx.bool_: "BOOL",
+}
+
+
+def _write_safetensors(path: Path, arrays: dict, metadata: dict) -> None:
+    """`mx.save_safetensors`, one array at a time: it evaluates every (sliced) array before writing,
+    which doubles the memory of a large cache; here at most one layer's copy exists at once."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, a in arrays.items():
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
+        offset += a.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the format asks
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for a in arrays.values():
+            if a.size:
+                flat = mx.contiguous(a).reshape(-1).view(mx.uint8)
+                mx.eval(flat)
+                f.write(memoryview(flat))
+                del flat
+        f.flush()
+        os.fsync(f.fileno())  # the rename that follows must not publish a file still in the page cache only
+
+
+def _save_mlx_lm_layout(path: Path, cache: list, metadata: dict) -> None:
+    """mlx-lm's `save_prompt_cache` layout (arrays, then metadata/classes/scalars), written streaming."""
+    scalars: list = [""]  # must be non-empty, or tree_flatten drops it
+
+    def as_array(i: str, data: Any) -> mx.array:
+        if isinstance(data, mx.array):
+            return data
+        if isinstance(data, (int, float, bool)):
+            scalars.append((i, "scalar"))
+            return mx.array(data)
+        if isinstance(data, str):
+            scalars.append((i, "string"))
+            return mx.array([ord(ch) for ch in data])
+        if data is None:
+            scalars.append((i, "none"))
+            return mx.array([])
+        raise PromptCacheError(f"{path}: the cache state is not serializable: {type(data).__name__}")
+
+    arrays = {i: as_array(i, d) for i, d in tree_flatten([c.state for c in cache])}
+    meta = dict(tree_flatten([metadata, [type(c).__name__ for c in cache], scalars]))
+    _write_safetensors(path, arrays, meta)
 
 
 def save_prompt_cache(
@@ -90,7 +162,7 @@ def save_prompt_cache(
         meta[META_STATE_KEY] = json.dumps(meta_states)
     tmp = _atomic_target(path)
     try:
-        mlx_cache.save_prompt_cache(str(tmp), [_compact(c) for c in cache], meta)
+        _save_mlx_lm_layout(tmp, [_compact(c) for c in cache], meta)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -184,5 +256,6 @@ __all__ = [
     "trim_prompt_cache",
     "can_trim_prompt_cache",
     "model_signature",
+    "cache_nbytes",
     "PromptCacheError",
 ]

@@ -23,7 +23,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
 from .. import commands, slash
-from ..engine import Engine, Failed, Finished, Job, Prefill, Stats, Token
+from ..engine import CacheNote, Engine, Failed, Finished, Job, Prefill, Stats, Token
 from ..export import export_chat
 from ..store import FINISHED, Message, Store
 from ..widgets.chat_list import ChatListScreen
@@ -131,6 +131,10 @@ class ChatScreen(Screen):
             self.system = rec.system
             self.settings = {**self.default_settings, **rec.settings}
             self.app.title = rec.title or "Untitled"
+        # The engine saves the previous chat's KV cache and loads this one's from disk meanwhile.
+        replied = any(m.role == "assistant" and m.content for m in self.path())
+        self.status.set_note("")
+        self.engine.open_chat(self.store.cache_key(self.chat_id), replied, self.settings.get("kv_bits"))
         await self.render_transcript()
 
     def _ensure_chat(self, first_text: str) -> int:
@@ -197,12 +201,17 @@ class ChatScreen(Screen):
         def saved(result) -> None:
             if result is None:
                 return
-            self.system, self.settings = result[0], {**self.settings, **result[1]}
+            settings = dict(result[1])
+            budget = settings.pop("cache_disk", None)
+            if budget is not None and budget != self.app.cache_disk:
+                self.app.set_cache_disk(budget)
+            self.system, self.settings = result[0], {**self.settings, **settings}
             self.save_chat_settings()
             self.update_context()
             self.notify("Settings saved for this chat.", timeout=2)
 
-        self.app.push_screen(SettingsScreen(self.system, self.settings), saved)
+        shown = {**self.settings, "cache_disk": self.app.cache_disk}
+        self.app.push_screen(SettingsScreen(self.system, shown), saved)
 
     def save_chat_settings(self) -> None:
         if self.chat_id is not None:
@@ -277,7 +286,8 @@ class ChatScreen(Screen):
         self.reply_view.set_status("streaming" if loaded else "waiting")
         self.reply_view.start_stream()
         self._base_ctx = self.engine.count_tokens(history, self.system)
-        self.job = self.engine.submit(history, self.system, self.settings)
+        self.status.set_note("")
+        self.job = self.engine.submit(history, self.system, self.settings, chat_key=self.store.cache_key(self.chat_id))
         if loaded:  # while loading, the bar stays; the reply starts when the model is ready
             self.status.set_state("answering… (Esc stops)")
 
@@ -290,7 +300,10 @@ class ChatScreen(Screen):
         self.update_context()
 
     async def job_event(self, ev: object) -> None:
-        """An engine event (Prefill, Token, Finished, Failed) of the reply being written."""
+        """An engine event (Prefill, Token, Finished, Failed) of the reply being written; or a CacheNote."""
+        if isinstance(ev, CacheNote):
+            self.status.set_note(ev.text, ev.warning)
+            return
         if self.job is None or getattr(ev, "job", None) != self.job.id:
             return
         view = self.reply_view

@@ -94,8 +94,8 @@ class ChatListScreen(ModalScreen[int | None]):
         def done(yes: bool | None) -> None:
             if yes:
                 self.store.delete_chat(chat_id)
+                self.app.chat_deleted(chat_id, was_open=chat_id == self.current)
                 if chat_id == self.current:
-                    self.app.chat_deleted()
                     self.current = None
                 self._fill()
 

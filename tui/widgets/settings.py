@@ -1,4 +1,4 @@
-"""The settings panel: this chat's system prompt and sampling settings."""
+"""The settings panel: this chat's system prompt and sampling settings, and the app's cache disk budget."""
 
 from __future__ import annotations
 
@@ -20,8 +20,17 @@ FIELDS = [
 ]
 
 
+def _size(n: int) -> str:
+    from qwen2_mlx.generation.cache_store import format_size
+
+    return format_size(n)
+
+
 class SettingsScreen(ModalScreen[tuple[str | None, dict] | None]):
-    """Dismisses with (system prompt, settings) on save, None on cancel."""
+    """Dismisses with (system prompt, settings) on save, None on cancel.
+
+    Given a "cache_disk" setting (the app's, in bytes) it shows and returns that too.
+    """
 
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save", priority=True)]
 
@@ -47,6 +56,9 @@ class SettingsScreen(ModalScreen[tuple[str | None, dict] | None]):
                     allow_blank=False,
                     id="set-context_policy",
                 )
+                if "cache_disk" in self.settings:
+                    yield Label("Disk for chat caches (all chats; 4GB, off)")
+                    yield Input(_size(self.settings["cache_disk"]), id="set-cache_disk")
             yield Label("", id="settings-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save", variant="primary", id="save")
@@ -74,5 +86,11 @@ class SettingsScreen(ModalScreen[tuple[str | None, dict] | None]):
             self.query_one("#settings-error", Label).update(f"⚠ {e}")
             return
         settings["context_policy"] = self.query_one("#set-context_policy", Select).value
+        if "cache_disk" in self.settings:
+            try:
+                settings["cache_disk"] = parse_setting("cache-disk", self.query_one("#set-cache_disk", Input).value)[1]
+            except CommandError as e:
+                self.query_one("#settings-error", Label).update(f"⚠ {e}")
+                return
         system = self.query_one("#system", TextArea).text.strip() or None
         self.dismiss((system, settings))

@@ -15,15 +15,25 @@ def bar(fraction: float, width: int = 12) -> str:
 
 
 class StatusBar(Horizontal):
+    state = "starting…"
+    note = ""  # a line about the chat's cache on disk, shown after the state until the next reply
+
     def compose(self):
         yield Label("starting…", id="status-state")
         yield Label("", id="status-stats")
         yield Label("", id="status-context")
 
     def set_state(self, text: str) -> None:
-        self.query_one("#status-state", Label).update(text)
+        self.state = text
+        self.query_one("#status-state", Label).update(f"{text} · {self.note}" if self.note else text)
+
+    def set_note(self, text: str, warning: bool = False) -> None:
+        self.note = text
+        self.query_one("#status-state", Label).set_class(bool(text) and warning, "-warn")
+        self.set_state(self.state)
 
     def set_loading(self, fraction: float, text: str) -> None:
+        self.note = ""
         self.set_state(f"Loading model {bar(fraction)} {fraction:4.0%}  {text}")
 
     def set_stats(self, stats) -> None:

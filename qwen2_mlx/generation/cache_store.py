@@ -1,0 +1,347 @@
+"""KV caches that outlive the process: a folder of per-key cache files with a disk budget.
+
+A front end (the chat app, a server) saves the KV cache of a conversation under a key (a chat id)
+and loads it back after a restart, so only the new suffix is prefilled. Each file is a prompt cache
+(prompt_cache.py's layout, written streaming to a temporary name and renamed) whose metadata holds
+the token ids the cache holds and what makes it valid: the model (folder and a fingerprint of its
+weight files), dtype, shape and long-context settings, and the KV-cache quantization. `load`
+returns the cache or says why it was ignored (missing, truncated, corrupt, stale, made for other
+settings); it never raises for a bad file. Least-recently-used files (by mtime, touched on load)
+are evicted past the byte budget. Which cached tokens a new prompt reuses stays Chat's decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .prompt_cache import PromptCacheError, cache_nbytes, load_prompt_cache, model_signature, save_prompt_cache
+
+FORMAT = 1
+VALIDITY_KEY = "qwen2_mlx_cache_store"
+TOKENS_KEY = "qwen2_mlx_tokens"
+SUFFIX = ".safetensors"
+DEFAULT_BUDGET = 4_000_000_000  # 4 GB: ~20 chats of 8K tokens with a 7B model in float16
+KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TEMP_RE = re.compile(r"^\..+\.(\d+)\.tmp\.safetensors$")  # prompt_cache's temporary names: .<name>.<pid>.tmp…
+STALE_FIELDS = ("format", "weights")  # a difference here means the file is out of date, not for other settings
+
+
+def weights_fingerprint(folder: Union[str, Path]) -> str:
+    """What changes when a model folder's weights or config change: name, size and mtime of each file."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for f in sorted([*folder.glob("*.safetensors"), folder / "config.json"]):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def model_dtype(model: nn.Module) -> str:
+    """The floating dtype the model computes in (its first floating parameter's, e.g. "float32")."""
+    for _, p in tree_flatten(model.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            return str(p.dtype).rpartition(".")[2]
+    return "unknown"
+
+
+def cache_validity(
+    model: nn.Module,
+    model_path: Union[str, Path, None] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: Optional[int] = None,
+    quantized_kv_start: Optional[int] = None,
+    dtype: Optional[str] = None,
+) -> dict:
+    """What a stored cache must agree on to be loaded for `model`; JSON-plain, compared field by field.
+
+    Without `kv_bits` the cache is not quantized, so the group size and start are recorded as None.
+    """
+    path = Path(model_path).expanduser().resolve() if model_path is not None else None
+    return json.loads(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "model": str(path) if path is not None else None,
+                "weights": weights_fingerprint(path) if path is not None else None,
+                "dtype": dtype or model_dtype(model),
+                "kv_bits": kv_bits,
+                "kv_group_size": kv_group_size if kv_bits else None,
+                "quantized_kv_start": quantized_kv_start if kv_bits else None,
+                **model_signature(model),
+            },
+            sort_keys=True,
+        )
+    )
+
+
+def chat_cache_validity(chat: Any, model_path: Union[str, Path, None] = None, dtype: Optional[str] = None) -> dict:
+    """`cache_validity` for a `Chat`: its model and KV-cache quantization (`chat.kv_settings`)."""
+    kv = getattr(chat, "kv_settings", None) or {
+        k: getattr(chat, k, None) for k in ("kv_bits", "kv_group_size", "quantized_kv_start")
+    }
+    return cache_validity(
+        chat.model,
+        model_path,
+        kv_bits=kv.get("kv_bits"),
+        kv_group_size=kv.get("kv_group_size"),
+        quantized_kv_start=kv.get("quantized_kv_start"),
+        dtype=dtype,
+    )
+
+
+@dataclass
+class Loaded:
+    """What `CacheStore.load` found: the cache and its tokens, or (`cache` None) why it was ignored."""
+
+    key: str
+    cache: Optional[list] = None
+    tokens: list = field(default_factory=list)
+    status: str = "loaded"  # "loaded" | "missing" | "truncated" | "corrupt" | "stale" | "mismatch"
+    reason: str = ""  # one line for the user when ignored
+    seconds: float = 0.0
+    nbytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.cache is not None
+
+
+@dataclass
+class Saved:
+    """What `CacheStore.save` did: written (with its size), or why not; and what it evicted."""
+
+    key: str
+    written: bool
+    nbytes: int = 0
+    reason: str = ""
+    evicted: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header of `path` and the file size it implies; raises ValueError if unreadable."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise EOFError("shorter than a header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 512 << 20:
+            raise ValueError("implausible header length")
+        head = f.read(n)
+    if len(head) < n:
+        raise EOFError("the header is cut short")
+    header = json.loads(head)
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return header, 8 + n + end
+
+
+class CacheStore:
+    """A folder of KV-cache files, one per key, under a byte budget (see the module docstring).
+
+    Not thread-safe by itself: call it from one thread (the one that owns the MLX arrays).
+    """
+
+    def __init__(self, root: Union[str, Path], budget: int = DEFAULT_BUDGET):
+        self.root = Path(root)
+        self.budget = int(budget)
+        self._clean_temp()
+
+    def path(self, key: str) -> Path:
+        if not isinstance(key, str) or not KEY_RE.match(key):
+            raise ValueError(f"cache key {key!r}: use letters, digits, '.', '_' or '-' (at most 128)")
+        return self.root / f"{key}{SUFFIX}"
+
+    # --- reading -------------------------------------------------------------------------------
+    def load(self, key: str, validity: dict, model: Optional[nn.Module] = None) -> Loaded:
+        """The cache stored under `key` if it is whole and `validity` matches; else why not."""
+        tic = time.perf_counter()
+        path = self.path(key)
+
+        def ignored(status: str, reason: str) -> Loaded:
+            return Loaded(key, status=status, reason=reason, seconds=time.perf_counter() - tic)
+
+        if not path.is_file():
+            return ignored("missing", "no cache saved for it")
+        try:
+            size = path.stat().st_size
+            header, expected = _read_header(path)
+            meta = header.get("__metadata__") or {}
+            # mlx-lm's layout flattens [metadata, classes, scalars]: the user metadata is under "0."
+            saved = json.loads(meta[f"0.{VALIDITY_KEY}"])
+            tokens = json.loads(meta[f"0.{TOKENS_KEY}"])
+        except EOFError:
+            return ignored("truncated", "the file is truncated")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return ignored("corrupt", f"the file is damaged ({type(e).__name__})")
+        if size < expected:
+            return ignored("truncated", f"the file is truncated ({size:,} of {expected:,} bytes)")
+        if not isinstance(saved, dict) or not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            return ignored("corrupt", "the file's metadata is damaged")
+        diffs = [k for k in sorted(set(saved) | set(validity)) if saved.get(k) != validity.get(k)]
+        if diffs:
+            if any(k in STALE_FIELDS for k in diffs):
+                what = "the model's weights changed" if "weights" in diffs else "it is in an older format"
+                return ignored("stale", f"it is stale ({what} since it was saved)")
+            shown = "; ".join(f"{k} {_show(saved.get(k))} in the file, {_show(validity.get(k))} now" for k in diffs)
+            return ignored("mismatch", f"it was made for other settings ({shown})")
+        try:
+            cache = load_prompt_cache(path, model=model)
+            mx.eval([a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array)])
+        except (PromptCacheError, RuntimeError, ValueError, KeyError, TypeError) as e:
+            return ignored("corrupt", f"the file is damaged ({str(e)[:120] or type(e).__name__})")
+        held = getattr(cache[0], "offset", None) if cache else None
+        if held != len(tokens):
+            return ignored("corrupt", f"the file holds {held} tokens but lists {len(tokens)}")
+        try:
+            os.utime(path)  # least recently used is by mtime
+        except OSError:
+            pass
+        return Loaded(key, cache, tokens, seconds=time.perf_counter() - tic, nbytes=size)
+
+    # --- writing -------------------------------------------------------------------------------
+    def save(self, key: str, cache: list, tokens: list, validity: dict, model: Optional[nn.Module] = None) -> Saved:
+        """Write `cache` (holding exactly `tokens`) under `key`, then evict past the budget.
+
+        A cache larger than the whole budget is not written (the key's older file, if any, stays).
+        """
+        tic = time.perf_counter()
+        path = self.path(key)
+        held = getattr(cache[0], "offset", None) if cache else None
+        if held != len(tokens):
+            raise ValueError(f"the cache holds {held} tokens but {len(tokens)} token ids were given")
+        need = cache_nbytes(cache)
+        if need > self.budget:
+            return Saved(key, False, need, f"{_gb(need)} is over the {_gb(self.budget)} disk budget")
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = {VALIDITY_KEY: json.dumps(validity, sort_keys=True), TOKENS_KEY: json.dumps([int(t) for t in tokens])}
+        try:
+            save_prompt_cache(path, cache, metadata=meta, model=model)
+        except (OSError, PromptCacheError) as e:
+            return Saved(key, False, need, f"cannot write {path}: {e}")
+        evicted = self.evict(keep=key)
+        return Saved(key, True, path.stat().st_size, evicted=evicted, seconds=time.perf_counter() - tic)
+
+    def delete(self, key: str) -> bool:
+        try:
+            self.path(key).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    # --- the budget ----------------------------------------------------------------------------
+    def entries(self) -> list[tuple[str, int, float]]:
+        """(key, bytes, last used) of every stored cache, least recently used first."""
+        out = []
+        if self.root.is_dir():
+            for p in self.root.glob(f"*{SUFFIX}"):
+                if p.name.startswith("."):
+                    continue
+                try:
+                    st = p.stat()
+                except OSError:
+                    continue
+                out.append((p.name[: -len(SUFFIX)], st.st_size, st.st_mtime))
+        return sorted(out, key=lambda e: (e[2], e[0]))
+
+    def usage(self) -> int:
+        return sum(size for _, size, _ in self.entries())
+
+    def set_budget(self, budget: int) -> list[str]:
+        self.budget = int(budget)
+        return self.evict()
+
+    def evict(self, keep: Optional[str] = None) -> list[str]:
+        """Delete least-recently-used caches until the rest fit the budget; never `keep`."""
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        evicted = []
+        for key, size, _ in entries:
+            if total <= self.budget:
+                break
+            if key == keep:
+                continue
+            if self.delete(key):
+                evicted.append(key)
+            total -= size
+        return evicted
+
+    def _clean_temp(self) -> None:
+        """Remove temporary files left by a process that died mid-write (never a live writer's)."""
+        if not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            m = TEMP_RE.match(p.name)
+            if m and not _alive(int(m.group(1))):
+                p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but another user's
+        return True
+    return True
+
+
+def _show(v: Any) -> str:
+    return "off" if v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+
+
+def parse_size(text: str) -> int:
+    """A byte count from "4GB", "500 MB", "1.5g", "0" or "off" (0: keep no caches on disk)."""
+    raw = str(text).strip().lower().replace(" ", "")
+    if raw in ("off", "none", "0"):
+        return 0
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(k|kb|m|mb|g|gb|t|tb|b)?", raw)
+    if not m:
+        raise ValueError(f"{text!r} is not a size: use e.g. 4GB, 500MB or off")
+    unit = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12}
+    return int(float(m.group(1)) * unit[m.group(2) or ""])
+
+
+def format_size(n: int) -> str:
+    """The inverse of `parse_size` for display: "4GB", "500MB", "off"."""
+    if n <= 0:
+        return "off"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
+    return f"{n}B"
+
+
+__all__ = [
+    "CacheStore",
+    "Loaded",
+    "Saved",
+    "cache_validity",
+    "chat_cache_validity",
+    "weights_fingerprint",
+    "model_dtype",
+    "parse_size",
+    "format_size",
+    "DEFAULT_BUDGET",
+]
