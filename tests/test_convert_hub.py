@@ -128,10 +128,14 @@ def test_no_argument_run_falls_back_to_pypi_gguf(default_env, capsys):
     assert (default_env / "model.safetensors").stat().st_mtime_ns != stamp
 
 
-def test_no_argument_run_on_metal_quantizes_to_4_bits(default_env, monkeypatch, capsys):
+def test_no_argument_run_on_metal_quantizes_as_the_quality_table_chooses(default_env, monkeypatch, capsys):
+    from qwen2_mlx.convert.choice import load_table, pick, planned_bytes
     from qwen2_mlx.convert.cli import run
 
     monkeypatch.setattr("qwen2_mlx.convert.cli._metal", lambda: True)
     assert run([]) == 0
+    config = json.loads((default_env / "config.json").read_text())
+    best, _ = pick(load_table(), size_of=lambda r: planned_bytes(config, r))
+    assert f"Quantizing to {best['name']}" in capsys.readouterr().err
     q = json.loads((default_env / "config.json").read_text())["quantization"]
-    assert q["bits"] == 4 and q["group_size"] == 64
+    assert q["group_size"] == best["group_size"] and (best["recipe"] or q["bits"] == best["bits"])

@@ -17,8 +17,9 @@ from typing import Optional
 
 from qwen2_mlx.extras import MissingPackage, require
 
+from .recipes import RECIPES, check_name, describe
+
 DEFAULT_REPO = "Qwen/Qwen2-0.5B-Instruct"
-QUANT_RECIPES = ["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]  # mlx_lm.convert.QUANT_RECIPES
 DTYPES = ["float16", "bfloat16", "float32"]  # mlx_lm.convert.MODEL_CONVERSION_DTYPES
 Q_MODES = ["affine", "mxfp4", "nvfp4", "mxfp8"]
 
@@ -51,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-group-size", type=int, default=None, help="Group size for quantization.")
     p.add_argument("--q-bits", type=int, default=None, help="Bits per weight for quantization.")
     p.add_argument("--q-mode", default="affine", choices=Q_MODES, help="The quantization mode.")
-    p.add_argument("--quant-predicate", choices=QUANT_RECIPES, default=None, help="Mixed-bit quantization recipe.")
+    p.add_argument(
+        "--quant-predicate",
+        default=None,
+        metavar="RECIPE",
+        help="Mixed-bit quantization recipe: " + "; ".join(f"{r} ({describe(r)})" for r in RECIPES) + ".",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -136,6 +142,13 @@ def _run(args) -> int:
     from .errors import ConvertError
 
     default_run = args.hf_path is None and args.gguf is None
+    if args.quant_predicate is not None:
+        try:
+            check_name(args.quant_predicate)
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
+        if args.q_bits is not None:
+            raise ConvertError(f"--q-bits: the recipe {args.quant_predicate} sets the bits of every layer; drop one")
     target = Path(args.mlx_path or (default_model_path() if default_run else "mlx_model")).expanduser()
     if default_run and target.exists() and not args.force:
         print(f"The default model already exists at {target} (add --force to rebuild it).")
@@ -153,14 +166,15 @@ def _run(args) -> int:
             raise ConvertError("-d/--dequantize needs a quantized source (--hf-path or --gguf)")
         source, label = _default_source(args)
         if not args.quantize and not args.dtype:
-            if _metal():
-                args.quantize = True  # 4-bit: fast and small on Apple silicon
-            else:
-                args.dtype = "float32"
-                _log(
-                    "Keeping float32 (no 4-bit): on MLX's CPU backend quantized matmul is ~25x slower than "
-                    "float32 with OpenBLAS (0.35 vs 8.6 tok/s measured)."
-                )
+            from .choice import default_conversion, planned_bytes
+
+            choice = default_conversion(
+                "metal" if _metal() else "cpu", size_of=lambda r: planned_bytes(source.config, r)
+            )
+            for key, value in choice.options.items():  # argparse's names; what the user set stays
+                if getattr(args, key) in (None, False):
+                    setattr(args, key, value)
+            _log(choice.reason)
     elif args.gguf:
         require("gguf", "reading a GGUF file (--gguf)")
         source, label = GGUFSource(Path(args.gguf).expanduser()), args.gguf

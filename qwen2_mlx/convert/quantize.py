@@ -1,10 +1,10 @@
 """Per-tensor quantization with mlx-lm's rules, so a converted folder loads in mlx_lm.load unchanged.
 
 The decision for each layer is mlx-lm's `quantize_model` one: only modules with `to_quantized`
-whose input width divides the group size; a mixed-precision recipe (`mlx_lm.convert`'s
-`mixed_quant_predicate_builder`) picks bits per layer; per-layer choices are recorded in the
-config's `quantization` block. On top of that the model's own `quant_predicate` wins where it
-returns an override: the MoE router (`mlp.gate`) and `mlp.shared_expert_gate` stay at 8 bits.
+whose input width divides the group size; a mixed-precision recipe (recipes.py: mlx-lm's
+`mixed_quant_predicate_builder`, or ours built on it) picks bits per layer; per-layer choices are
+recorded in the config's `quantization` block. On top of that the model's own `quant_predicate`
+wins where it returns an override: the MoE router (`mlp.gate`) and `mlp.shared_expert_gate` stay at 8 bits.
 Tensors are quantized one at a time, against a model skeleton whose parameters are never evaluated.
 """
 
@@ -52,12 +52,12 @@ class QuantPlan:
         if recipe:
             if mode != "affine":
                 raise ConvertError("--quant-predicate recipes only support --q-mode affine")
-            from mlx_lm.convert import mixed_quant_predicate_builder
+            from .recipes import recipe_predicate
 
             try:
-                self.recipe = mixed_quant_predicate_builder(recipe, model, self.group_size)
+                self.recipe = recipe_predicate(recipe, model, self.group_size)
             except ValueError as e:
-                raise ConvertError(f"--quant-predicate {recipe}: {e}") from None
+                raise ConvertError(str(e) if "unknown" in str(e) else f"--quant-predicate {recipe}: {e}") from None
         self.overrides: dict[str, Params] = {}
 
     def params_for(self, path: str) -> Optional[Params]:

@@ -1,4 +1,7 @@
-"""`python -m qwen2_mlx.eval {passkey,niah,ppl}`: long-context evaluation from the command line.
+"""`python -m qwen2_mlx.eval {passkey,niah,ppl,quality}`: evaluation from the command line.
+
+passkey, niah and ppl test long contexts; quality compares a (quantized) model with a reference
+(quality_cli.py).
 
 Progress goes to stderr, results to stdout (and to --json FILE); --results FILE makes a long run
 resumable. User errors, and a package the outputs need that is not installed (matplotlib for the
@@ -18,14 +21,18 @@ from typing import Optional
 from qwen2_mlx.cli.blas import ensure_openblas
 from qwen2_mlx.extras import MissingPackage, require
 
+from . import quality_cli
 from .common import EvalError, add_model_args, load_for_eval, parse_int_list, progress
+from .common import check_out as _check_out
+from .common import read_text as _read_text
 from .results import ResultsError, ResultsFile, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m qwen2_mlx.eval",
-        description="Long-context evaluation: passkey retrieval, needle in a haystack and sliding-window perplexity.",
+        description="Long-context evaluation (passkey retrieval, needle in a haystack, sliding-window perplexity) "
+        "and the quality of a quantized model against a reference.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -66,25 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--stride", type=int, default=None, metavar="S", help="tokens between window starts (default: context / 2)"
     )
     add_model_args(p)
+
+    quality_cli.add_parser(sub)
     return parser
-
-
-def _read_text(path: Path, what: str) -> str:
-    if not path.is_file():
-        raise EvalError(f"{path}: no such {what} file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise EvalError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise EvalError(f"{path}: cannot be read ({e.strerror})") from None
-
-
-def _check_out(path: Path, flag: str) -> None:
-    if path.is_dir():
-        raise EvalError(f"{flag} {path}: is a folder; expected a file")
-    if not path.parent.is_dir():
-        raise EvalError(f"{flag} {path}: folder {path.parent} does not exist")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -138,6 +129,8 @@ def run(args: argparse.Namespace) -> dict:
 
     from .prompts import split_sentences
 
+    if args.command == "quality":
+        return quality_cli.run(args)
     _validate(args)
     figure = None  # the NIAH heatmap: drawn last, from results already written
     haystack = None

@@ -127,3 +127,21 @@ def progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, file=sys.stderr, unit="unit", dynamic_ncols=True, leave=True)
+
+
+def read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise EvalError(f"{path}: no such {what} file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise EvalError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def check_out(path: Path, flag: str) -> None:
+    if path.is_dir():
+        raise EvalError(f"{flag} {path}: is a folder; expected a file")
+    if not path.parent.is_dir():
+        raise EvalError(f"{flag} {path}: folder {path.parent} does not exist")
