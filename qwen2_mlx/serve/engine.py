@@ -245,8 +245,8 @@ class Engine:
             a.job.emit("token", text, token, entry)
 
     # Continuous batch ------------------------------------------------------------------------------
-    def _batch_loop(self) -> None:
-        gen = BatchGenerator(
+    def _new_batch(self) -> BatchGenerator:
+        return BatchGenerator(
             self.model,
             stop_tokens=[[t] for t in sorted(self.eos)],
             completion_batch_size=self.max_concurrency,
@@ -254,6 +254,9 @@ class Engine:
             prefill_step_size=self.prefill_step_size,
             stream=generation_stream,
         )
+
+    def _batch_loop(self) -> None:
+        gen = self._new_batch()
         active: dict[int, _Active] = {}
         waiting: list[Job] = []
         while not self._stop.is_set():
@@ -309,14 +312,7 @@ class Engine:
                         self._pending -= 1
                         self._running -= 1
                 active.clear()
-                gen = BatchGenerator(
-                    self.model,
-                    stop_tokens=[[t] for t in sorted(self.eos)],
-                    completion_batch_size=self.max_concurrency,
-                    prefill_batch_size=min(self.max_concurrency, 8),
-                    prefill_step_size=self.prefill_step_size,
-                    stream=generation_stream,
-                )
+                gen = self._new_batch()
                 continue
             ours = []  # rows our stop strings ended (the generator only knows token stops)
             for r in responses:
