@@ -288,7 +288,9 @@ def _decode_step(q, keys, values, offset, rope, geom, groups):
     if k == 1:
         qs = rope(q, offset=r)
     else:
-        qs = rope(mx.broadcast_to(q, (k, Hq, 1, D)), offset=mx.array(positions))
+        # Copied, not a broadcast view: MLX's CUDA rope (0.32) gives its output the input's strides, so
+        # a stride-0 batch made every copy overwrite the others (the lost needles past chunk 1 on GPUs).
+        qs = rope(mx.contiguous(mx.broadcast_to(q, (k, Hq, 1, D))), offset=mx.array(positions))
     # (k, Hq, 1, D) -> (1, Hkv, k*G, D): rows [copy0 heads of this KV head, copy1 ..., ...]
     qs = qs.reshape(k, Hkv, groups, D).transpose(1, 0, 2, 3).reshape(1, Hkv, k * groups, D)
     s = _scores(qs, keys)  # (1, Hkv, k*G, p+1)
