@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     from qwen2_mlx.generation.chat import Chat
     from qwen2_mlx.generation.generate import prefill_prompt_cache
     from qwen2_mlx.generation.prompt_cache import make_prompt_cache
+    from qwen2_mlx.generation.settings import GenerationSettings
 
     model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype))
     mx.eval(model.parameters())
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     ]
 
     def fresh() -> Chat:
-        return Chat(model, tokenizer, messages=history, max_tokens=1, temperature=0.0, **kv)
+        return Chat(model, tokenizer, messages=history, settings=GenerationSettings(max_tokens=1, **kv))
 
     # The state the chat app has after the reply: the history's tokens in the cache, saved on disk.
     chat = fresh()

@@ -34,11 +34,9 @@ from .generate import (
 from .history import MessageTree, Node, validate_message
 from .kv_quant import KVQuantization
 from .notebook import chat_markdown
-from .settings import ALIASES, SAMPLING_KEYS, GenerationSettings
+from .settings import ALIASES, CHAT_KEYS, SAMPLING_KEYS, GenerationSettings
 
 POLICIES = ("refuse", "drop_oldest")
-# Settings that belong to the chat, not to a turn: its cache is built with them, or its window.
-CHAT_KEYS = ("draft_model", "num_draft_tokens", "max_context", "kv_bits", "kv_group_size", "quantized_kv_start")
 _TURN_DEFAULTS = GenerationSettings(max_tokens=None)  # a chat's reply runs to the end of its turn by default
 
 

@@ -33,6 +33,8 @@ SAMPLING_KEYS = (
     "stop",
 )
 ALIASES = {"temp": "temperature"}  # mlx-lm's spelling
+# Settings that belong to a chat, not to one of its turns: its caches are built with them, or its window.
+CHAT_KEYS = ("draft_model", "num_draft_tokens", "max_context", "kv_bits", "kv_group_size", "quantized_kv_start")
 
 
 def _number(name: str, value: Any, low: float, high: Optional[float] = None, integer: bool = False) -> None:
@@ -208,3 +210,16 @@ def _known(kwargs: dict) -> dict:
             raise TypeError(f"unknown generation setting {key!r} (known: {', '.join(names)})")
         out[name] = value
     return out
+
+
+def turn_settings(record: dict) -> dict:
+    """The keyword settings of one chat turn in a front end's settings `record` (a dict of plain values).
+
+    Keys that are not settings (a context policy, an app option) and the chat's own (CHAT_KEYS) are
+    left out, and None means "the default", except for `max_tokens`, where None means no limit.
+    """
+    names = GenerationSettings.names()
+    kw = {k: v for k, v in record.items() if k in names and k not in CHAT_KEYS and v is not None}
+    if "max_tokens" in record:
+        kw["max_tokens"] = record["max_tokens"]
+    return kw
