@@ -55,10 +55,8 @@ def _prompt_tokens(tokenizer, messages: list, raw: bool) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def main(argv: Optional[list] = None) -> int:
-    from qwen2_mlx.cli.blas import ensure_openblas
-
-    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py), before MLX is imported
+def _arguments(argv: Optional[list]) -> tuple[argparse.Namespace, dict]:
+    """The parsed arguments, checked together (an error exits with status 2), and the long-context overrides."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.interactive == (args.prompt is not None):
@@ -67,7 +65,14 @@ def main(argv: Optional[list] = None) -> int:
         parser.error("--raw applies to --prompt only (the interactive chat uses the chat template)")
     if args.max_tokens <= 0:
         parser.error("--max-tokens must be positive")
-    overrides = long_context_overrides(args, parser)
+    return args, long_context_overrides(args, parser)
+
+
+def main(argv: Optional[list] = None) -> int:
+    from qwen2_mlx.cli.blas import ensure_openblas
+
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py), before MLX is imported
+    args, overrides = _arguments(argv)
     import mlx.core as mx
 
     from qwen2_mlx.generation.chat import Chat
