@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, add_long_context_args, long_context_overrides, mlx_dtype
+from qwen2_mlx.arguments import DTYPE_NAMES, add_long_context_args, long_context_overrides, mlx_dtype
 
 
 def peak_rss_gb() -> float:
@@ -69,9 +69,9 @@ def _arguments(argv: Optional[list]) -> tuple[argparse.Namespace, dict]:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
-    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py), before MLX is imported
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (runtime/blas.py), before MLX is imported
     args, overrides = _arguments(argv)
     import mlx.core as mx
 

@@ -4,10 +4,11 @@ Layers, lowest first (docs/architecture.md):
   models      the modules, their config, RoPE/YaRN, DCA, KV cache and sharding (MLX and mlx-lm only)
   loading     reading folders and checkpoints, the tokenizer, where files live
   generation  sampling and stopping, prompt caches, batches, chat sessions, notebook display
-  cli         helpers shared by the command lines (OpenBLAS re-run, long-context switches)
+  arguments   the command-line switches the tools share (long context, KV cache)
   tools       convert, eval, bench, distributed, serve: programs built on the layers below
   tui         the chat app, on top of everything; nothing in qwen2_mlx imports it
-`qwen2_mlx/__init__.py` (the lazy public names) and `extras.py` (standard library only) sit beside them.
+`qwen2_mlx/__init__.py` (the lazy public names) and `runtime/` (the OpenBLAS re-run, optional packages:
+standard library only) sit beside them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"models": 0, "loading": 1, "generation": 2, "cli": 3, "tools": 4, "tui": 5}
-TOOLS = ("convert", "eval", "bench", "distributed", "bench_long", "bench_batch", "serve")
+LAYERS = {"models": 0, "loading": 1, "generation": 2, "arguments": 3, "tools": 4, "tui": 5}
+TOOLS = ("convert", "eval", "bench", "distributed", "serve")
 
 
 def layer_of(module: str) -> str | None:
@@ -32,7 +33,7 @@ def layer_of(module: str) -> str | None:
         return None  # outside the project, or the package's lazy facade
     if parts[1] in TOOLS:
         return "tools"
-    if parts[1] == "extras":
+    if parts[1] == "runtime":
         return "base"
     return parts[1] if parts[1] in LAYERS else "unknown"
 
@@ -109,7 +110,7 @@ def test_imports_flow_downwards_only():
             there = layer_of(imp)
             if imp == "qwen2_mlx" and here not in ("tools", "tui", None):
                 wrong.append(f"{mod} imports the public facade `qwen2_mlx` (import the defining module)")
-            elif here == "base" and there is not None:
+            elif here == "base" and there not in (None, "base"):
                 wrong.append(f"{mod} (standard library only) imports {imp}")
             elif there in LAYERS and here in LAYERS and LAYERS[there] > LAYERS[here]:
                 wrong.append(f"{mod} ({here}) imports {imp} ({there})")
@@ -202,7 +203,9 @@ def test_importing_the_model_loads_no_generation_chat_or_command_line():
     assert not {
         m
         for m in loaded
-        if m.startswith(("qwen2_mlx.generation", "qwen2_mlx.loading", "qwen2_mlx.cli", "qwen2_mlx.distributed", "tui"))
+        if m.startswith(
+            ("qwen2_mlx.generation", "qwen2_mlx.loading", "qwen2_mlx.arguments", "qwen2_mlx.distributed", "tui")
+        )
     }
 
 

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         help="cast the weights (float32 is the fast type on a CPU)",
     )
     args = p.parse_args(argv)
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     if args.prompts < 1 or args.max_tokens < 1 or args.batch_size < 1:

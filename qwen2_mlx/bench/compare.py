@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.args import add_kv_cache_args, kv_cache_settings
+from qwen2_mlx.arguments import add_kv_cache_args, kv_cache_settings
 
 # mlx, mlx-lm and our package are imported in main(), after the OpenBLAS re-exec.
 
@@ -434,7 +434,7 @@ def write_json(path: str, res: dict) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
     ensure_openblas(argv)
     args = parse_args(argv)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, int_list, mlx_dtype
+from qwen2_mlx.arguments import DTYPE_NAMES, int_list, mlx_dtype
 from qwen2_mlx.loading.paths import default_model_path
 
 

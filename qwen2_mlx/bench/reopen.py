@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tokens < 64 or args.runs < 1:
         p.error("--tokens must be at least 64 and --runs at least 1")
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
 

@@ -27,14 +27,14 @@ from qwen2_mlx.loading.paths import models_dir
 from .. import commands, slash
 from ..engine import CacheNote, Engine, Failed, Finished, Job, Prefill, Stats, Token
 from ..export import export_chat
-from ..models import list_models
+from ..model_folders import list_models
 from ..store import FINISHED, Message, Store
-from ..widgets.chat_list import ChatListScreen
-from ..widgets.model_picker import ModelScreen
 from ..widgets.prompt import PromptInput
-from ..widgets.settings import SettingsScreen
 from ..widgets.status import StatusBar, bar
 from ..widgets.transcript import MessageView, Transcript
+from .chat_list import ChatListScreen
+from .model_picker import ModelScreen
+from .settings import SettingsScreen
 
 SAVE_EVERY = 1.0  # seconds between saves of a streaming reply
 TITLE_CHARS = 48
