@@ -60,7 +60,10 @@ def _reference(q, k, v, attn, first: int, last: int, dtype):
     )
 
 
-@pytest.mark.parametrize("dtype,tol", [(mx.float32, 2e-3), (mx.bfloat16, 8e-2)])
+# bfloat16: the cache holds keys rounded after rotation, which moves layer 0's attention-sink logits
+# (up to ~1,100) by whole units: measured 0.01-0.23 here, and plain SDPA in bfloat16 is off by 0.15 at
+# a position inside the window. A wrong rotation or mask is off by far more.
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 2e-3), (mx.bfloat16, 0.3)])
 @pytest.mark.parametrize(
     "first,last",
     [
