@@ -34,7 +34,7 @@ from .generate import (
 from .history import MessageTree, Node, validate_message
 from .kv_quant import KVQuantization
 from .notebook import chat_markdown
-from .settings import ALIASES, CHAT_KEYS, SAMPLING_KEYS, GenerationSettings
+from .settings import ALIASES, CHAT_KEYS, KV_KEYS, SAMPLING_KEYS, GenerationSettings
 
 POLICIES = ("refuse", "drop_oldest")
 _TURN_DEFAULTS = GenerationSettings(max_tokens=None)  # a chat's reply runs to the end of its turn by default
@@ -98,7 +98,7 @@ class Chat:
         model_limit = context_limit(model)
         if max_context is not None and not (0 < max_context <= model_limit):
             raise ValueError(f"max_context must be between 1 and the model's {model_limit} tokens")
-        kv = {k: given.pop(k) for k in ("kv_bits", "kv_group_size", "quantized_kv_start") if k in given}
+        kv = {k: given.pop(k) for k in KV_KEYS if k in given}
         # KV-cache quantization (kv_quant.py) belongs to the chat, not to a turn: its cache is built with it.
         self.kv_quantization = KVQuantization.make(kv.get("kv_bits"), **_kv_rest(kv), model=model)
         self.model = model

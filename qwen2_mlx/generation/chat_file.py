@@ -15,11 +15,10 @@ from typing import Any
 
 from .history import Node, validate_message
 from .prompt_cache import PromptCacheError, load_prompt_cache, save_prompt_cache
-from .settings import SAMPLING_KEYS
+from .settings import KV_KEYS, SAMPLING_KEYS
 
 FILE_FORMAT = "qwen2-mlx-chat"
 FILE_VERSION = 1
-KV_KEYS = ("kv_bits", "kv_group_size", "quantized_kv_start")
 
 
 class ChatFileError(ValueError):

@@ -32,6 +32,7 @@ SAMPLING_KEYS = (
     "seed",
     "stop",
 )
+KV_KEYS = ("kv_bits", "kv_group_size", "quantized_kv_start")
 ALIASES = {"temp": "temperature"}  # mlx-lm's spelling
 # Settings that belong to a chat, not to one of its turns: its caches are built with them, or its window.
 CHAT_KEYS = ("draft_model", "num_draft_tokens", "max_context", "kv_bits", "kv_group_size", "quantized_kv_start")
@@ -140,9 +141,8 @@ class GenerationSettings:
         _number("prefill_step_size", self.prefill_step_size, 1, integer=True)
 
     def _check_speculative(self) -> None:
-        if isinstance(self.num_draft_tokens, bool) or not isinstance(self.num_draft_tokens, int):
-            raise ValueError(f"num_draft_tokens must be a positive integer (got {self.num_draft_tokens!r})")
-        if self.num_draft_tokens < 1:
+        n = self.num_draft_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"num_draft_tokens must be a positive integer (got {self.num_draft_tokens!r})")
         self.lookup_settings  # noqa: B018 (a bad `lookup` fails here, naming its field)
         speculative = self.draft_model is not None or self.lookup_settings is not None
@@ -167,11 +167,7 @@ class GenerationSettings:
     @property
     def kv(self) -> dict:
         """`kv_bits`, `kv_group_size`, `quantized_kv_start` as keyword arguments."""
-        return {
-            "kv_bits": self.kv_bits,
-            "kv_group_size": self.kv_group_size,
-            "quantized_kv_start": self.quantized_kv_start,
-        }
+        return {k: getattr(self, k) for k in KV_KEYS}
 
     @property
     def sampling(self) -> dict:
