@@ -65,7 +65,7 @@ if [[ ! -s $SITE ]] || [[ -n $(find "$DL" -name '*.whl' -newer "$SITE") ]]; then
   rm -rf "$BUILD/site"
   mkdir -p "$BUILD/site"
   for w in "$DL"/*.whl; do unzip -q -o "$w" -d "$BUILD/site"; done
-  echo "compressing $(du -sh "$BUILD/site" | cut -f1) of unpacked wheels with xz (one core, ~2 minutes)" >&2
+  echo "compressing $(du -sh "$BUILD/site" | cut -f1) of unpacked wheels with xz (one core: ~20 min on a busy 2-core machine)" >&2
   tar -C "$BUILD/site" -cf - . | nice xz -T1 -9e > "$SITE.tmp"
   mv "$SITE.tmp" "$SITE"
   rm -rf "$BUILD/site"
