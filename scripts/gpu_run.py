@@ -670,18 +670,12 @@ def print_calls(manifest: dict, per_call: dict, tree: int, carry: Path) -> None:
             f"{p['name']} {sum(x['call'] <= k for x in p['pieces'])}/{len(p['pieces'])}" for p in manifest["payloads"]
         )
         after += "".join(f"; {notes.get(x, x)}" for x, at in ready.items() if at == k)
-        wait = 420 if k == n else 0
-        call = {"call": k, "command": f"bash scripts/gpu_run.sh --wait {wait}", "carry": [f"{rel}/call-{k}", *seed]}
-        print(
-            json.dumps(
-                call
-                | {
-                    "timeout_s": 540 if k == n else 180,
-                    "carry_mib": round((per_call[k] + tree) / 2**20, 1),
-                    "after": after,
-                }
-            )
-        )
+        # The last carrying call waits as long as the lease allows (W includes the model's conversion).
+        call = {"call": k, "command": f"bash scripts/gpu_run.sh --wait {'W' if k == n else 0}"}
+        call |= {"carry": [f"{rel}/call-{k}", *seed], "timeout_s": "W + 60" if k == n else 180}
+        if k == n:
+            after += "; W = min(420, budget_left_s - 120)"
+        print(json.dumps(call | {"carry_mib": round((per_call[k] + tree) / 2**20, 1), "after": after}))
     last = {"call": n + 1, "command": "bash scripts/gpu_run.sh --wait W", "carry": [], "timeout_s": "W + 45"}
     print(json.dumps(last | {"after": "only if budget_left_s >= 180, with W = budget_left_s - 90; then give_back"}))
 
