@@ -121,6 +121,7 @@ REHEARSAL = Settings(
     ("tests/test_config.py",),
     64,
     "256",
+    5.0,  # a shared 2-core CPU: the real run's timeouts x5
 )
 
 
@@ -135,7 +136,7 @@ def settings(rehearsal: bool) -> Settings:
         dca=(int(env("DCA_CHUNK") or s.dca[0]), int(env("DCA_LOCAL") or s.dca[1])),
         prefill=int(env("PREFILL_STEP") or s.prefill),
         trials=int(env("PASSKEY_TRIALS") or s.trials),
-        scale=float(env("GPU_RUN_TIMEOUT_SCALE") or 1.0),
+        scale=float(env("GPU_RUN_TIMEOUT_SCALE") or s.scale),
     )
 
 
@@ -279,6 +280,9 @@ def table(p: Plan) -> list[tuple]:
         c.long(f"long-{_k(2 * chunk)}", chunk, [2 * chunk], prio=3, timeout=300, goal="DCA decode >= 0.8x plain"),
         ("tests", 4, [*cmd(*pytest), "-m", "not real_model", *s.tests], c.t(300), "", "all files collect", None, tf32),
         *c.niah("dca", s.niah, 5, "mean >= 90 % at 32K-128K"),
+        # The real model's layer 0 through DCA at the real chunk against float64 (the fixture converts the GGUF).
+        ("dca-real-chunk", 5, cmd(*pytest, "-m real_model tests/test_dca_real_chunk.py"), c.t(300), "gguf",
+         "DCA = float64 on a real layer", no_gguf(p), real_env),
         *c.niah("plain", s.niah[1:], 6, "beside DCA"),
         *c.niah("yarn", s.niah[1:], 6, "beside DCA"),
         *((*x[:6], alt_needed(p)) for x in c.niah("dca-alt", s.niah[-2:], 7, "data for the default's choice")),

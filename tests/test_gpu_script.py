@@ -107,7 +107,7 @@ def test_rehearsal_runs_every_step_and_prints_the_summary(tmp_path):
         "long-256",
         "tests-real",
     } <= set(steps)
-    bad = {n: r.get("tail", "")[-500:] for n, r in steps.items() if r["status"] not in ("ok", "skipped")}
+    bad = {n: (r["status"], r.get("tail", "")[-500:]) for n, r in steps.items() if r["status"] not in ("ok", "skipped")}
     assert not bad, bad
     assert steps["bench-tiny-float32"]["summary"]["ratio_ours_over_mlx_lm"]["decode_tps"] > 0
     assert steps["long-256"]["summary"]["speed"], steps["long-256"]
@@ -115,7 +115,7 @@ def test_rehearsal_runs_every_step_and_prints_the_summary(tmp_path):
     # A tiny random model finds no needle, so the alternative DCA settings ran (they run below 90 %).
     assert steps["niah-dca-alt-1K"]["status"] == "ok"
     assert steps["rope-check"]["summary"]["lines"], steps["rope-check"]
-    assert "29/29 steps finished" in (out / "summary.txt").read_text()
+    assert "30/30 steps finished" in (out / "summary.txt").read_text()
     assert "goals (issue 25):" in run.stdout
 
     # A rerun finds everything done: it starts no step and prints the same summary.
@@ -138,7 +138,7 @@ def test_rehearsal_runs_every_step_and_prints_the_summary(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert _steps(tmp_path / "out4").keys() == steps.keys()
-    assert "29/29 steps finished" in again.stdout
+    assert "30/30 steps finished" in again.stdout
 
 
 def test_steps_are_resumed_not_rerun(tmp_path):
@@ -156,7 +156,7 @@ def test_steps_are_resumed_not_rerun(tmp_path):
     gpu_run.append_step(plan.results, {"step": "long-256", "status": "failed", "seconds": 2.0})
     assert list(gpu_run.read_steps(plan.results)) == ["tests", "long-256"]
     text = gpu_run.write_summary(plan)
-    assert "2/29 steps finished" in text and "niah-dca-1K" in text
+    assert "2/30 steps finished" in text and "niah-dca-1K" in text
 
 
 def test_steps_waiting_for_the_model_hold_back_all_but_the_goal_steps(tmp_path):
