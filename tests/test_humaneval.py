@@ -186,3 +186,15 @@ def test_cli_errors_are_one_line_before_loading(tmp_path, capsys):
     assert "--published-name nope" in capsys.readouterr().err
     assert main(["humaneval", "--model", str(tmp_path / "none")]) == 2
     assert "none" in capsys.readouterr().err
+
+
+def test_quality_table_gains_humaneval_per_row(tiny_path, tmp_path, capsys):
+    out = tmp_path / "table.json"
+    args = ["quality", "--reference", str(tiny_path), "--table", "--variants", "float32,8-bit g64"]
+    assert main([*args, "--humaneval", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["float32", "8-bit g64"]
+    assert all(r["humaneval"]["problems"] == 2 and r["humaneval"]["pass@1"] == 0.0 for r in rows)
+    assert "HumanEval pass@1 (2 problems)" in capsys.readouterr().out
+    assert main([*args, "--humaneval", "200"]) == 2
+    assert "--humaneval must be within 0..164" in capsys.readouterr().err

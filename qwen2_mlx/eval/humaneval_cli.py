@@ -65,26 +65,12 @@ def _validate(args) -> None:
 
 
 def _ours(args):
-    """Our loader and batch_generate: (engine, token counter, settings)."""
-    from qwen2_mlx.generation.batch import batch_generate
+    """Our loader and batch_generate: (engine, token counter, settings, folder)."""
+    from .humaneval import batch_engine, token_counter
 
     lm = load_for_eval(args)
-
-    def engine(prompts: list[str], budgets: list[int]) -> list[Completion]:
-        out = batch_generate(
-            lm.model,
-            lm.tokenizer,
-            prompts,
-            max_tokens=budgets,
-            batch_size=args.batch_size,
-            stop=STOP,
-            prefill_step_size=args.prefill_step_size,
-            **lm.kv,
-        )
-        return [Completion(str(t), t.finish_reason, len(ids)) for t, ids in zip(out.texts, out.token_ids)]
-
-    count = lambda text: len(lm.tokenizer.encode(text, add_special_tokens=False))
-    return engine, count, lm.settings, lm.path
+    engine = batch_engine(lm.model, lm.tokenizer, args.batch_size, args.prefill_step_size, lm.kv)
+    return engine, token_counter(lm.tokenizer), lm.settings, lm.path
 
 
 def _mlx_lm(args):
@@ -93,6 +79,8 @@ def _mlx_lm(args):
 
     from qwen2_mlx.loading.loader import ModelLoadError, resolve_path
     from qwen2_mlx.loading.paths import default_model_path
+
+    from .humaneval import token_counter
 
     try:
         path = resolve_path(args.model or default_model_path()).resolve()
@@ -113,8 +101,7 @@ def _mlx_lm(args):
         return Completion(text, reason, n)
 
     engine = lambda prompts, budgets: [one(p, b) for p, b in zip(prompts, budgets)]
-    count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))
-    return engine, count, {"model": str(path), "dtype": "checkpoint"}, path
+    return engine, token_counter(tokenizer), {"model": str(path), "dtype": "checkpoint"}, path
 
 
 def run(args: argparse.Namespace) -> dict:
