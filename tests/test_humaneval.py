@@ -198,3 +198,14 @@ def test_quality_table_gains_humaneval_per_row(tiny_path, tmp_path, capsys):
     assert "HumanEval pass@1 (2 problems)" in capsys.readouterr().out
     assert main([*args, "--humaneval", "200"]) == 2
     assert "--humaneval must be within 0..164" in capsys.readouterr().err
+
+
+def test_mlx_lm_engine_gives_the_same_greedy_replies(tiny_path, tmp_path):
+    common = ["humaneval", "--model", str(tiny_path), "--limit", "3", "--max-tokens", "12", "--batch-size", "3"]
+    ours, theirs = tmp_path / "ours.json", tmp_path / "mlx-lm.json"
+    assert main([*common, "--json", str(ours)]) == 0
+    assert main([*common, "--engine", "mlx-lm", "--json", str(theirs)]) == 0
+    a, b = (json.loads(p.read_text()) for p in (ours, theirs))
+    assert b["settings"]["engine"] == "mlx-lm"
+    assert [r["reply"] for r in a["records"]] == [r["reply"] for r in b["records"]]
+    assert [r["tokens"] for r in a["records"]] == [r["tokens"] for r in b["records"]]
