@@ -227,3 +227,17 @@ def test_registered_name_and_command_line(tiny, tasks, tmp_path, capsys):
     assert "acc,none" in json.loads(out.read_text())["results"]["tiny_mc"]
     assert main(["lm-eval", "--model", str(tiny[0]), "--tasks", "nope", "--include-path", str(tasks[0])]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_long_context_switches_reach_the_model_and_generation_runs_one_by_one_under_dca(tiny, tasks):
+    """Under DCA (batch_generate does not run it) replies come from stream_generate; below the chunk size
+    DCA computes plain attention, so they equal transformers' replies."""
+    from lm_eval.api.instance import Instance
+
+    from qwen2_mlx.eval.lm_eval_adapter import Qwen2MLXLM
+
+    lm = Qwen2MLXLM(str(tiny[0]), dtype="float32", batch_size=2, dca_chunk_size=256, dca_local_size=32)
+    assert lm.dca and lm.max_length > 4096  # DCA lifts the trained window
+    kwargs = {"until": ["\n", "."], "max_gen_toks": GEN_TOKENS}
+    reqs = [Instance("generate_until", {}, (p, kwargs), k) for k, p in enumerate(GEN_PROMPTS)]
+    assert lm.generate_until(reqs, disable_tqdm=True) == tasks[1]
