@@ -15,22 +15,10 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Optional
 
-DISABLE_ENV = "QWEN2_MLX_NO_OPENBLAS"
+from qwen2_mlx.loading.openblas import DISABLE_ENV, OPENBLAS_PATHS
+
 # Set in the child so that a failed preload can never make the program re-execute itself again.
 GUARD_ENV = "QWEN2_MLX_OPENBLAS_REEXEC"
-
-# Debian/Ubuntu (libopenblas0-pthread, libopenblas0-openmp, libopenblas0) and Fedora/RHEL (openblas).
-OPENBLAS_PATHS: tuple[str, ...] = (
-    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3",
-    "/usr/lib/aarch64-linux-gnu/openblas-openmp/libblas.so.3",
-    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
-    "/usr/lib64/libopenblasp.so.0",
-    "/usr/lib64/libopenblas.so.0",
-    "/usr/lib/libopenblas.so.0",
-)
 
 
 def openblas_to_preload(
@@ -93,6 +81,8 @@ def ensure_openblas(main_argv: Optional[Sequence[str]] = None) -> None:
     """
     if main_argv is not None or not sys.platform.startswith("linux") or os.environ.get(GUARD_ENV):
         return  # cheap exits before importing MLX
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        return  # help multiplies no matrices: neither a re-run nor a line about it
     cpu = mlx_uses_cpu()
     lib = openblas_to_preload(os.environ, sys.platform, cpu)
     if lib is None:
