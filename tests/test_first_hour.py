@@ -277,3 +277,17 @@ def test_the_real_model_fixture_reuses_a_matching_default_model(tmp_path):
     convert(GGUFSource(a), tmp_path / "from-a-f16", dtype="float16")
     assert not reusable_conversion(tmp_path / "from-a-f16", a)
     assert not reusable_conversion(tmp_path / "nowhere", a)
+
+
+# --- item 1: every command defaults to the converted model ---------------------------------------
+
+
+def test_commands_default_to_the_converted_model(tmp_path, monkeypatch):
+    from qwen2_mlx.bench import compare
+    from qwen2_mlx.bench import serve as bench_serve
+    from qwen2_mlx.loading.paths import default_model_path
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert compare.parse_args([]).model == str(default_model_path())
+    assert compare.parse_args(["--random", "qwen2-0.5b"]).model is None  # --random still replaces it
+    assert bench_serve.build_parser().parse_args([]).model == str(default_model_path())
