@@ -28,7 +28,7 @@ PIP = re.compile(r"^\s*(?:python -m )?pip install\b(.*)$")
 def check_pip(line: str, root: Path) -> None:
     """`pip install -e ".[a,b]"` names extras that exist; plain packages are in the test environment."""
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    for arg in shlex.split(PIP.match(line).group(1)):
+    for arg in shlex.split(PIP.match(line).group(1), comments=True):
         for group in re.findall(r"\[([^\]]+)\]", arg):
             for name in group.split(","):
                 if name.strip() not in extras:
