@@ -54,11 +54,11 @@ def library_hint(
     lib = next((c for c in candidates if exists(c)), None)
     if lib is None:
         return (
-            f"qwen2-mlx: MLX computes on the CPU without OpenBLAS, so float32 runs about 10x slower; install it "
-            f"with {INSTALL}, then start Python with `qwen2-run python ...`; {DISABLE_ENV}=1 hides this line"
+            "qwen2-mlx: MLX computes on the CPU without OpenBLAS, so float32 prefill runs about 27x slower; install "
+            f"it with {INSTALL}, then start Python with `qwen2-run python ...`; {DISABLE_ENV}=1 hides this line"
         )
     return (
-        "qwen2-mlx: MLX computes on the CPU without OpenBLAS, so float32 runs about 10x slower; start this "
+        "qwen2-mlx: MLX computes on the CPU without OpenBLAS, so float32 prefill runs about 27x slower; start this "
         f"program as `qwen2-run python script.py` (or `LD_PRELOAD={lib} python script.py`), notebooks with "
         f"`qwen2-run jupyter lab`; {DISABLE_ENV}=1 hides this line"
     )
