@@ -38,7 +38,9 @@ def check_pip(line: str, root: Path) -> None:
 
 
 def start_server(code: str, port: int, timeout: float) -> subprocess.Popen:
-    proc = subprocess.Popen(["bash", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -53,7 +55,14 @@ def start_server(code: str, port: int, timeout: float) -> subprocess.Popen:
 
 
 def run_bash(code: str, timeout: float) -> None:
-    r = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], capture_output=True, text=True, timeout=timeout)
+    # No terminal and no pipe: a block reads stdin only where it pipes something in itself.
+    r = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", code],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     sys.stdout.write(r.stdout[-2000:])
     if r.returncode != 0:
         raise AssertionError(f"exit status {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
