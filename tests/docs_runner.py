@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import urllib.request
@@ -38,13 +39,12 @@ def check_pip(line: str, root: Path) -> None:
 
 
 def start_server(code: str, port: int, timeout: float) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        ["bash", "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    log = tempfile.NamedTemporaryFile("w+", prefix="docs-server-", suffix=".log", delete=False)  # a pipe could fill
+    proc = subprocess.Popen(["bash", "-c", code], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"the server exited ({proc.returncode}):\n{proc.stdout.read()}")
+            raise AssertionError(f"the server exited ({proc.returncode}):\n{Path(log.name).read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                 return proc
