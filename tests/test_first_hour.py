@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen2_mlx.cli.blas import DISABLE_ENV, GUARD_ENV, OPENBLAS_PATHS
+from qwen2_mlx.runtime.blas import DISABLE_ENV, GUARD_ENV, OPENBLAS_PATHS
 
 ROOT = Path(__file__).resolve().parents[1]
 LIB = next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
@@ -63,7 +63,7 @@ def test_qwen2_run_starts_a_script_with_openblas_preloaded(tiny_path):
         f"import os\nfrom qwen2_mlx import load\nload({str(tiny_path)!r})\n"
         "print(os.environ['LD_PRELOAD'])\nprint('/libopenblas' in open('/proc/self/maps').read())"
     )
-    r = run([sys.executable, "-m", "qwen2_mlx.cli.launch", sys.executable, "-c", code])
+    r = run([sys.executable, "-m", "qwen2_mlx.runtime.launch", sys.executable, "-c", code])
     assert r.returncode == 0, r.stderr
     preload, mapped = r.stdout.split()
     assert preload.split(":")[0] == LIB and mapped == "True"  # really loaded in the script's process
@@ -71,7 +71,7 @@ def test_qwen2_run_starts_a_script_with_openblas_preloaded(tiny_path):
 
 
 def test_qwen2_run_without_a_command_says_how_to_use_it():
-    r = run([sys.executable, "-m", "qwen2_mlx.cli.launch"])
+    r = run([sys.executable, "-m", "qwen2_mlx.runtime.launch"])
     assert r.returncode == 2 and "usage: qwen2-run" in r.stderr
 
 
@@ -108,7 +108,7 @@ def test_help_table_keeps_commands_whose_usage_has_a_bar():
     from markdown_it import MarkdownIt
 
     from tui.slash import help_rows
-    from tui.widgets.dialogs import help_markdown
+    from tui.screens.dialogs import help_markdown
 
     tokens = MarkdownIt("gfm-like").parse(help_markdown("keymap.json", commands=help_rows()))
     rows, row = [], None

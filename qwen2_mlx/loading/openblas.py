@@ -1,6 +1,6 @@
 """Tell a library user, once, when MLX multiplies float32 matrices on a Linux CPU without OpenBLAS.
 
-The command-line programs re-run themselves with OpenBLAS preloaded (`qwen2_mlx/cli/blas.py`); a
+The command-line programs re-run themselves with OpenBLAS preloaded (`qwen2_mlx/runtime/blas.py`); a
 script or a notebook that imports qwen2_mlx cannot (a library is only preloaded at process start),
 so the first `load()` says how to start it that way: `qwen2-run python script.py`, or the apt command
 when no OpenBLAS is installed. `QWEN2_MLX_NO_OPENBLAS=1` hides the line.
