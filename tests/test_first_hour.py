@@ -107,8 +107,8 @@ def test_help_prints_no_openblas_line(module):
 def test_help_table_keeps_commands_whose_usage_has_a_bar():
     from markdown_it import MarkdownIt
 
-    from tui.slash import help_rows
     from tui.screens.dialogs import help_markdown
+    from tui.slash import help_rows
 
     tokens = MarkdownIt("gfm-like").parse(help_markdown("keymap.json", commands=help_rows()))
     rows, row = [], None
