@@ -220,7 +220,7 @@ async def test_the_welcome_names_the_key_that_moves_to_the_messages(tmp_path):
 async def test_status_bar_speeds_belong_to_the_reply_being_written(tmp_path):
     from tui_helpers import make_app, ready, send, wait_until
 
-    app = make_app(tmp_path, replies=["one two three four"], delay=0.6)
+    app = make_app(tmp_path, replies=["one two three"], delay=1.5)  # slow tokens: room to look before the first
     stats = lambda: str(app.status.query_one("#status-stats").render())  # noqa: E731
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot)

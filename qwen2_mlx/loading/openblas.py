@@ -13,20 +13,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Optional
 
-DISABLE_ENV = "QWEN2_MLX_NO_OPENBLAS"
-
-# Debian/Ubuntu (libopenblas0-pthread, libopenblas0-openmp, libopenblas0) and Fedora/RHEL (openblas).
-OPENBLAS_PATHS: tuple[str, ...] = (
-    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3",
-    "/usr/lib/aarch64-linux-gnu/openblas-openmp/libblas.so.3",
-    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
-    "/usr/lib64/libopenblasp.so.0",
-    "/usr/lib64/libopenblas.so.0",
-    "/usr/lib/libopenblas.so.0",
-)
+from qwen2_mlx.runtime.blas import DISABLE_ENV, OPENBLAS_PATHS
 
 INSTALL = "`sudo apt install libopenblas0-pthread` (Debian/Ubuntu) or `sudo dnf install openblas` (Fedora)"
 

@@ -15,10 +15,22 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Optional
 
-from qwen2_mlx.loading.openblas import DISABLE_ENV, OPENBLAS_PATHS
-
+DISABLE_ENV = "QWEN2_MLX_NO_OPENBLAS"
 # Set in the child so that a failed preload can never make the program re-execute itself again.
 GUARD_ENV = "QWEN2_MLX_OPENBLAS_REEXEC"
+
+# Debian/Ubuntu (libopenblas0-pthread, libopenblas0-openmp, libopenblas0) and Fedora/RHEL (openblas).
+OPENBLAS_PATHS: tuple[str, ...] = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3",
+    "/usr/lib/aarch64-linux-gnu/openblas-openmp/libblas.so.3",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
 
 
 def openblas_to_preload(
