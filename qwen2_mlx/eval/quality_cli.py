@@ -2,7 +2,7 @@
 
 `--model A --reference B` compares two folders on the built-in text (or --text FILE). `--table`
 converts the reference (a float folder) into each variant of VARIANTS in a temporary folder with
-the project's converter, compares it, and prints the README's Markdown table; the reference's
+the project's converter, compares it, and prints the Markdown table of docs/converting.md; the reference's
 hidden states are computed once for all rows, and --results FILE makes the table resumable (rows
 already there are not converted again). Quantized variants are written with bfloat16 scales and
 float parameters, as `python convert.py -q` makes them from a bfloat16 hub checkpoint.
@@ -252,7 +252,7 @@ def _row(spec: dict, size: dict, result: dict) -> dict:
 
 
 def format_table(rows: list[dict], dequantized: bool) -> str:
-    """The README's Markdown table (sizes relative to the plain 4-bit group-64 row when there is one)."""
+    """The Markdown table of docs/converting.md (sizes relative to the plain 4-bit group-64 row when there is one)."""
     base = next((r for r in rows if r["bits"] == 4 and r["group_size"] == 64 and not r["recipe"]), None)
     he = next((r["humaneval"]["problems"] for r in rows if "humaneval" in r), None)
     lines = [
