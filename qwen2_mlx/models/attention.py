@@ -16,12 +16,25 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import BatchKVCache
 
 from .config import ModelArgs
 from .dca import DCAGeometry, QuantizedKV, dca_attention, dca_temperature, plain_keys, rotate_keys
 from .kv_cache import DCAKVCache, QuantizedDCAKVCache, reads_dequantized
 from .rope import RoPE
 from .stacked import StackedProjections
+
+
+def plain_cache_fits(geom: DCAGeometry, cache: Optional[Any], L: int) -> bool:
+    """Whether a DCA layer may run plain attention over a plain cache (mlx-lm's `KVCache`, `BatchKVCache`).
+
+    Exact while the sequence has at most `chunk_size + 1` tokens and no DCA temperature applies there;
+    batches use this (a batch cache's `_idx` counts its padding, so it can only err towards refusing).
+    """
+    if cache is None or isinstance(cache, (DCAKVCache, QuantizedDCAKVCache)) or not geom.plain_exact:
+        return False
+    held = cache._idx if isinstance(cache, BatchKVCache) else cache.offset  # offset is per row there
+    return held + L <= geom.plain_limit
 
 
 class Attention(nn.Module):
@@ -52,7 +65,7 @@ class Attention(nn.Module):
         # (B, heads, L, head_dim) with q's heads, then k's, then v's.
         qkv = self._qkv(self, x).reshape(B, L, nh + 2 * nkv, -1).transpose(0, 2, 1, 3)
 
-        if self.dca is not None:  # q and k are rotated to different positions there
+        if self.dca is not None and not plain_cache_fits(self.dca, cache, L):  # q, k rotated differently there
             out = self._dual_chunk(qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :], mask, cache)
         else:
             offset = cache.offset if cache is not None else 0
@@ -70,8 +83,8 @@ class Attention(nn.Module):
         geom = self.dca
         if cache is not None and not isinstance(cache, (DCAKVCache, QuantizedDCAKVCache)):
             raise TypeError(
-                "Dual Chunk Attention needs DCAKVCache layers (from model.make_cache(), or their quantized "
-                f"form), got {type(cache).__name__}"
+                f"Dual Chunk Attention past {geom.plain_limit} tokens needs DCAKVCache layers (from "
+                f"model.make_cache(), or their quantized form), got {type(cache).__name__}"
             )
         if (
             cache is not None

@@ -49,6 +49,12 @@ class DCAGeometry:
         """Longest sequence for which DCA equals plain causal RoPE attention (docs/long-context.md §3)."""
         return self.chunk_size + 1
 
+    @property
+    def plain_exact(self) -> bool:
+        """Whether plain attention equals DCA at every length up to `plain_limit` (no temperature there)."""
+        L0 = self.original_max_position_embeddings
+        return L0 <= 0 or L0 >= self.plain_limit
+
     @classmethod
     def from_config(cls, cfg) -> DCAGeometry:
         return cls(cfg.chunk_size, cfg.local_size, cfg.original_max_position_embeddings)
