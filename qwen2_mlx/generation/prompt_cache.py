@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache, trim_prompt_cache
 
-from qwen2_mlx.models.dca import long_context_signature
+from qwen2_mlx.models.dca import DCAGeometry, long_context_signature, plain_keys, stored_keys
 from qwen2_mlx.models.kv_cache import DCAKVCache, QuantizedDCAKVCache
 
 SIGNATURE_KEY = "qwen2_mlx_signature"
@@ -35,6 +35,49 @@ class PromptCacheError(ValueError):
 def make_prompt_cache(model: nn.Module) -> list:
     """One KV cache per layer, as the model wants them."""
     return model.make_cache()
+
+
+def to_dca_cache(cache: list, model: nn.Module) -> list:
+    """A plain float cache of a DCA model (a batch row's, at most `chunk_size + 1` tokens) as the model's
+    own DCA cache, its keys past the period rotated as DCA stores them; any other cache is returned as is."""
+    geom = _geometry(model)
+    if geom is None or not cache or not all(type(c) is KVCache for c in cache):
+        return cache
+    out = []
+    for layer, c in zip(model.layers, cache):
+        d = DCAKVCache(geom.chunk_size, geom.local_size, geom.original_max_position_embeddings)
+        if c.keys is not None:
+            _check_plain_range(c.offset, geom)
+            d.keys = stored_keys(layer.self_attn.rope, c.keys[..., : c.offset, :], geom)
+            d.values, d.offset = c.values[..., : c.offset, :], c.offset
+        out.append(d)
+    return out
+
+
+def to_plain_cache(cache: list, model: nn.Module) -> list:
+    """A DCA model's float DCA cache of at most `chunk_size + 1` tokens as plain `KVCache`s, for a batch."""
+    geom = _geometry(model)
+    if geom is None or not cache or not all(type(c) is DCAKVCache for c in cache):
+        return cache
+    out = []
+    for layer, c in zip(model.layers, cache):
+        p = KVCache()
+        if c.keys is not None:
+            _check_plain_range(c.offset, geom)
+            p.keys = plain_keys(layer.self_attn.rope, c.keys[..., : c.offset, :], geom)
+            p.values, p.offset = c.values[..., : c.offset, :], c.offset
+        out.append(p)
+    return out
+
+
+def _geometry(model: nn.Module) -> Optional[DCAGeometry]:
+    dca = getattr(model.args, "dual_chunk_attention_config", None)
+    return DCAGeometry.from_config(dca) if dca is not None else None
+
+
+def _check_plain_range(n: int, geom: DCAGeometry) -> None:
+    if n > geom.plain_limit:  # past it, DCA keys have no plain form (and plain keys no DCA scores)
+        raise ValueError(f"a cache of {n} tokens is past DCA's plain range ({geom.plain_limit} tokens)")
 
 
 def model_signature(model: nn.Module) -> dict:

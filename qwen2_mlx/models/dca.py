@@ -135,6 +135,21 @@ def plain_keys(rope, keys: mx.array, geom: DCAGeometry) -> mx.array:
     return mx.concatenate([keys[..., :c, :], rope_constant(rope, keys[..., c:, :], c)], axis=-2)
 
 
+def stored_keys(rope, keys: mx.array, geom: DCAGeometry) -> mx.array:
+    """Plain RoPE keys (at most `M + 1` of them) as a DCA cache stores them: the inverse of `plain_keys`.
+
+    Keys past `c` go back by `c`: R(-c) x = F R(c) F x, where F negates the second element of every
+    rotated pair (a rotation's inverse is its mirror image), so `mx.fast.rope` does it at offset `c`.
+    """
+    c = geom.period
+    if keys.shape[-2] <= c:
+        return keys
+    D, d = keys.shape[-1], rope.dims
+    pair_second = np.arange(D) % 2 == 1 if rope.traditional else (np.arange(D) >= d // 2)
+    flip = mx.array(np.where(pair_second & (np.arange(D) < d), -1.0, 1.0), dtype=keys.dtype)
+    return mx.concatenate([keys[..., :c, :], rope_constant(rope, keys[..., c:, :] * flip, c) * flip], axis=-2)
+
+
 def query_copies(rope, q: mx.array, start: int, geom: DCAGeometry):
     """The intra / succ / inter rotations of queries at `start + t`, all in one chunk (succ/inter None if unused)."""
     c, T = geom.period, q.shape[-2]
