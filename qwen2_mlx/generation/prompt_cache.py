@@ -38,14 +38,22 @@ def make_prompt_cache(model: nn.Module) -> list:
 
 
 def to_dca_cache(cache: list, model: nn.Module) -> list:
-    """A plain float cache of a DCA model (a batch row's, at most `chunk_size + 1` tokens) as the model's
-    own DCA cache, its keys past the period rotated as DCA stores them; any other cache is returned as is."""
+    """A plain cache of a DCA model (a batch row's, at most `chunk_size + 1` tokens; quantized, at most its
+    period) as the model's own DCA cache, keys past the period rotated as DCA stores them; others as they are."""
     geom = _geometry(model)
-    if geom is None or not cache or not all(type(c) is KVCache for c in cache):
+    if geom is None or not cache or not all(type(c) in (KVCache, QuantizedKVCache) for c in cache):
         return cache
     out = []
     for layer, c in zip(model.layers, cache):
-        d = DCAKVCache(geom.chunk_size, geom.local_size, geom.original_max_position_embeddings)
+        settings = (geom.chunk_size, geom.local_size, geom.original_max_position_embeddings)
+        if type(c) is QuantizedKVCache:  # quantized keys cannot be re-rotated: within the period they need not be
+            if c.offset > geom.period:
+                raise ValueError(f"a quantized cache of {c.offset} tokens is past DCA's period ({geom.period})")
+            d = QuantizedDCAKVCache(c.group_size, c.bits, *settings)
+            d.keys, d.values, d.offset = c.keys, c.values, c.offset
+            out.append(d)
+            continue
+        d = DCAKVCache(*settings)
         if c.keys is not None:
             _check_plain_range(c.offset, geom)
             d.keys = stored_keys(layer.self_attn.rope, c.keys[..., : c.offset, :], geom)
@@ -91,6 +99,16 @@ def model_signature(model: nn.Module) -> dict:
     }
     sig.update(long_context_signature(args))
     return json.loads(json.dumps(sig))  # the form it takes after a round trip through the file
+
+
+def _portable(c: Any) -> Any:
+    """A DCA layer within its period holds plain RoPE keys: saved as mlx-lm's class, so mlx-lm reads the
+    file (the DCA settings are in the signature, and `load_prompt_cache` gives a DCA model its own class)."""
+    if type(c) not in (DCAKVCache, QuantizedDCAKVCache) or c.offset > c.chunk_size - c.local_size:
+        return c
+    out = KVCache() if type(c) is DCAKVCache else QuantizedKVCache(group_size=c.group_size, bits=c.bits)
+    out.keys, out.values, out.offset = c.keys, c.values, c.offset
+    return out
 
 
 def _compact(c: Any) -> Any:
@@ -200,6 +218,7 @@ def save_prompt_cache(
             raise PromptCacheError(f"{path}: metadata must map strings without dots to strings (key {k!r})")
     if model is not None:
         meta[SIGNATURE_KEY] = json.dumps(model_signature(model), sort_keys=True)
+    cache = [_portable(c) for c in cache]
     meta_states = [list(getattr(c, "meta_state", None) or []) for c in cache]
     if any(meta_states):
         meta[META_STATE_KEY] = json.dumps(meta_states)
@@ -289,6 +308,7 @@ def load_prompt_cache(file_name: Union[str, Path], return_metadata: bool = False
             c.meta_state = tuple(meta_state)
     if model is not None:
         _check_shapes(path, cache, model)
+        cache = to_dca_cache(cache, model)  # DCA layers saved within their period in mlx-lm's classes
     return (cache, metadata) if return_metadata else cache
 
 
