@@ -493,3 +493,24 @@ def test_dca_disconnect_cancels(serial):
         lines = r.iter_lines()
         assert [next(lines) for _ in range(4)]
     assert server.wait_idle(timeout=10)["finished"]["cancelled"] == before + 1
+
+
+def test_a_chat_saved_under_plain_attention_starts_cold_with_a_warning(tiny_path, tmp_path_factory):
+    """A --chat file saved before long context was on by default: its cache is never read into the DCA
+    model; the server says why and serves the conversation cold."""
+    from qwen2_mlx import Chat, load
+
+    chat = Chat(*load(tiny_path, long_context="off"), max_tokens=3)
+    chat.send("Hello")
+    path = tmp_path_factory.mktemp("old-chat") / "old.json"
+    chat.save(path, include_cache=True)
+    log = tmp_path_factory.mktemp("serve-log") / "old.log"
+    s = ServerProcess(tiny_path, "--chat", str(path), log=log)
+    try:
+        assert s.health()["cached_sequences"] == 0
+        assert "the conversation starts cold" in log.read_text() and "dual_chunk_attention_config" in log.read_text()
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model=NAME, messages=chat.messages, max_tokens=3, temperature=0)
+        assert r.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        s.stop()

@@ -32,6 +32,10 @@ class PromptCacheError(ValueError):
     """A prompt cache file that cannot be used; the message names the file."""
 
 
+class PromptCacheMismatch(PromptCacheError):
+    """A whole prompt cache made for other settings (e.g. saved before long context was on by default)."""
+
+
 def make_prompt_cache(model: nn.Module) -> list:
     """One KV cache per layer, as the model wants them."""
     return model.make_cache()
@@ -248,7 +252,7 @@ def _check_signature(path: Path, saved: dict, model: nn.Module) -> None:
         if saved.get(k) != current.get(k)
     ]
     if diffs:
-        raise PromptCacheError(
+        raise PromptCacheMismatch(
             f"{path}: this prompt cache was made for a differently configured model: " + "; ".join(diffs)
         )
 
