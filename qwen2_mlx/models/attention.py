@@ -19,10 +19,56 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import BatchKVCache
 
 from .config import ModelArgs
-from .dca import DCAGeometry, QuantizedKV, dca_attention, dca_temperature, plain_keys, rotate_keys
+from .dca import SCORE_BUDGET, DCAGeometry, QuantizedKV, dca_attention, dca_temperature, plain_keys, rotate_keys
 from .kv_cache import DCAKVCache, QuantizedDCAKVCache, reads_dequantized
 from .rope import RoPE
 from .stacked import StackedProjections
+
+DEQUANT_BLOCK = 1024  # keys a quantized cache is dequantized by, for a few new queries on the CPU
+DEQUANT_QUERIES = 16  # up to this many new tokens (decode, speculative verify) take that path
+
+
+def dequantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_size: int, bits: int) -> mx.array:
+    """Causal attention of the last `L` positions over a quantized cache, `DEQUANT_BLOCK` keys dequantized
+    at a time: never a float copy of a layer's whole cache, which mlx-lm's loop (reading the quantized
+    cache as stored) never holds either; scores are (heads x L x keys), small for a few queries."""
+    B, Hq, L, D = q.shape
+    Hkv, N = k[0].shape[1], k[0].shape[2]
+    qg = (q * scale).reshape(B, Hkv, (Hq // Hkv) * L, D)  # a KV head's query heads share its keys (GQA)
+    blocks = range(0, N, DEQUANT_BLOCK)
+
+    def block(x: tuple, a: int) -> mx.array:
+        return mx.dequantize(*(t[..., a : a + DEQUANT_BLOCK, :] for t in x), group_size=group_size, bits=bits)
+
+    s = mx.concatenate([qg @ block(k, a).swapaxes(-1, -2) for a in blocks], axis=-1)
+    if L > 1:  # row g*L + i is query i: it sees keys up to N - L + i
+        rows = N - L + mx.arange(s.shape[2]) % L
+        s = mx.where(mx.arange(N)[None] <= rows[:, None], s, mx.array(-mx.inf, s.dtype))
+    p = mx.softmax(s, axis=-1, precise=True)
+    out = None
+    for a in blocks:
+        o = p[..., a : a + DEQUANT_BLOCK] @ block(v, a)
+        out = o if out is None else out + o
+    return out.reshape(B, Hq, L, D)
+
+
+def tiled_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Optional[Any]) -> mx.array:
+    """MLX's attention on the CPU, in query tiles of at most `SCORE_BUDGET` scores, each evaluated before the
+    next: the CPU kernel holds the whole (heads x queries x keys) score matrix, so a prefill step's peak
+    would grow with the context; tiled it is bounded by the step (Metal and CUDA fuse it: one call there)."""
+    B, Hq, L, _ = q.shape
+    N = k.shape[2]
+    T = max(1, SCORE_BUDGET // (B * Hq * N))
+    if L <= T or (mask is not None and mask != "causal"):  # array masks (batches): one call, as mlx-lm
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    parts = []
+    for a in range(0, L, T):
+        b = min(L, a + T)
+        n = N - L + b  # the tile's queries are the last of these keys (causal: bottom-right aligned)
+        kk, vv = (k, v) if mask is None else (k[..., :n, :], v[..., :n, :])
+        parts.append(mx.fast.scaled_dot_product_attention(q[..., a:b, :], kk, vv, scale=scale, mask=mask))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts, axis=2)
 
 
 def plain_cache_fits(geom: DCAGeometry, cache: Optional[Any], L: int) -> bool:
@@ -73,11 +119,21 @@ class Attention(nn.Module):
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-            if hasattr(cache, "bits") and reads_dequantized():
-                k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
-                cache = None  # the fused kernel on floats
-            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+            out = self._attend(q, k, v, cache, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    @staticmethod
+    def _attend(q: mx.array, k, v, cache: Optional[Any], scale: float, mask: Optional[Any]) -> mx.array:
+        """The fused attention over the cache's keys and values; on the CPU a quantized cache is read in
+        float (see kv_cache.QUANTIZED_READS_ON_CPU), a block of keys at a time for a few new tokens."""
+        if hasattr(cache, "bits") and reads_dequantized():
+            if q.shape[2] <= DEQUANT_QUERIES and not isinstance(mask, mx.array):
+                return dequantized_attention(q, k, v, scale, cache.group_size, cache.bits)
+            k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
+            cache = None  # the fused kernel on floats
+        if not hasattr(cache, "bits") and mx.default_device().type == mx.cpu:
+            return tiled_attention(q, k, v, scale, mask)
+        return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
 
     def _dual_chunk(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[Any], cache: Optional[Any]):
         geom = self.dca
@@ -117,13 +173,11 @@ class Attention(nn.Module):
         if total <= geom.period or (L > 1 and total <= geom.plain_limit):
             # DCA equals plain attention here; decode past c is cheaper on the DCA path than re-rotating.
             q = self.rope(q, offset=offset)
-            if quantized and total <= geom.period and not reads_dequantized():  # no re-rotation: read as stored
-                return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+            if quantized and total <= geom.period:  # no re-rotation: read as stored
+                return self._attend(q, k, v, cache, scale, mask)
             if quantized:  # one prefill reaching past c: its keys are re-rotated once, in float
                 k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
-            return scaled_dot_product_attention(
-                q, plain_keys(self.rope, k, geom), v, cache=None, scale=scale, mask=mask
-            )
+            return self._attend(q, plain_keys(self.rope, k, geom), v, None, scale, mask)
         if isinstance(mask, mx.array):
             raise ValueError("Dual Chunk Attention builds its own causal masks; padded batches are not supported")
         if quantized:
