@@ -40,7 +40,11 @@ def dequantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_s
     def block(x: tuple, a: int) -> mx.array:
         return mx.dequantize(*(t[..., a : a + DEQUANT_BLOCK, :] for t in x), group_size=group_size, bits=bits)
 
-    s = mx.concatenate([qg @ block(k, a).swapaxes(-1, -2) for a in blocks], axis=-1)
+    parts = []
+    for a in blocks:  # each block evaluated before the next is dequantized: one float block at a time
+        parts.append(qg @ block(k, a).swapaxes(-1, -2))
+        mx.eval(parts[-1])
+    s = mx.concatenate(parts, axis=-1)
     if L > 1:  # row g*L + i is query i: it sees keys up to N - L + i
         rows = N - L + mx.arange(s.shape[2]) % L
         s = mx.where(mx.arange(N)[None] <= rows[:, None], s, mx.array(-mx.inf, s.dtype))
@@ -49,6 +53,7 @@ def dequantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_s
     for a in blocks:
         o = p[..., a : a + DEQUANT_BLOCK] @ block(v, a)
         out = o if out is None else out + o
+        mx.eval(out)
     return out.reshape(B, Hq, L, D)
 
 
