@@ -57,12 +57,7 @@ def to_dca_cache(cache: list, model: nn.Module) -> list:
             d.keys, d.values, d.offset = c.keys, c.values, c.offset
             out.append(d)
             continue
-        d = DCAKVCache(*settings)
-        if c.keys is not None:
-            _check_plain_range(c.offset, geom)
-            d.keys = stored_keys(layer.self_attn.rope, c.keys[..., : c.offset, :], geom)
-            d.values, d.offset = c.values[..., : c.offset, :], c.offset
-        out.append(d)
+        out.append(_rekeyed(c, DCAKVCache(*settings), stored_keys, layer.self_attn.rope, geom))
     return out
 
 
@@ -71,25 +66,22 @@ def to_plain_cache(cache: list, model: nn.Module) -> list:
     geom = _geometry(model)
     if geom is None or not cache or not all(type(c) is DCAKVCache for c in cache):
         return cache
-    out = []
-    for layer, c in zip(model.layers, cache):
-        p = KVCache()
-        if c.keys is not None:
-            _check_plain_range(c.offset, geom)
-            p.keys = plain_keys(layer.self_attn.rope, c.keys[..., : c.offset, :], geom)
-            p.values, p.offset = c.values[..., : c.offset, :], c.offset
-        out.append(p)
-    return out
+    return [_rekeyed(c, KVCache(), plain_keys, layer.self_attn.rope, geom) for layer, c in zip(model.layers, cache)]
+
+
+def _rekeyed(c: KVCache, into: KVCache, turn, rope, geom: DCAGeometry) -> KVCache:
+    """`into` holding what `c` holds, its keys turned by `turn` (plain_keys or stored_keys)."""
+    if c.keys is not None:
+        if c.offset > geom.plain_limit:  # past it, DCA keys have no plain form (and plain keys no DCA scores)
+            raise ValueError(f"a cache of {c.offset} tokens is past DCA's plain range ({geom.plain_limit} tokens)")
+        into.keys = turn(rope, c.keys[..., : c.offset, :], geom)
+        into.values, into.offset = c.values[..., : c.offset, :], c.offset
+    return into
 
 
 def _geometry(model: nn.Module) -> Optional[DCAGeometry]:
     dca = getattr(model.args, "dual_chunk_attention_config", None)
     return DCAGeometry.from_config(dca) if dca is not None else None
-
-
-def _check_plain_range(n: int, geom: DCAGeometry) -> None:
-    if n > geom.plain_limit:  # past it, DCA keys have no plain form (and plain keys no DCA scores)
-        raise ValueError(f"a cache of {n} tokens is past DCA's plain range ({geom.plain_limit} tokens)")
 
 
 def model_signature(model: nn.Module) -> dict:

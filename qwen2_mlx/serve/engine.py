@@ -397,11 +397,7 @@ class Engine:
                 if reason is not None:
                     break
         except Exception as e:
-            log.exception("a request failed")
-            job.emit("error", APIError(500, f"generation failed: {e}", "server_error"))
-            with self._lock:
-                self._pending -= 1
-                self._running -= 1
+            self._fail(job, e)
             return
         self._keep(tokens, cache)
         self._finished(job, {"context": "length", None: "length"}.get(reason, reason), a)
@@ -437,11 +433,14 @@ class Engine:
         try:
             self._run_one(job)
         except Exception as e:
-            log.exception("a request failed")
-            job.emit("error", APIError(500, f"generation failed: {e}", "server_error"))
-            with self._lock:
-                self._pending -= 1
-                self._running -= 1
+            self._fail(job, e)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        log.exception("a request failed")
+        job.emit("error", APIError(500, f"generation failed: {e}", "server_error"))
+        with self._lock:
+            self._pending -= 1
+            self._running -= 1
 
     def _run_one(self, job: Job) -> None:
         cache, rest = self._fetch(job.prompt)
