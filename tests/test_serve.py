@@ -351,9 +351,10 @@ def test_bad_anthropic_requests_get_anthropic_errors(server, claude):
 
 def test_a_prompt_longer_than_the_window_is_refused_with_its_sizes(oai):
     with pytest.raises(openai.BadRequestError) as e:
-        chat(oai, "fox " * 5000, 5)
+        chat(oai, "fox " * 17000, 5)
     msg = str(e.value)
-    assert "4096" in msg and "context window" in msg
+    assert "16384" in msg and "context window" in msg  # 4 trained windows: long context is on by default
+    assert chat(oai, "fox " * 5000, 2).usage.prompt_tokens > 4096  # past the trained window, on DCA
     assert chat(oai, "short", 3).choices[0].finish_reason == "length"
 
 
