@@ -122,7 +122,7 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
                 tic = time.perf_counter()
                 steps = step(
                     ids, m, max_tokens=8, prompt_cache=cache, prefill_step_size=args.prefill_step_size,
-                    kv_bits=b, kv_group_size=args.group_size,
+                    kv_bits=b, kv_group_size=args.group_size, quantized_kv_start=0,  # mlx-lm's default is 5000
                 )  # fmt: skip
                 out = []
                 for t, lp in steps:

@@ -19,7 +19,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import BatchKVCache
 
 from .config import ModelArgs
-from .dca import SCORE_BUDGET, DCAGeometry, QuantizedKV, dca_attention, dca_temperature, plain_keys, rotate_keys
+from .dca import DCAGeometry, QuantizedKV, dca_attention, dca_temperature, plain_keys, rotate_keys
 from .kv_cache import DCAKVCache, QuantizedDCAKVCache, reads_dequantized
 from .rope import RoPE
 from .stacked import StackedProjections
@@ -55,25 +55,6 @@ def dequantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_s
         out = o if out is None else out + o
         mx.eval(out)
     return out.reshape(B, Hq, L, D)
-
-
-def tiled_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Optional[Any]) -> mx.array:
-    """MLX's attention on the CPU, in query tiles of at most `SCORE_BUDGET` scores, each evaluated before the
-    next: the CPU kernel holds the whole (heads x queries x keys) score matrix, so a prefill step's peak
-    would grow with the context; tiled it is bounded by the step (Metal and CUDA fuse it: one call there)."""
-    B, Hq, L, _ = q.shape
-    N = k.shape[2]
-    T = max(1, SCORE_BUDGET // (B * Hq * N))
-    if L <= T or (mask is not None and mask != "causal"):  # array masks (batches): one call, as mlx-lm
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    parts = []
-    for a in range(0, L, T):
-        b = min(L, a + T)
-        n = N - L + b  # the tile's queries are the last of these keys (causal: bottom-right aligned)
-        kk, vv = (k, v) if mask is None else (k[..., :n, :], v[..., :n, :])
-        parts.append(mx.fast.scaled_dot_product_attention(q[..., a:b, :], kk, vv, scale=scale, mask=mask))
-        mx.eval(parts[-1])
-    return mx.concatenate(parts, axis=2)
 
 
 def plain_cache_fits(geom: DCAGeometry, cache: Optional[Any], L: int) -> bool:
@@ -136,8 +117,6 @@ class Attention(nn.Module):
                 return dequantized_attention(q, k, v, scale, cache.group_size, cache.bits)
             k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
             cache = None  # the fused kernel on floats
-        if not hasattr(cache, "bits") and mx.default_device().type == mx.cpu:
-            return tiled_attention(q, k, v, scale, mask)
         return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
 
     def _dual_chunk(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[Any], cache: Optional[Any]):
