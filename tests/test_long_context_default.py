@@ -11,7 +11,7 @@ import pytest
 from api_support import real_model_or_skip, tiny_model
 
 from qwen2_mlx import load
-from qwen2_mlx.cli.args import add_long_context_args, long_context_overrides
+from qwen2_mlx.arguments import add_long_context_args, long_context_overrides
 from qwen2_mlx.generation.generate import context_limit
 from qwen2_mlx.models.config import ConfigError, DCAConfig
 from qwen2_mlx.models.long_context import default_dca, resolve_long_context
