@@ -22,8 +22,9 @@ PACKAGES = {
     "starlette": ("starlette", "serve"),
     "uvicorn": ("uvicorn", "serve"),
     "llguidance": ("llguidance", "serve"),
+    "pydantic": ("pydantic", "serve"),
 }
-EXTRAS = {"eval": ["matplotlib"], "serve": ["starlette", "uvicorn", "llguidance"]}
+EXTRAS = {"eval": ["matplotlib"], "serve": ["starlette", "uvicorn", "llguidance", "pydantic"]}
 
 
 class MissingPackage(RuntimeError):
