@@ -147,7 +147,9 @@ def main(argv: Optional[list] = None) -> int:
             f"--host {args.host} serves beyond this machine without an API key: set QWEN2_SERVE_API_KEY "
             "(or --api-key), or pass --allow-no-key to serve it open"
         )
-    args.warnings = [f"serving on {args.host} without an API key (--allow-no-key)"] if exposed and not args.api_key else []
+    args.warnings = []
+    if exposed and not args.api_key:
+        args.warnings.append(f"serving on {args.host} without an API key (--allow-no-key)")
     if any(a == "--api-key" or a.startswith("--api-key=") for a in (sys.argv[1:] if argv is None else argv)):
         args.warnings.append("--api-key is visible to local users in `ps`; prefer QWEN2_SERVE_API_KEY")
     from qwen2_mlx.extras import MissingPackage, require
