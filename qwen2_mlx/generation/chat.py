@@ -609,7 +609,7 @@ class Chat:
         }
         if include_cache and self._cache is not None and self._cache_tokens:
             cache_path = path.with_name(path.stem + ".kv.safetensors")
-            save_prompt_cache(cache_path, self._cache, model=self.model)
+            save_prompt_cache(cache_path, self._cache, model=self.model, tokens=self._cache_tokens)
             data["cache"] = {"file": cache_path.name, "tokens": list(self._cache_tokens)}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -692,7 +692,7 @@ class Chat:
             ):
                 raise bad("cache", "must be an object with 'file' and 'tokens'")
             cache_path = path.with_name(cache["file"])
-            kv = load_prompt_cache(cache_path, model=model)  # raises PromptCacheError naming the file
+            kv = load_prompt_cache(cache_path, model=model, tokens=cache["tokens"])  # PromptCacheError names the file
             if getattr(kv[0], "offset", None) != len(cache["tokens"]):
                 raise PromptCacheError(
                     f"{cache_path}: holds {getattr(kv[0], 'offset', '?')} tokens, {path} lists {len(cache['tokens'])}"

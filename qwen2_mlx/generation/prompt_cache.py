@@ -23,7 +23,16 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache
 from qwen2_mlx.models.dca import long_context_signature
 from qwen2_mlx.models.kv_cache import DCAKVCache, QuantizedDCAKVCache
 
-from .cache_integrity import CHECKSUM_KEY, ChecksumWriter, IntegrityError, check_layers, placeholder, verify_file
+from .cache_integrity import (
+    CHECKSUM_KEY,
+    TOKENS_DIGEST_KEY,
+    ChecksumWriter,
+    IntegrityError,
+    check_layers,
+    placeholder,
+    tokens_digest,
+    verify_file,
+)
 
 SIGNATURE_KEY = "qwen2_mlx_signature"
 META_STATE_KEY = "qwen2_mlx_meta_state"  # per layer; mlx-lm's layout no longer saves it
@@ -141,14 +150,20 @@ def _save_mlx_lm_layout(path: Path, cache: list, metadata: dict) -> None:
 
 
 def save_prompt_cache(
-    file_name: Union[str, Path], cache: list, metadata: Optional[dict] = None, model: Optional[nn.Module] = None
+    file_name: Union[str, Path],
+    cache: list,
+    metadata: Optional[dict] = None,
+    model: Optional[nn.Module] = None,
+    tokens: Optional[list] = None,
 ) -> None:
     """Save a prompt cache as safetensors (mlx-lm's layout); with `model`, record its signature.
 
     `metadata` maps strings to strings (no dots in keys, as in mlx-lm). The file is written to a
     temporary name first, so an interrupted save (or a full disk: the OSError is raised) never
     leaves a half-written cache behind and the previous file stays. It is readable by its owner
-    only and carries a checksum over its header and data (cache_integrity.py).
+    only and carries a checksum over its header and data (cache_integrity.py). With `tokens` (the
+    ids the cache holds), their digest is recorded, so `load_prompt_cache(..., tokens=)` can tell
+    the file from another cache of the same length.
     """
     path = Path(file_name)
     if path.suffix != ".safetensors":
@@ -161,6 +176,8 @@ def save_prompt_cache(
             raise PromptCacheError(f"{path}: metadata must map strings without dots to strings (key {k!r})")
     if model is not None:
         meta[SIGNATURE_KEY] = json.dumps(model_signature(model), sort_keys=True)
+    if tokens is not None:
+        meta[TOKENS_DIGEST_KEY] = tokens_digest(tokens)
     meta[CHECKSUM_KEY] = placeholder()  # ChecksumWriter fills it in
     meta_states = [list(getattr(c, "meta_state", None) or []) for c in cache]
     if any(meta_states):
@@ -201,13 +218,15 @@ def load_prompt_cache(
     return_metadata: bool = False,
     model: Optional[nn.Module] = None,
     require_checksum: bool = False,
+    tokens: Optional[list] = None,
 ):
     """Load a prompt cache saved by `save_prompt_cache` (or mlx-lm's).
 
     A file with a checksum is refused when its bytes do not match it (`require_checksum`: a file
     without one is refused too, as mlx-lm's files are). With `model`, refuse (PromptCacheError
     naming the file and what differs) a cache made for a model with other long-context settings,
-    or whose layers do not hold the same tokens in the model's dtype and shape.
+    or whose layers do not hold the same tokens in the model's dtype and shape. With `tokens`, each
+    layer must hold that many, and a file that recorded its tokens' digest must have theirs.
     """
     path = Path(file_name)
     if not path.is_file():
@@ -222,6 +241,9 @@ def load_prompt_cache(
         raise PromptCacheError(f"{path}: not a prompt cache file ({e})") from None
     metadata = dict(metadata) if isinstance(metadata, dict) else {}
     metadata.pop(CHECKSUM_KEY, None)
+    digest = metadata.pop(TOKENS_DIGEST_KEY, None)
+    if tokens is not None and digest is not None and digest != _digest(path, tokens):
+        raise PromptCacheError(f"{path}: it holds other tokens than the ones listed for it")
     signature = metadata.pop(SIGNATURE_KEY, None)
     meta_states = json.loads(metadata.pop(META_STATE_KEY, "[]"))
     if model is not None and signature is not None:
@@ -243,10 +265,17 @@ def load_prompt_cache(
             c.meta_state = tuple(meta_state)
     if model is not None:
         try:
-            check_layers(cache, model)
+            check_layers(cache, model, None if tokens is None else len(tokens))
         except IntegrityError as e:
             raise PromptCacheError(f"{path}: {e}") from None
     return (cache, metadata) if return_metadata else cache
+
+
+def _digest(path: Path, tokens: list) -> str:
+    try:
+        return tokens_digest(tokens)
+    except (TypeError, ValueError):
+        raise PromptCacheError(f"{path}: the token ids listed for it are not integers") from None
 
 
 def _verify(path: Path) -> Optional[str]:
