@@ -82,7 +82,13 @@ scalars = (
     | st.text(alphabet=st.characters(codec=None), max_size=40)  # surrogates included
     | st.sampled_from(["user", "assistant", "system", "tool", "text", "json_schema", "json_object", "function"])
 )
-values = st.recursive(
+# Values at the edges of what a field takes, drawn as often as all the others together.
+edges = st.sampled_from(
+    [-1, 0, 1, 2**31, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**200, -(10**200), 0.5, 2.5, 1e308, -1e-300]
+    + [float("nan"), float("inf"), float("-inf"), "", "\ud800", "a\udfffb", "\x00", [], {}, [[[[[]]]]]]
+    + [[0], [1, 2, 3], ["x"], [{"type": "text", "text": "hi"}], {"type": "object"}, {"$ref": "#"}, True, None]
+)
+values = edges | st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
