@@ -12,10 +12,10 @@ import errno
 import json
 import stat
 import struct
-import threading
 
 import pytest
 from api_support import tiny_model
+from tui_helpers import backend_reply, model_backend
 
 from qwen2_mlx import CacheStore, Chat, PromptCacheError
 from qwen2_mlx.generation import cache_integrity
@@ -222,33 +222,22 @@ def test_load_prompt_cache_checks_what_it_can(mtp, tmp_path):
 
 # the chat app's backend ----------------------------------------------------------------------------
 def test_the_apps_backend_ignores_a_damaged_cache_and_answers_as_a_cold_one(mtp, tmp_path):
-    from tui.backend import DEFAULT_SETTINGS, ModelBackend
+    from tui.backend import DEFAULT_SETTINGS
 
-    _, _, path = mtp
-    settings = {**DEFAULT_SETTINGS, **GREEDY}
-    root = tmp_path / "caches"
-
-    def run(backend, history):
-        for _ in backend.generate(history, None, settings, threading.Event()):
-            pass
-        return backend.last_reply
-
-    first = ModelBackend(path, dtype="float32", cache_root=root)
-    first.load(lambda *_: None)
+    settings, root = {**DEFAULT_SETTINGS, **GREEDY}, tmp_path / "caches"
+    first = model_backend(mtp[2], cache_root=root)
     first.open_chat("k")
     turn1 = [{"role": "user", "content": "Tell me about the sea."}]
-    a = run(first, turn1)
+    a = backend_reply(first, turn1, settings)
     assert first.persist() is None
     file = root / "k.safetensors"
     header, payload = read(file)
     start = header["0.1"]["data_offsets"][0] + 8
     write(file, header, payload[:start] + bytes(8) + payload[start + 8 :])  # values of layer 0 zeroed
 
-    reopened = ModelBackend(path, dtype="float32", cache_root=root)
-    reopened.load(lambda *_: None)
+    reopened = model_backend(mtp[2], cache_root=root)
     note, warning = reopened.open_chat("k", True)
     assert warning and note.startswith("chat cache ignored: the file is damaged") and "checksum" in note
-    cold = ModelBackend(path, dtype="float32", cache_budget=0)
-    cold.load(lambda *_: None)
     turn2 = turn1 + [{"role": "assistant", "content": a}, {"role": "user", "content": "And the sky?"}]
-    assert run(reopened, turn2) == run(cold, turn2)
+    cold = model_backend(mtp[2], cache_budget=0)
+    assert backend_reply(reopened, turn2, settings) == backend_reply(cold, turn2, settings)
