@@ -241,3 +241,19 @@ def test_the_apps_backend_ignores_a_damaged_cache_and_answers_as_a_cold_one(mtp,
     turn2 = turn1 + [{"role": "assistant", "content": a}, {"role": "user", "content": "And the sky?"}]
     cold = model_backend(mtp[2], cache_budget=0)
     assert backend_reply(reopened, turn2, settings) == backend_reply(cold, turn2, settings)
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3-128", "blake2b-128"])
+def test_both_checksums_round_trip_and_catch_one_flipped_bit(mtp, tmp_path, monkeypatch, algorithm):
+    if algorithm == "xxh3-128":
+        pytest.importorskip("xxhash")
+    monkeypatch.setattr(cache_integrity, "default_algorithm", lambda: algorithm)
+    model, tok, _ = mtp
+    chat = chatted(model, tok)
+    path = tmp_path / "c.safetensors"
+    save_prompt_cache(path, chat._cache, model=model)
+    assert cache_integrity.verify_file(path) is None and algorithm in path.read_bytes()[:4096].decode("latin-1")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert "checksum does not match" in cache_integrity.verify_file(path)
