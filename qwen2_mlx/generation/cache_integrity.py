@@ -101,8 +101,9 @@ def verify_file(path: Path) -> Optional[str]:
             return f"its checksum is {algorithm}, and the xxhash package is not installed"
         h.update(raw)
         h.update(head[:at] + placeholder(algorithm).encode() + head[at + len(algorithm) + 1 + _HEX :])
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+        buf = memoryview(bytearray(_CHUNK))  # one buffer read into again and again: no allocation per chunk
+        while n := f.readinto(buf):
+            h.update(buf[:n])
     if h.hexdigest() != digest:
         return "its checksum does not match its contents (the file was changed or damaged after it was written)"
     return None
