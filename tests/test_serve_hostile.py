@@ -338,3 +338,21 @@ def test_a_failed_engine_loop_fails_its_requests_restarts_and_health_tells(engin
         assert isinstance(run_jobs(engine, [again])[0][-1], DoneEvent)
     finally:
         engine._receive = original
+
+
+def test_an_unexpected_exception_is_a_500_without_its_text(engine):
+    from starlette.testclient import TestClient
+
+    from qwen2_mlx.serve.app import create_app
+
+    class Broken:
+        def apply_chat_template(self, *a, **k):
+            raise RuntimeError("secret internals")
+
+    app = create_app(engine)
+    app.app.state.server.tokenizer = Broken()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 2})
+        assert r.status_code == 500 and "secret" not in r.text and r.json()["error"]["type"] == "server_error"
+        r = client.post("/v1/messages", json={"model": NAME, "max_tokens": 2, "messages": HELLO})
+        assert r.status_code == 500 and r.json()["type"] == "error" and "secret" not in r.text
