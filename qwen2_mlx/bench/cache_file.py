@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5, help="saves and loads timed (default 5)")
     p.add_argument("--dir", type=Path, default=None, help="where the file is written (default: a temporary folder)")
     args = p.parse_args(argv)
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
     ensure_openblas(argv)
     cache = build_cache(args.mb)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.args import (
+from qwen2_mlx.arguments import (
     DTYPE_NAMES,
     add_kv_cache_args,
     add_long_context_args,
@@ -152,7 +152,7 @@ def main(argv: Optional[list] = None) -> int:
         args.warnings.append(f"serving on {args.host} without an API key (--allow-no-key)")
     if any(a == "--api-key" or a.startswith("--api-key=") for a in (sys.argv[1:] if argv is None else argv)):
         args.warnings.append("--api-key is visible to local users in `ps`; prefer QWEN2_SERVE_API_KEY")
-    from qwen2_mlx.extras import MissingPackage, require
+    from qwen2_mlx.runtime.packages import MissingPackage, require
 
     try:
         for module in ("starlette", "uvicorn", "llguidance", "pydantic"):
@@ -172,7 +172,7 @@ def main(argv: Optional[list] = None) -> int:
             )
             return 2
 
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded
     return serve(args, overrides)
@@ -183,7 +183,7 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
 
     import uvicorn
 
-    from qwen2_mlx.cli.args import mlx_dtype
+    from qwen2_mlx.arguments import mlx_dtype
     from qwen2_mlx.loading.loader import ModelLoadError, load
     from qwen2_mlx.models.config import ConfigError
 
