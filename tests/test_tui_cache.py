@@ -8,7 +8,7 @@ import threading
 
 import pytest
 from api_support import tiny_model
-from tui_helpers import send, wait_until
+from tui_helpers import backend_reply, model_backend, send, wait_until
 
 from tui import commands
 from tui.app import ChatApp
@@ -148,12 +148,9 @@ def test_backend_regenerate_edit_and_branch_after_a_reopen_match_a_cold_backend(
     root = tmp_path / "caches"
 
     def run(backend, history):
-        for _ in backend.generate(history, None, settings, threading.Event()):
-            pass
-        return backend.last_reply
+        return backend_reply(backend, history, settings)
 
-    first = ModelBackend(model_path, dtype="float32", cache_root=root)
-    first.load(lambda *_: None)
+    first = model_backend(model_path, cache_root=root)
     first.open_chat("k")
     turn1 = [{"role": "user", "content": "Tell me about the sea."}]
     a = run(first, turn1)
@@ -162,12 +159,10 @@ def test_backend_regenerate_edit_and_branch_after_a_reopen_match_a_cold_backend(
     assert first.persist() is None and (root / "k.safetensors").exists()
     assert first.persist() is None  # unchanged: not written again
 
-    reopened = ModelBackend(model_path, dtype="float32", cache_root=root)
-    reopened.load(lambda *_: None)
+    reopened = model_backend(model_path, cache_root=root)
     note, _ = reopened.open_chat("k", True)
     assert note.startswith("loaded ")
-    cold = ModelBackend(model_path, dtype="float32", cache_budget=0)
-    cold.load(lambda *_: None)
+    cold = model_backend(model_path, cache_budget=0)
     assert run(reopened, turn2) == run(cold, turn2) == b  # regenerate the last reply
     assert reopened.cache_note[0].startswith("reused ") and reopened.chat.last_cached_tokens > 20
     edited = turn1 + [{"role": "assistant", "content": a}, {"role": "user", "content": "And the stars?"}]

@@ -74,3 +74,21 @@ def texts(app) -> list[tuple[str, str, str]]:
 async def settle(pilot, seconds: float = 0.05) -> None:
     await pilot.pause(seconds)
     await asyncio.sleep(0)
+
+
+def model_backend(path, **kw):
+    """A real `ModelBackend` over the model folder `path`, loaded (float32)."""
+    from tui.backend import ModelBackend
+
+    backend = ModelBackend(path, dtype="float32", **kw)
+    backend.load(lambda *_: None)
+    return backend
+
+
+def backend_reply(backend, history: list, settings: dict) -> str:
+    """Run one reply of `backend` to `history` on this thread; its text."""
+    import threading
+
+    for _ in backend.generate(history, None, settings, threading.Event()):
+        pass
+    return backend.last_reply

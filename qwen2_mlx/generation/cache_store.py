@@ -12,6 +12,7 @@ are evicted past the byte budget. Which cached tokens a new prompt reuses stays 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,16 +27,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .cache_integrity import IntegrityError, check_layers, model_dtype
 from .prompt_cache import PromptCacheError, cache_nbytes, load_prompt_cache, model_signature, save_prompt_cache
 
-FORMAT = 1
+FORMAT = 2  # 2: files carry a checksum and are checked layer by layer (cache_integrity.py)
 VALIDITY_KEY = "qwen2_mlx_cache_store"
 TOKENS_KEY = "qwen2_mlx_tokens"
 SUFFIX = ".safetensors"
 DEFAULT_BUDGET = 4_000_000_000  # 4 GB: ~20 chats of 8K tokens with a 7B model in float16
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TEMP_RE = re.compile(r"^\..+\.(\d+)\.tmp\.safetensors$")  # prompt_cache's temporary names: .<name>.<pid>.tmp…
-STALE_FIELDS = ("format", "weights")  # a difference here means the file is out of date, not for other settings
 
 
 def weights_fingerprint(folder: Union[str, Path]) -> str:
@@ -49,14 +50,6 @@ def weights_fingerprint(folder: Union[str, Path]) -> str:
             continue
         h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
-
-
-def model_dtype(model: nn.Module) -> str:
-    """The floating dtype the model computes in (its first floating parameter's, e.g. "float32")."""
-    for _, p in tree_flatten(model.parameters()):
-        if mx.issubdtype(p.dtype, mx.floating):
-            return str(p.dtype).rpartition(".")[2]
-    return "unknown"
 
 
 def cache_validity(
@@ -192,24 +185,27 @@ class CacheStore:
             return ignored("truncated", f"the file is truncated ({size:,} of {expected:,} bytes)")
         if not isinstance(saved, dict) or not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             return ignored("corrupt", "the file's metadata is damaged")
-        diffs = [k for k in sorted(set(saved) | set(validity)) if saved.get(k) != validity.get(k)]
-        if diffs:
-            if any(k in STALE_FIELDS for k in diffs):
-                what = "the model's weights changed" if "weights" in diffs else "it is in an older format"
-                return ignored("stale", f"it is stale ({what} since it was saved)")
-            if set(diffs) <= set(LONG_CONTEXT_FIELDS):  # e.g. saved before long context was on by default
-                was, now = _long_context(saved), _long_context(validity)
-                return ignored("mismatch", f"it was made with {was} and the model now runs {now}: read again")
-            shown = "; ".join(f"{k} {_show(saved.get(k))} in the file, {_show(validity.get(k))} now" for k in diffs)
-            return ignored("mismatch", f"it was made for other settings ({shown})")
+        why = _differs(saved, validity)
+        if why is not None:
+            return ignored(*why)
+        lengths = {v["shape"][2] for k, v in header.items() if k != "__metadata__" and len(v.get("shape", [])) == 4}
+        if lengths and lengths != {len(tokens)}:  # before the checksum: this reason says more
+            return ignored(
+                "corrupt", f"the file holds {'/'.join(map(str, sorted(lengths)))} tokens but lists {len(tokens)}"
+            )
         try:
-            cache = load_prompt_cache(path, model=model)
+            cache = load_prompt_cache(path, model=model, require_checksum=True)
             mx.eval([a for c in cache for _, a in tree_flatten(c.state) if isinstance(a, mx.array)])
         except (PromptCacheError, RuntimeError, ValueError, KeyError, TypeError) as e:
-            return ignored("corrupt", f"the file is damaged ({str(e)[:120] or type(e).__name__})")
+            return ignored("corrupt", f"the file is damaged ({_reason(e, path)})")
         held = getattr(cache[0], "offset", None) if cache else None
         if held != len(tokens):
             return ignored("corrupt", f"the file holds {held} tokens but lists {len(tokens)}")
+        if model is not None:
+            try:
+                check_layers(cache, model, len(tokens))
+            except IntegrityError as e:
+                return ignored("corrupt", f"the file is damaged ({e})")
         try:
             os.utime(path)  # least recently used is by mtime
         except OSError:
@@ -226,18 +222,26 @@ class CacheStore:
         path = self.path(key)
         held = getattr(cache[0], "offset", None) if cache else None
         if held != len(tokens):
-            raise ValueError(f"the cache holds {held} tokens but {len(tokens)} token ids were given")
+            return Saved(
+                key, False, reason=f"not saved: the cache holds {held} tokens but {len(tokens)} ids were given"
+            )
         need = cache_nbytes(cache)
         if need > self.budget:
-            return Saved(key, False, need, f"{_gb(need)} is over the {_gb(self.budget)} disk budget")
-        self.root.mkdir(parents=True, exist_ok=True)
+            return Saved(key, False, need, f"not saved: {_gb(need)} is over the {_gb(self.budget)} disk budget")
         meta = {VALIDITY_KEY: json.dumps(validity, sort_keys=True), TOKENS_KEY: json.dumps([int(t) for t in tokens])}
         try:
+            self._make_root()
             save_prompt_cache(path, cache, metadata=meta, model=model)
         except (OSError, PromptCacheError) as e:
-            return Saved(key, False, need, f"cannot write {path}: {e}")
+            return Saved(key, False, need, _not_saved(e, path))
         evicted = self.evict(keep=key)
         return Saved(key, True, path.stat().st_size, evicted=evicted, seconds=time.perf_counter() - tic)
+
+    def _make_root(self) -> None:
+        """The folder, readable by its owner only (the files hold conversations' token ids)."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.root.stat().st_mode & 0o077:
+            self.root.chmod(0o700)
 
     def delete(self, key: str) -> bool:
         try:
@@ -316,6 +320,44 @@ def _long_context(validity: dict) -> str:
     if isinstance(rs, dict):
         return f"RoPE scaling {rs.get('rope_type')} x{rs.get('factor')}"
     return "plain attention"
+
+
+def _held_lengths(header: dict) -> set:
+    """The sequence lengths of the header's key and value tensors ([1, heads, tokens, dim])."""
+    shapes = [v.get("shape") if isinstance(v, dict) else None for k, v in header.items() if k != "__metadata__"]
+    return {s[2] for s in shapes if isinstance(s, list) and len(s) == 4}
+
+
+def _differs(saved: dict, validity: dict) -> Optional[tuple[str, str]]:
+    """(status, reason) when a file's validity tag does not match the current one; None when it does."""
+    diffs = [k for k in sorted(set(saved) | set(validity)) if saved.get(k) != validity.get(k)]
+    if not diffs:
+        return None
+    if "format" in diffs:
+        return "stale", "it is stale (it is in an older format)"
+    if "model" in diffs:
+        return "mismatch", f"it was made for another model ({_show(saved.get('model'))})"
+    if "weights" in diffs:
+        return "stale", "it is stale (the model's weights changed since it was saved)"
+    if set(diffs) <= set(LONG_CONTEXT_FIELDS):  # e.g. saved before long context was on by default
+        was, now = _long_context(saved), _long_context(validity)
+        return "mismatch", f"it was made with {was} and the model now runs {now}: read again"
+    shown = "; ".join(f"{k} {_show(saved.get(k))} in the file, {_show(validity.get(k))} now" for k in diffs)
+    return "mismatch", f"it was made for other settings ({shown})"
+
+
+def _reason(e: Exception, path: Path) -> str:
+    """An exception's message without the file's path (the reason is shown next to the chat's name)."""
+    text = str(e).removeprefix(f"{path}: ")
+    return text[:160] or type(e).__name__
+
+
+def _not_saved(e: Exception, path: Path) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"not saved: the disk is full ({path.parent}); the previous cache, if any, is kept"
+    if isinstance(e, OSError):
+        return f"not saved: cannot write {e.filename or path} ({e.strerror or type(e).__name__})"
+    return f"not saved: {_reason(e, path)}"
 
 
 def _show(v: Any) -> str:

@@ -43,7 +43,7 @@ def write_chat(chat, path: Path, include_cache: bool) -> None:
     caches = chat._caches
     if include_cache and caches.cache is not None and caches.tokens:
         cache_path = path.with_name(path.stem + ".kv.safetensors")
-        save_prompt_cache(cache_path, caches.cache, model=chat.model)
+        save_prompt_cache(cache_path, caches.cache, model=chat.model, tokens=caches.tokens)
         data["cache"] = {"file": cache_path.name, "tokens": list(caches.tokens)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -138,7 +138,7 @@ def _cache_from(cache: Any, path: Path, model) -> tuple[list, list[int]]:
     ):
         raise _bad(path, "cache", "must be an object with 'file' and 'tokens'")
     cache_path = path.with_name(cache["file"])
-    kv = load_prompt_cache(cache_path, model=model)  # raises PromptCacheError naming the file
+    kv = load_prompt_cache(cache_path, model=model, tokens=cache["tokens"])  # PromptCacheError names the file
     if getattr(kv[0], "offset", None) != len(cache["tokens"]):
         raise PromptCacheError(
             f"{cache_path}: holds {getattr(kv[0], 'offset', '?')} tokens, {path} lists {len(cache['tokens'])}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,6 +22,17 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache
 
 from qwen2_mlx.models.dca import DCAGeometry, long_context_signature, plain_keys, stored_keys
 from qwen2_mlx.models.kv_cache import DCAKVCache, QuantizedDCAKVCache
+
+from .cache_integrity import (
+    CHECKSUM_KEY,
+    TOKENS_DIGEST_KEY,
+    ChecksumWriter,
+    IntegrityError,
+    check_layers,
+    placeholder,
+    tokens_digest,
+    verify_file,
+)
 
 SIGNATURE_KEY = "qwen2_mlx_signature"
 META_STATE_KEY = "qwen2_mlx_meta_state"  # per layer; mlx-lm's layout no longer saves it
@@ -159,15 +169,16 @@ def _write_safetensors(path: Path, arrays: dict, metadata: dict) -> None:
         offset += a.nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the format asks
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
+    # 0600: a cache holds the conversation's token ids, readable as text by anyone who can read the file
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        out = ChecksumWriter(f, head)
         for a in arrays.values():
             if a.size:
                 flat = mx.contiguous(a).reshape(-1).view(mx.uint8)
                 mx.eval(flat)
-                f.write(memoryview(flat))
+                out.write(memoryview(flat))
                 del flat
+        out.finish()
         f.flush()
         os.fsync(f.fileno())  # the rename that follows must not publish a file still in the page cache only
 
@@ -196,12 +207,20 @@ def _save_mlx_lm_layout(path: Path, cache: list, metadata: dict) -> None:
 
 
 def save_prompt_cache(
-    file_name: Union[str, Path], cache: list, metadata: Optional[dict] = None, model: Optional[nn.Module] = None
+    file_name: Union[str, Path],
+    cache: list,
+    metadata: Optional[dict] = None,
+    model: Optional[nn.Module] = None,
+    tokens: Optional[list] = None,
 ) -> None:
     """Save a prompt cache as safetensors (mlx-lm's layout); with `model`, record its signature.
 
     `metadata` maps strings to strings (no dots in keys, as in mlx-lm). The file is written to a
-    temporary name first, so an interrupted save never leaves a half-written cache behind.
+    temporary name first, so an interrupted save (or a full disk: the OSError is raised) never
+    leaves a half-written cache behind and the previous file stays. It is readable by its owner
+    only and carries a checksum over its header and data (cache_integrity.py). With `tokens` (the
+    ids the cache holds), their digest is recorded, so `load_prompt_cache(..., tokens=)` can tell
+    the file from another cache of the same length.
     """
     path = Path(file_name)
     if path.suffix != ".safetensors":
@@ -215,6 +234,9 @@ def save_prompt_cache(
     if model is not None:
         meta[SIGNATURE_KEY] = json.dumps(model_signature(model), sort_keys=True)
     cache = [_portable(c) for c in cache]
+    if tokens is not None:
+        meta[TOKENS_DIGEST_KEY] = tokens_digest(tokens)
+    meta[CHECKSUM_KEY] = placeholder()  # ChecksumWriter fills it in
     meta_states = [list(getattr(c, "meta_state", None) or []) for c in cache]
     if any(meta_states):
         meta[META_STATE_KEY] = json.dumps(meta_states)
@@ -249,40 +271,37 @@ def _check_signature(path: Path, saved: dict, model: nn.Module) -> None:
         )
 
 
-def _check_shapes(path: Path, cache: list, model: nn.Module) -> None:
-    args = model.args
-    if len(cache) != args.num_hidden_layers:
-        raise PromptCacheError(f"{path}: the cache has {len(cache)} layers, the model {args.num_hidden_layers}")
-    for c in cache:
-        keys = getattr(c, "keys", None)
-        if isinstance(keys, mx.array):
-            heads, size = keys.shape[1], keys.shape[3]
-        elif isinstance(keys, (tuple, list)) and keys:  # quantized (data, scales, biases): one scale per group
-            heads, size = keys[1].shape[1], keys[1].shape[3] * c.group_size
-        else:
-            continue
-        if (heads, size) != (args.num_key_value_heads, args.head_dim):
-            raise PromptCacheError(
-                f"{path}: cached keys have {heads} heads of size {size}, the model "
-                f"{args.num_key_value_heads} of size {args.head_dim}"
-            )
-
-
-def load_prompt_cache(file_name: Union[str, Path], return_metadata: bool = False, model: Optional[nn.Module] = None):
+def load_prompt_cache(
+    file_name: Union[str, Path],
+    return_metadata: bool = False,
+    model: Optional[nn.Module] = None,
+    require_checksum: bool = False,
+    tokens: Optional[list] = None,
+):
     """Load a prompt cache saved by `save_prompt_cache` (or mlx-lm's).
 
-    With `model`, refuse (PromptCacheError naming the file and the differing settings) a cache
-    made for a model with another shape or other long-context settings.
+    A file with a checksum is refused when its bytes do not match it (`require_checksum`: a file
+    without one is refused too, as mlx-lm's files are). With `model`, refuse (PromptCacheError
+    naming the file and what differs) a cache made for a model with other long-context settings,
+    or whose layers do not hold the same tokens in the model's dtype and shape. With `tokens`, each
+    layer must hold that many, and a file that recorded its tokens' digest must have theirs.
     """
     path = Path(file_name)
     if not path.is_file():
         raise PromptCacheError(f"{path}: no such prompt cache file")
+    problem = _verify(path)
+    if problem is not None and (require_checksum or "no checksum" not in problem):
+        raise PromptCacheError(f"{path}: {problem}")
     try:
         arrays, flat_meta = mx.load(str(path), return_metadata=True)
         metadata, classes, scalars = tree_unflatten(list(flat_meta.items()))
     except Exception as e:  # mx.load raises RuntimeError/ValueError on damaged files
         raise PromptCacheError(f"{path}: not a prompt cache file ({e})") from None
     metadata = dict(metadata) if isinstance(metadata, dict) else {}
+    metadata.pop(CHECKSUM_KEY, None)
+    digest = metadata.pop(TOKENS_DIGEST_KEY, None)
+    if tokens is not None and digest is not None and digest != _digest(path, tokens):
+        raise PromptCacheError(f"{path}: it holds other tokens than the ones listed for it")
     signature = metadata.pop(SIGNATURE_KEY, None)
     meta_states = json.loads(metadata.pop(META_STATE_KEY, "[]"))
     if model is not None and signature is not None:
@@ -303,9 +322,26 @@ def load_prompt_cache(file_name: Union[str, Path], return_metadata: bool = False
         if meta_state:
             c.meta_state = tuple(meta_state)
     if model is not None:
-        _check_shapes(path, cache, model)
+        try:
+            check_layers(cache, model, None if tokens is None else len(tokens))
+        except IntegrityError as e:
+            raise PromptCacheError(f"{path}: {e}") from None
         cache = to_dca_cache(cache, model)  # DCA layers saved within their period in mlx-lm's classes
     return (cache, metadata) if return_metadata else cache
+
+
+def _digest(path: Path, tokens: list) -> str:
+    try:
+        return tokens_digest(tokens)
+    except (TypeError, ValueError):
+        raise PromptCacheError(f"{path}: the token ids listed for it are not integers") from None
+
+
+def _verify(path: Path) -> Optional[str]:
+    try:
+        return verify_file(path)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or type(e).__name__})"
 
 
 __all__ = [

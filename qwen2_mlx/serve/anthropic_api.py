@@ -12,8 +12,8 @@ import json
 import uuid
 from typing import Any
 
-from .openai_api import Spec, _model
-from .protocol import APIError, Sampling, bad, content_text, get_bool, get_number, get_stop
+from .protocol import APIError, Spec, bad, content_text
+from .schemas import MessagesRequest, validate
 from .tools import ToolCall
 
 ERROR_TYPES = {
@@ -100,28 +100,17 @@ def _output_format(body: dict):
 
 
 def parse_messages(body: dict) -> Spec:
-    model = _model(body)
-    if not model:
-        raise bad("model: field required", "model")
-    if body.get("max_tokens") is None:
-        raise bad("max_tokens: field required", "max_tokens")
-    spec = Spec(model=model, messages=_messages(body.get("messages")))
-    system = body.get("system")
-    if system is not None:
-        spec.messages.insert(0, {"role": "system", "content": content_text(system, "system")})
-    spec.max_tokens = get_number(body, "max_tokens", None, 1, None, integer=True)
-    spec.sampling = Sampling(
-        temperature=float(get_number(body, "temperature", 1.0, 0, 1)),
-        top_p=float(get_number(body, "top_p", 1.0, 0, 1)),
-        top_k=int(get_number(body, "top_k", 0, 0, None, integer=True)),
-    )
-    spec.stop = get_stop(body, "stop_sequences")
-    spec.stream = get_bool(body, "stream")
-    spec.tools = _tools(body.get("tools"))
+    req = validate(MessagesRequest, body)
+    spec = Spec(model=req.model, messages=_messages(req.messages))
+    if req.system is not None:
+        spec.messages.insert(0, {"role": "system", "content": content_text(req.system, "system")})
+    spec.max_tokens = req.max_tokens
+    spec.sampling = req.sampling()
+    spec.stop = [s for s in req.stop_sequences or [] if s]
+    spec.stream = bool(req.stream)
+    choice = req.tool_choice
+    spec.tools = [] if isinstance(choice, dict) and choice.get("type") == "none" else _tools(req.tools)
     spec.schema = _output_format(body)
-    choice = body.get("tool_choice")
-    if isinstance(choice, dict) and choice.get("type") == "none":
-        spec.tools = []
     return spec
 
 

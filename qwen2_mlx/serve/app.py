@@ -11,8 +11,8 @@ body has the shape of the API the client speaks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
-import json
 import logging
 import time
 from typing import Any, Optional
@@ -20,12 +20,14 @@ from typing import Any, Optional
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from . import anthropic_api, openai_api
-from .protocol import APIError, Job, bad
+from .body import DEFAULT_MAX_BODY_BYTES, parse_json, read_body
+from .protocol import APIError, DoneEvent, Job, TokenEvent, bad
 from .tools import ToolCallSplitter
 
 log = logging.getLogger("qwen2_mlx.serve")
@@ -37,7 +39,36 @@ def _is_anthropic(path: str) -> bool:
 
 def error_response(path: str, e: APIError) -> JSONResponse:
     body = anthropic_api.error_body(e) if _is_anthropic(path) else openai_api.error_body(e)
-    return JSONResponse(body, status_code=e.status)
+    # A refused body may not have been read to its end: the connection cannot carry another request.
+    headers = {"Connection": "close"} if e.status == 413 else None
+    return JSONResponse(body, status_code=e.status, headers=headers)
+
+
+class Contain:
+    """ASGI middleware: an unexpected exception becomes a 500 in the API's shape, without its text.
+
+    Starlette's own handler answers and then re-raises, and uvicorn drops the connection without
+    `Connection: close`, so a keep-alive client's next request fails; here the exception stops.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            log.exception("unhandled error in %s", scope.get("path"))
+            if scope["type"] == "http" and not started:
+                e = APIError(500, "internal error while handling this request; the server goes on", "server_error")
+                await error_response(scope["path"], e)(scope, receive, send)
 
 
 class APIKeyCheck:
@@ -65,8 +96,9 @@ class APIKeyCheck:
 class Server:
     """The routes over one engine (engine.py) and its model's tokenizer."""
 
-    def __init__(self, engine, model_path: str = ""):
+    def __init__(self, engine, model_path: str = "", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self.engine = engine
+        self.max_body_bytes = max_body_bytes
         self.tokenizer = engine.tokenizer
         self.names = {engine.model_name, model_path, str(model_path).rstrip("/")} - {""}
         self.created = int(time.time())
@@ -136,19 +168,14 @@ class Server:
             return StreamingResponse(self._stream(job, fmt, splitter), media_type="text/event-stream", headers=headers)
         return await self._collect(request, job, fmt, splitter)
 
-    @staticmethod
-    async def _json(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad(f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise bad("the request body must be a JSON object")
-        return body
+    async def _json(self, request: Request) -> dict:
+        raw = await read_body(request.stream(), request.headers.get("content-length"), self.max_body_bytes)
+        return parse_json(raw)
 
     def _job(self, spec) -> Job:
         """Render, tokenize, check the window, compile the grammar (a worker thread)."""
+        from jinja2 import TemplateError
+
         from qwen2_mlx.loading.tokenizer import TokenizerError
 
         tok = self.tokenizer
@@ -162,7 +189,7 @@ class Server:
                     continue_final_message=final,
                     tokenize=False,
                 )
-            except (TokenizerError, TypeError, ValueError) as e:
+            except (TokenizerError, TypeError, ValueError, TemplateError) as e:
                 raise bad(f"the chat template could not render these messages: {e}", "messages") from None
             ids = tok.encode(text, add_special_tokens=False)
         elif isinstance(spec.prompt, str):
@@ -187,10 +214,14 @@ class Server:
                 grammar = json_schema_processor(tok, schema, self.engine.model.args.vocab_size)
             except StructuredOutputError as e:
                 raise bad(f"response_format: {e}", "response_format") from None
+        vocab = self.engine.model.args.vocab_size
+        sampling = spec.sampling
+        if sampling.top_k >= vocab:  # keeping the top `vocab` tokens keeps them all
+            sampling = dataclasses.replace(sampling, top_k=0)
         return Job(
             prompt=ids,
             max_tokens=max_tokens,
-            sampling=spec.sampling,
+            sampling=sampling,
             stop=spec.stop,
             grammar=grammar,
             logprobs=spec.logprobs,
@@ -210,18 +241,18 @@ class Server:
                     started = True
                     for s in fmt.start(self._info(job)):
                         yield s
-                if event[0] == "token":
-                    text = splitter.feed(event[1]) if splitter else event[1]
-                    entries = [event[3]] if event[3] else []
+                if isinstance(event, TokenEvent):
+                    text = splitter.feed(event.text) if splitter else event.text
+                    entries = [event.logprob] if event.logprob else []
                     for s in fmt.delta(text, entries) if (text or entries) else ():
                         yield s
-                elif event[0] == "done":
+                elif isinstance(event, DoneEvent):
                     rest, calls = splitter.finish() if splitter else ("", [])
-                    for s in fmt.end(rest, calls, event[1], event[2]):
+                    for s in fmt.end(rest, calls, event.reason, event.info):
                         yield s
                     return
                 else:
-                    for s in fmt.error(event[1]):
+                    for s in fmt.error(event.error):
                         yield s
                     return
         finally:
@@ -240,24 +271,26 @@ class Server:
         try:
             while True:
                 event = await job.events.get()
-                if event[0] == "token":
-                    parts.append(splitter.feed(event[1]) if splitter else event[1])
-                    if event[3]:
-                        entries.append(event[3])
-                elif event[0] == "done":
+                if isinstance(event, TokenEvent):
+                    parts.append(splitter.feed(event.text) if splitter else event.text)
+                    if event.logprob:
+                        entries.append(event.logprob)
+                elif isinstance(event, DoneEvent):
                     rest, calls = splitter.finish() if splitter else ("", [])
-                    body = fmt.response("".join(parts) + rest, calls, event[1], event[2], entries)
+                    body = fmt.response("".join(parts) + rest, calls, event.reason, event.info, entries)
                     return JSONResponse(body)
                 else:
-                    return error_response(request.url.path, event[1])
+                    return error_response(request.url.path, event.error)
         finally:
             watcher.cancel()
             job.cancel.set()
 
 
-def create_app(engine, *, api_key: Optional[str] = None, model_path: str = "") -> Any:
+def create_app(
+    engine, *, api_key: Optional[str] = None, model_path: str = "", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> Any:
     """The ASGI app: Starlette routes behind the API-key check."""
-    server = Server(engine, model_path)
+    server = Server(engine, model_path, max_body_bytes)
 
     async def api_error(request: Request, e: APIError):
         return error_response(request.url.path, e)
@@ -266,10 +299,6 @@ def create_app(engine, *, api_key: Optional[str] = None, model_path: str = "") -
         kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
         msg = f"{request.method} {request.url.path}: {e.detail}"
         return error_response(request.url.path, APIError(e.status_code, msg, kind))
-
-    async def server_error(request: Request, e: Exception):
-        log.exception("unhandled error")
-        return error_response(request.url.path, APIError(500, f"internal error: {e}", "server_error"))
 
     routes = [
         Route("/health", server.health, methods=["GET"]),
@@ -281,7 +310,8 @@ def create_app(engine, *, api_key: Optional[str] = None, model_path: str = "") -
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error},
+        exception_handlers={APIError: api_error, HTTPException: http_error},
+        middleware=[Middleware(Contain)],
     )
     app.state.server = server
     return APIKeyCheck(app, api_key)

@@ -1,6 +1,7 @@
 """`qwen2-serve`: the command line. Arguments are parsed and checked before MLX is imported.
 
-qwen2-serve --model PATH [--host 127.0.0.1] [--port 8080] [--api-key KEY]
+qwen2-serve --model PATH [--host 127.0.0.1] [--port 8080] [--api-key KEY | $QWEN2_SERVE_API_KEY] [--allow-no-key]
+            [--max-body-bytes 4MB]
             [--max-concurrency 8] [--queue-size 32] [--prompt-cache-size 10] [--prompt-cache-bytes 4GB]
             [--dca-chunk-size N ...] [--yarn-factor F ...] [--lookup | --draft-model PATH]
 """
@@ -55,6 +56,18 @@ def _count(minimum: int):
 _positive, _non_negative = _count(1), _count(0)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
 def port_in_use(host: str, port: int) -> Optional[str]:
     """Why `host:port` cannot be listened on (uvicorn binds with SO_REUSEADDR too), or None."""
     import socket
@@ -89,7 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key",
         default=os.environ.get("QWEN2_SERVE_API_KEY"),
-        help="require this bearer token on every route but /health (default: $QWEN2_SERVE_API_KEY, else none)",
+        help="require this bearer token on every route but /health (default: $QWEN2_SERVE_API_KEY, else none; "
+        "prefer the variable: a command line is visible to every local user in `ps`)",
+    )
+    p.add_argument(
+        "--allow-no-key",
+        action="store_true",
+        help="serve on an address beyond this machine (--host other than loopback) without an API key",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=_size,
+        default=4 << 20,
+        help="largest request body accepted; larger ones get 413 (default 4MB)",
     )
     g = p.add_argument_group("scheduling and caches")
     g.add_argument("--max-concurrency", type=_positive, default=8, help="requests decoded together (default 8)")
@@ -136,10 +161,21 @@ def main(argv: Optional[list] = None) -> int:
         parser.error("choose --lookup or --draft-model, not both")
     if not 0 <= args.port < 65536:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    exposed = not is_loopback(args.host)
+    if exposed and not args.api_key and not args.allow_no_key:
+        parser.error(
+            f"--host {args.host} serves beyond this machine without an API key: set QWEN2_SERVE_API_KEY "
+            "(or --api-key), or pass --allow-no-key to serve it open"
+        )
+    args.warnings = []
+    if exposed and not args.api_key:
+        args.warnings.append(f"serving on {args.host} without an API key (--allow-no-key)")
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in (sys.argv[1:] if argv is None else argv)):
+        args.warnings.append("--api-key is visible to local users in `ps`; prefer QWEN2_SERVE_API_KEY")
     from qwen2_mlx.runtime.packages import MissingPackage, require
 
     try:
-        for module in ("starlette", "uvicorn", "llguidance"):
+        for module in ("starlette", "uvicorn", "llguidance", "pydantic"):
             require(module, PROG)
     except MissingPackage as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -180,6 +216,8 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
     from .engine import Engine
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for line in getattr(args, "warnings", []):  # after the OpenBLAS re-run, so said once
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
     try:
         model, tokenizer = load(args.model, dtype=mlx_dtype(args.dtype), **overrides)
         draft = load(args.draft_model, dtype=mlx_dtype(args.dtype))[0] if args.draft_model else None
@@ -216,7 +254,7 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
         if not engine.preload(chat._cache_tokens, chat._cache):
             print(f"{PROG}: warning: --chat {path}: saved without its KV cache; nothing to preload", file=sys.stderr)
     engine.start()
-    app = create_app(engine, api_key=args.api_key, model_path=str(args.model))
+    app = create_app(engine, api_key=args.api_key, model_path=str(args.model), max_body_bytes=args.max_body_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     try:

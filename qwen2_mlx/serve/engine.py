@@ -38,7 +38,7 @@ from qwen2_mlx.generation.generate import (
 from qwen2_mlx.generation.prompt_cache import make_prompt_cache, to_dca_cache, to_plain_cache
 from qwen2_mlx.models.dca import DCAGeometry
 
-from .protocol import APIError, Job, Sampling
+from .protocol import APIError, DoneEvent, ErrorEvent, Job, Sampling, TokenEvent
 
 log = logging.getLogger("qwen2_mlx.serve")
 
@@ -66,6 +66,38 @@ def make_request_sampler(s: Sampling):
         return mx.random.categorical(logprobs * (1 / s.temperature), key=sub)
 
     return sample
+
+
+class Guarded:
+    """A request's sampler or logits processor whose exception ends that request alone.
+
+    mlx-lm's batch step calls every row's sampler and processors in turn; one raising would fail
+    the whole step, and with it every request in the batch. Here the failing row records why on
+    its job and gets a stand-in for this step (its logits unchanged, or the greedy token), so the
+    other rows' step is the one they would have had alone; the engine then removes the row.
+    """
+
+    def __init__(self, fn, job: Job, sampler: bool):
+        self.fn, self.job, self.sampler = fn, job, sampler
+
+    def __call__(self, *args):
+        if self.job.failure is None:
+            try:
+                return self.fn(*args)
+            except Exception as e:  # noqa: BLE001 - whatever it was, it ends this request only
+                self.job.failure = request_failure(e)
+        return mx.argmax(args[0], axis=-1) if self.sampler else args[1]
+
+
+def request_failure(e: Exception) -> APIError:
+    """What a client is told when its own request fails while generating (no internal text)."""
+    from qwen2_mlx.generation.structured import StructuredOutputError
+
+    if isinstance(e, StructuredOutputError):
+        log.info("a request's grammar failed: %s", e)
+        return APIError(400, "response_format: the schema cannot be followed any further (the grammar failed)")
+    log.warning("a request failed while generating", exc_info=e)
+    return APIError(500, "generation failed for this request; the server goes on", "server_error")
 
 
 class _Active:
@@ -129,9 +161,11 @@ class Engine:
         self._pending = 0  # submitted and not finished
         self._running = 0
         self._reasons: dict = {}  # finished requests by finish reason, for /health
+        self._held: set = set()  # jobs the engine thread has taken and not yet answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="qwen2-serve-engine", daemon=True)
         self.healthy = True
+        self.restarts = 0  # times the engine loop failed and was started again
 
     # --- the HTTP side --------------------------------------------------------------------------
     def start(self) -> None:
@@ -152,6 +186,7 @@ class Engine:
                 "batching": self.batching,
                 "finished": dict(self._reasons),
                 "healthy": self.healthy and self._thread.is_alive(),
+                "restarts": self.restarts,
             }
 
     def check_prompt(self, n: int, max_tokens: Optional[int]) -> Optional[int]:
@@ -189,12 +224,32 @@ class Engine:
 
     # --- the engine thread ------------------------------------------------------------------------
     def _main(self) -> None:
-        try:
-            with mx.stream(generation_stream):
-                (self._batch_loop if self.batching else self._serial_loop)()
-        except Exception:
-            log.exception("the engine thread died")
-            self.healthy = False
+        """Run the loop; should it ever fail, fail the requests it held and start it again."""
+        while not self._stop.is_set():
+            try:
+                with mx.stream(generation_stream):
+                    (self._batch_loop if self.batching else self._serial_loop)()
+                return
+            except Exception:
+                self.healthy = False  # /health says so until the loop runs again
+                log.exception("the engine loop failed; restarting it")
+                self._fail_held(APIError(500, "the generation thread failed and was restarted", "server_error"))
+                self.restarts += 1
+                self.healthy = True
+
+    def _fail_held(self, error: APIError) -> None:
+        """Answer every job the loop had taken (running or waiting in its list) with `error`."""
+        held, self._held = list(self._held), set()
+        for job in held:
+            job.emit(ErrorEvent(error))
+        with self._lock:
+            self._pending -= len(held)
+            self._running = 0
+
+    def _take(self, job: Job) -> None:
+        with self._lock:
+            self._running += 1
+        self._held.add(job)
 
     def _finished(self, job: Job, reason: str, active: Optional[_Active] = None) -> None:
         info = {
@@ -205,7 +260,15 @@ class Engine:
         if active is not None:
             info["stop_sequence"] = active.stop_sequence()
             info["ttft"] = (active.first_token or time.perf_counter()) - active.started
-        job.emit("done", reason, info)
+        job.emit(DoneEvent(reason, info))
+        self._release(job, reason)
+
+    def _fail(self, job: Job, error: APIError) -> None:
+        job.emit(ErrorEvent(error))
+        self._release(job, "error")
+
+    def _release(self, job: Job, reason: str) -> None:
+        self._held.discard(job)
         with self._lock:
             self._reasons[reason] = self._reasons.get(reason, 0) + 1
             self._pending -= 1
@@ -248,7 +311,7 @@ class Engine:
                     (self.tokenizer.decode([t]), v) for t, v in zip(top[order].tolist(), vals[order].tolist())
                 ]
         if text or entry:
-            a.job.emit("token", text, token, entry)
+            a.job.emit(TokenEvent(text, token, entry))
 
     # Continuous batch ------------------------------------------------------------------------------
     def _new_batch(self) -> BatchGenerator:
@@ -266,98 +329,121 @@ class Engine:
         active: dict[int, _Active] = {}
         waiting: list[Job] = []
         while not self._stop.is_set():
-            block = not active and not waiting
-            try:
-                while True:
-                    job = self._incoming.get(timeout=0.1) if block else self._incoming.get_nowait()
-                    block = False
-                    if job is None:
-                        return
-                    waiting.append(job)
-            except queue.Empty:
-                pass
+            if not self._receive(waiting, block=not active and not waiting):
+                return
             for job in [j for j in waiting if j.cancel.is_set()]:  # gone before their turn came
                 waiting.remove(job)
-                with self._lock:
-                    self._running += 1
+                self._take(job)
                 self._finished(job, "cancelled")
             # Fill free slots (the generator would queue them too, but a waiting request's cache
             # is fetched only when it starts, so it sees what the requests before it left).
             while waiting and len(active) < self.max_concurrency:
-                job = waiting.pop(0)
-                with self._lock:
-                    self._running += 1
-                if job.cancel.is_set():
-                    self._finished(job, "cancelled")
-                    continue
-                cap = self._batch_room(job)
-                if cap < 1:  # past DCA's plain range from the start: alone, while the batch waits
-                    self._run_guarded(job)
-                    continue
-                cache, rest = self._fetch(job.prompt)
-                cache = to_plain_cache(cache, self.model) if cache is not None else None
-                job.cached_tokens = len(job.prompt) - len(rest)
-                (uid,) = gen.insert(
-                    [rest],
-                    max_tokens=[min(job.max_tokens, cap)],
-                    caches=[cache],
-                    all_tokens=[job.prompt[: job.cached_tokens]],
-                    samplers=[make_request_sampler(job.sampling)],
-                    logits_processors=[[job.grammar] if job.grammar is not None else []],
-                )
-                active[uid] = _Active(job, self.tokenizer)
-                active[uid].handoff = job.max_tokens > cap
-            if not active:
-                continue
+                self._start(gen, active, waiting.pop(0))
             gone = [uid for uid, a in active.items() if a.job.cancel.is_set()]
             if gone:
                 self._remove(gen, active, gone, "cancelled")
-            if not active:
+            if active:
+                gen = self._step(gen, active)
+
+    def _receive(self, waiting: list, block: bool) -> bool:
+        """Move submitted jobs to `waiting` (waiting a moment for one when idle); False on close."""
+        try:
+            while True:
+                job = self._incoming.get(timeout=0.1) if block else self._incoming.get_nowait()
+                block = False
+                if job is None:
+                    return False
+                self._held.add(job)
+                waiting.append(job)
+        except queue.Empty:
+            return True
+
+    def _start(self, gen: BatchGenerator, active: dict, job: Job) -> None:
+        """Insert a job into the batch; anything failing here fails this job alone."""
+        self._take(job)
+        if job.cancel.is_set():
+            self._finished(job, "cancelled")
+            return
+        cap = self._batch_room(job)
+        if cap < 1:  # past DCA's plain range from the start: alone, while the batch waits
+            self._run_guarded(job)
+            return
+        try:
+            cache, rest = self._fetch(job.prompt)
+            cache = to_plain_cache(cache, self.model) if cache is not None else None
+            job.cached_tokens = len(job.prompt) - len(rest)
+            (uid,) = gen.insert(
+                [rest],
+                max_tokens=[min(job.max_tokens, cap)],
+                caches=[cache],
+                all_tokens=[job.prompt[: job.cached_tokens]],
+                samplers=[Guarded(make_request_sampler(job.sampling), job, sampler=True)],
+                logits_processors=[[Guarded(job.grammar, job, sampler=False)] if job.grammar is not None else []],
+            )
+        except Exception as e:  # noqa: BLE001
+            self._fail(job, request_failure(e))
+            return
+        active[uid] = _Active(job, self.tokenizer)
+        active[uid].handoff = job.max_tokens > cap
+
+    def _step(self, gen: BatchGenerator, active: dict) -> BatchGenerator:
+        """One decode step of the batch; the generator to go on with (a new one after a failed step)."""
+        try:
+            _, responses = gen.next()
+        except Exception:  # a failed step fails the requests in it; the server stays up
+            log.exception("a batch step failed")
+            for a in active.values():
+                self._fail(a.job, APIError(500, "generation failed in a batch step; retry the request", "server_error"))
+            active.clear()
+            return self._new_batch()
+        ours = []  # rows our stop strings ended (the generator only knows token stops)
+        for r in responses:
+            a = active.get(r.uid)
+            if a is None:
                 continue
-            try:
-                _, responses = gen.next()
-            except Exception as e:  # a failed step fails the requests in it; the server stays up
-                log.exception("a batch step failed")
-                for a in active.values():
-                    a.job.emit("error", APIError(500, f"generation failed: {e}", "server_error"))
-                    with self._lock:
-                        self._pending -= 1
-                        self._running -= 1
-                active.clear()
-                gen = self._new_batch()
-                continue
-            ours = []  # rows our stop strings ended (the generator only knows token stops)
-            for r in responses:
-                a = active.get(r.uid)
-                if a is None:
-                    continue
-                if a.first_token is None:
-                    a.first_token = time.perf_counter()
-                edge = r.finish_reason == "length" and a.handoff  # DCA's plain edge, budget left
-                reason = self._take(a, r.token, r.logprobs, None if edge else r.finish_reason)
-                if edge and reason is None:
-                    del active[r.uid]  # on alone, exactly
-                    self._continue_alone(a, list(r.all_tokens), r.prompt_cache)
-                    continue
-                if reason is None:
-                    continue
+            edge = r.finish_reason == "length" and a.handoff  # DCA's plain edge, budget left
+            ended = self._respond(a, r, None if edge else r.finish_reason)
+            if edge and a.job.failure is not None:
+                del active[r.uid]
+                self._fail(a.job, a.job.failure)
+            elif edge and not ended:
+                del active[r.uid]  # on alone, exactly
+                self._continue_alone(a, list(r.all_tokens), r.prompt_cache)
+            elif ended or edge:
                 if r.finish_reason is not None:
                     self._keep(r.all_tokens, r.prompt_cache)
                     del active[r.uid]
-                    self._finished(a.job, reason, a)
+                    self._finished(a.job, "stop" if a.filter.stopped else r.finish_reason, a)
                 else:
                     ours.append(r.uid)
-            if ours:
-                self._remove(gen, active, ours, "stop")
+        if ours:
+            self._remove(gen, active, ours, "stop")
+        failed = [uid for uid, a in active.items() if a.job.failure is not None]
+        if failed:  # their sampler or grammar failed while this step was computed
+            gen.remove(failed)
+            for uid in failed:
+                a = active.pop(uid)
+                self._fail(a.job, a.job.failure)
+        return gen
 
-    def _remove(self, gen: BatchGenerator, active: dict, uids: list, reason: str) -> None:
-        caches = gen.remove(uids, return_prompt_caches=True)
-        for uid in uids:
-            a = active.pop(uid)
-            if uid in caches:
-                cache, tokens = caches[uid]
-                self._keep(list(tokens), cache)
-            self._finished(a.job, reason, a)
+    def _respond(self, a: _Active, r, finish_reason: Optional[str]) -> bool:
+        """Hand one row's token to its request; True when the request ends with it."""
+        if a.first_token is None:
+            a.first_token = time.perf_counter()
+        return self._emit(a, r.token, r.logprobs, finish_reason) is not None
+
+    def _emit(self, a: _Active, token: int, logprobs, finish_reason: Optional[str]) -> Optional[str]:
+        """One generated token through the stop-string filter to the client; the finish reason, if it ends."""
+        a.job.generated += 1
+        if finish_reason == "stop" and token in self.eos:
+            text, reason = a.filter.finish(), "stop"
+        else:
+            text = a.filter.add(token)
+            reason = "stop" if a.filter.stopped else finish_reason
+            if reason is not None and not a.filter.stopped:
+                text += a.filter.finish()
+        self._token_event(a, token, logprobs if token not in self.eos else None, text)
+        return reason
 
     def _batch_room(self, job: Job) -> int:
         """How many tokens a job may generate in the batch: all, or up to DCA's plain edge (< 1: none).
@@ -393,27 +479,23 @@ class Engine:
                     reason = resp.finish_reason or reason
                     break
                 tokens.append(resp.token)
-                reason = self._take(a, resp.token, resp.logprobs, resp.finish_reason)
+                reason = self._emit(a, resp.token, resp.logprobs, resp.finish_reason)
                 if reason is not None:
                     break
-        except Exception as e:
-            self._fail(job, e)
+        except Exception as e:  # noqa: BLE001 - a request's failure ends that request alone
+            self._fail(job, job.failure or request_failure(e))
             return
         self._keep(tokens, cache)
         self._finished(job, {"context": "length", None: "length"}.get(reason, reason), a)
 
-    def _take(self, a: _Active, token: int, logprobs, finish_reason: Optional[str]) -> Optional[str]:
-        """One generated token through the stop-string filter to the client; the finish reason, if it ends."""
-        a.job.generated += 1
-        if finish_reason == "stop" and token in self.eos:
-            text, reason = a.filter.finish(), "stop"
-        else:
-            text = a.filter.add(token)
-            reason = "stop" if a.filter.stopped else finish_reason
-            if reason is not None and not a.filter.stopped:
-                text += a.filter.finish()
-        self._token_event(a, token, logprobs if token not in self.eos else None, text)
-        return reason
+    def _remove(self, gen: BatchGenerator, active: dict, uids: list, reason: str) -> None:
+        caches = gen.remove(uids, return_prompt_caches=True)
+        for uid in uids:
+            a = active.pop(uid)
+            if uid in caches:
+                cache, tokens = caches[uid]
+                self._keep(list(tokens), cache)
+            self._finished(a.job, reason, a)
 
     # One at a time ---------------------------------------------------------------------------------
     def _serial_loop(self) -> None:
@@ -421,8 +503,7 @@ class Engine:
             job = self._incoming.get()
             if job is None:
                 return
-            with self._lock:
-                self._running += 1
+            self._take(job)
             if job.cancel.is_set():
                 self._finished(job, "cancelled")
                 continue
@@ -432,15 +513,8 @@ class Engine:
         """`_run_one`, with a failure answered as the request's error (the server stays up)."""
         try:
             self._run_one(job)
-        except Exception as e:
-            self._fail(job, e)
-
-    def _fail(self, job: Job, e: Exception) -> None:
-        log.exception("a request failed")
-        job.emit("error", APIError(500, f"generation failed: {e}", "server_error"))
-        with self._lock:
-            self._pending -= 1
-            self._running -= 1
+        except Exception as e:  # noqa: BLE001 - a request's failure ends that request alone
+            self._fail(job, job.failure or request_failure(e))
 
     def _run_one(self, job: Job) -> None:
         cache, rest = self._fetch(job.prompt)

@@ -10,63 +10,22 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .protocol import APIError, Sampling, bad, content_text, get_bool, get_dict, get_number, get_stop
+from .protocol import APIError, Spec, bad, content_text
+from .schemas import ChatRequest, CompletionRequest, validate
 from .tools import ToolCall, openai_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-@dataclass
-class Spec:
-    """A validated request, before tokenization: what to render and how to sample."""
-
-    model: str
-    messages: Optional[list] = None  # chat: messages for the template
-    prompt: Any = None  # completions: a string or token ids
-    tools: list = field(default_factory=list)
-    max_tokens: Optional[int] = None
-    sampling: Sampling = field(default_factory=Sampling)
-    stop: list = field(default_factory=list)
-    schema: Any = None  # None: free text; True: any JSON object; a dict: a JSON schema
-    logprobs: bool = False
-    top_logprobs: int = 0
-    stream: bool = False
-    include_usage: bool = False
-
-
-def _model(body: dict) -> str:
-    m = body.get("model")
-    if m is None:
-        return ""
-    if not isinstance(m, str):
-        raise bad("'model' must be a string", "model")
-    return m
-
-
-def _sampling(body: dict, temp_max: float = 2.0) -> Sampling:
-    return Sampling(
-        temperature=float(get_number(body, "temperature", 1.0, 0, temp_max)),
-        top_p=float(get_number(body, "top_p", 1.0, 0, 1)),
-        top_k=int(get_number(body, "top_k", 0, 0, None, integer=True)),
-        min_p=float(get_number(body, "min_p", 0.0, 0, 1)),
-        seed=get_number(body, "seed", None, integer=True),
-    )
-
-
-def _common(body: dict, spec: Spec) -> Spec:
-    n = get_number(body, "n", 1, 1, None, integer=True)
-    if n != 1:
-        raise bad("'n' must be 1: this server returns one choice per request", "n")
-    mt = get_number(body, "max_completion_tokens", None, 1, None, integer=True)
-    spec.max_tokens = mt if mt is not None else get_number(body, "max_tokens", None, 1, None, integer=True)
-    spec.sampling = _sampling(body)
-    spec.stop = get_stop(body, "stop")
-    spec.stream = get_bool(body, "stream")
-    opts = get_dict(body, "stream_options")
-    spec.include_usage = get_bool(opts, "include_usage") if spec.stream else False
+def _common(req: Any, spec: Spec) -> Spec:
+    spec.max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    spec.sampling = req.sampling()
+    stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
+    spec.stop = [s for s in stop if s]
+    spec.stream = bool(req.stream)
+    spec.include_usage = bool(spec.stream and req.stream_options and req.stream_options.include_usage)
     return spec
 
 
@@ -123,40 +82,27 @@ def _message(m: Any, i: int) -> dict:
 
 
 def parse_chat(body: dict) -> Spec:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list):
-        raise bad("'messages' must be a list of messages", "messages")
-    if not msgs:
-        raise bad("'messages' must contain at least one message", "messages")
-    spec = Spec(model=_model(body), messages=[_message(m, i) for i, m in enumerate(msgs)])
-    spec.tools = openai_tools(body.get("tools"))
-    if body.get("tool_choice") == "none":
-        spec.tools = []
-    spec = _common(body, spec)
+    req = validate(ChatRequest, body)
+    spec = Spec(model=req.model or "", messages=[_message(m, i) for i, m in enumerate(req.messages)])
+    spec.tools = [] if req.tool_choice == "none" else openai_tools(req.tools)
+    spec = _common(req, spec)
     spec.schema = _response_format(body)
-    spec.logprobs = get_bool(body, "logprobs")
-    spec.top_logprobs = get_number(body, "top_logprobs", 0, 0, 20, integer=True)
+    spec.logprobs = bool(req.logprobs)
+    spec.top_logprobs = req.top_logprobs or 0
     if spec.top_logprobs and not spec.logprobs:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return spec
 
 
 def parse_completion(body: dict) -> Spec:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    req = validate(CompletionRequest, body)
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # [prompt]: one prompt in a list
         prompt = prompt[0]
-    ok = isinstance(prompt, str) or (
-        isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    )
-    if not ok:
-        raise bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
     if not prompt:
         raise bad("'prompt' is empty", "prompt")
-    spec = _common(body, Spec(model=_model(body), prompt=prompt))
-    lp = get_number(body, "logprobs", None, 0, 20, integer=True)
-    spec.logprobs, spec.top_logprobs = lp is not None, lp or 0
-    if body.get("echo"):
-        raise bad("'echo' is not supported", "echo")
+    spec = _common(req, Spec(model=req.model or "", prompt=prompt))
+    spec.logprobs, spec.top_logprobs = req.logprobs is not None, req.logprobs or 0
     return spec
 
 

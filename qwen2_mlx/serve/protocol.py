@@ -1,4 +1,5 @@
-"""What the two APIs share: the error type, field validators, and the engine's request (`Job`).
+"""What the two APIs share: the error type, a validated request (`Spec`), the engine's request
+(`Job`) and the events it sends back (`TokenEvent`, `DoneEvent`, `ErrorEvent`).
 
 Plain Python (no MLX): the HTTP side validates and describes a request here; the engine runs it.
 A validator raises `APIError` naming the field, which the app answers as a 4xx in the shape of the
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 class APIError(Exception):
@@ -32,57 +33,14 @@ def bad(message: str, param: Optional[str] = None) -> APIError:
     return APIError(400, message, param=param)
 
 
-def _type_name(v: Any) -> str:
-    return (
-        "null"
-        if v is None
-        else {bool: "boolean", int: "integer", float: "number", str: "string"}.get(
-            type(v), "array" if isinstance(v, list) else "object" if isinstance(v, dict) else type(v).__name__
-        )
-    )
-
-
-def get_number(body: dict, name: str, default, lo=None, hi=None, integer: bool = False):
-    """body[name] as a number within [lo, hi]; None or absent gives `default`."""
-    v = body.get(name)
+def type_name(v: Any) -> str:
+    """The JSON name of a value's type, for messages."""
     if v is None:
-        return default
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok:
-        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {_type_name(v)}", name)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"between {lo} and {hi}" if lo is not None and hi is not None else f">= {lo}" if lo is not None else ""
-        raise bad(f"'{name}' must be {rng}, got {v}", name)
-    return v
-
-
-def get_bool(body: dict, name: str, default: bool = False) -> bool:
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad(f"'{name}' must be a boolean, got {_type_name(v)}", name)
-    return v
-
-
-def get_stop(body: dict, name: str) -> list[str]:
-    v = body.get(name)
-    if v is None:
-        return []
-    if isinstance(v, str):
-        return [v] if v else []
-    if isinstance(v, list) and all(isinstance(s, str) for s in v):
-        return [s for s in v if s]
-    raise bad(f"'{name}' must be a string or a list of strings", name)
-
-
-def get_dict(body: dict, name: str) -> dict:
-    v = body.get(name)
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise bad(f"'{name}' must be an object, got {_type_name(v)}", name)
-    return v
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    names = {int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    return next((n for t, n in names.items() if isinstance(v, t)), type(v).__name__)
 
 
 @dataclass
@@ -97,11 +55,56 @@ class Sampling:
 
 
 @dataclass
-class Job:
-    """One generation the engine runs; events come back on `events` (an asyncio queue of `loop`).
+class Spec:
+    """A validated request, before tokenization: what to render and how to sample."""
 
-    Events: ("token", text, token_id, logprob_entry_or_None), then one of ("done", reason, info)
-    or ("error", APIError). `cancel` set from any thread ends the generation at the next step.
+    model: str
+    messages: Optional[list] = None  # chat: messages for the template
+    prompt: Any = None  # completions: a string or token ids
+    tools: list = field(default_factory=list)
+    max_tokens: Optional[int] = None
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list = field(default_factory=list)
+    schema: Any = None  # None: free text; True: any JSON object; a dict: a JSON schema
+    logprobs: bool = False
+    top_logprobs: int = 0
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass
+class TokenEvent:
+    """Text produced by one step (may be empty while a stop string is pending); `logprob` when asked for."""
+
+    text: str
+    token: int
+    logprob: Optional[dict] = None
+
+
+@dataclass
+class DoneEvent:
+    """The request ended: its finish reason and usage figures (tokens, cached tokens, stop sequence, TTFT)."""
+
+    reason: str
+    info: dict
+
+
+@dataclass
+class ErrorEvent:
+    """The request failed; `error` says why in the API's terms."""
+
+    error: APIError
+
+
+Event = Union[TokenEvent, DoneEvent, ErrorEvent]
+
+
+@dataclass(eq=False)  # a job is itself: the engine keeps the ones it holds in a set
+class Job:
+    """One generation the engine runs; its events come back on `events` (an asyncio queue of `loop`).
+
+    Events: `TokenEvent`s, then one `DoneEvent` or `ErrorEvent`. `cancel` set from any thread
+    ends the generation at the next step.
     """
 
     prompt: list
@@ -116,11 +119,12 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     cached_tokens: int = 0
     generated: int = 0
+    failure: Optional[APIError] = None  # set on the engine thread when this request's sampler or grammar fails
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.events = loop, asyncio.Queue()
 
-    def emit(self, *event) -> None:
+    def emit(self, event: Event) -> None:
         """Called on the engine thread: hand an event to the request's event loop."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -153,4 +157,4 @@ def content_text(content: Any, where: str, allow_none: bool = False) -> str:
             else:
                 raise bad(f"{where}.content[{i}]: unknown content type '{p['type']}'", where)
         return "".join(parts)
-    raise bad(f"{where}: 'content' must be a string or a list of parts, got {_type_name(content)}", where)
+    raise bad(f"{where}: 'content' must be a string or a list of parts, got {type_name(content)}", where)
