@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 import threading
 from pathlib import Path
 from typing import Optional, TextIO
 
-from qwen2_mlx.cli.args import add_long_context_args, long_context_overrides
-from qwen2_mlx.cli.blas import ensure_openblas
+from qwen2_mlx.arguments import add_long_context_args, long_context_overrides
 from qwen2_mlx.loading.paths import default_model_path
+from qwen2_mlx.runtime.blas import ensure_openblas
 
-from .models import check_model
+from .model_folders import check_model
 
 HINT = "hint: run `python convert.py` to create the default model, or pass --model PATH"
 
@@ -140,11 +142,24 @@ def read_piped_stdin() -> Optional[str]:
         return None
 
 
+def stdin_is_a_pipe() -> bool:
+    """A pipe or a file, not /dev/null (cron and CI run with no input at all: that is no empty pipe)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     piped = read_piped_stdin()
+    if piped is not None and not piped.strip() and stdin_is_a_pipe():
+        # `git diff | qwen2-chat -p "Review"` with nothing to review: say so rather than send the bare prompt
+        print("qwen2-chat: error: nothing came on stdin (the pipe was empty); nothing was sent", file=sys.stderr)
+        return 2
     one_shot = args.prompt is not None or piped is not None
     text = "\n\n".join(t for t in (args.prompt, piped) if t and t.strip())
     if one_shot and not text.strip():
@@ -153,7 +168,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     model_path = args.model or default_model_path()
     problem = check_model(model_path)
     if problem:
-        print(f"qwen2-chat: error: {problem}\n{HINT}", file=sys.stderr)
+        hint = f"\n{HINT}" if args.model is None and "convert.py" not in problem else ""
+        print(f"qwen2-chat: error: {problem}{hint}", file=sys.stderr)
         return 2
 
     if args.draft_model is not None:

@@ -1,7 +1,7 @@
 """Which conversion the no-argument `python convert.py` makes, decided from the measured quality table.
 
 On a Mac (Metal) it quantizes: among the rows of `data/quality_table.json` (written by
-`python -m qwen2_mlx.eval quality --table ... --json`, shown in the README) it takes the variant
+`python -m qwen2_mlx.eval quality --table ... --json`, shown in docs/converting.md) it takes the variant
 with the best next-token agreement with float32 whose size is at most SIZE_BUDGET times the plain
 4-bit (group size 64) size; ties go to the lower KL divergence, then the smaller size. When every
 candidate row carries a HumanEval pass@1 (`eval quality --table --humaneval N`), the task decides
@@ -113,9 +113,9 @@ def default_conversion(
     best, base = pick(load_table() if rows is None else rows, size_of=size_of)
     ratio = size_of(best) / size_of(base)
     reason = (
-        f"Quantizing to {best['name']}: the best next-token agreement with float32 in the README's quality table "
-        f"({best['agreement']:.1%}; 4-bit: {base['agreement']:.1%}) within {SIZE_BUDGET:g}x the 4-bit size "
-        f"({ratio:.2f}x here)."
+        f"Quantizing to {best['name']}: the best next-token agreement with float32 in docs/converting.md's "
+        f"quality table ({best['agreement']:.1%}; 4-bit: {base['agreement']:.1%}) within {SIZE_BUDGET:g}x "
+        f"the 4-bit size ({ratio:.2f}x here)."
     )
     if "humaneval" in best:
         h = best["humaneval"]

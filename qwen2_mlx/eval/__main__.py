@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.blas import ensure_openblas
-from qwen2_mlx.extras import MissingPackage, require
+from qwen2_mlx.runtime.blas import ensure_openblas
+from qwen2_mlx.runtime.packages import MissingPackage, require
 
 from . import humaneval_cli, lm_eval_cli, quality_cli
 from .common import EvalError, add_model_args, load_for_eval, parse_int_list, progress
@@ -116,7 +116,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _check_packages(args: argparse.Namespace) -> None:
-    """The packages the outputs need, before any work (qwen2_mlx/extras.py); MissingPackage if one is absent."""
+    """The packages the outputs need, before any work (runtime/packages.py); MissingPackage if one is absent."""
     require("tqdm", "the progress bar")
     if args.command == "niah":
         require("matplotlib", f"the NIAH heatmap (--out {args.out})")
@@ -132,16 +132,11 @@ def run(args: argparse.Namespace) -> dict:
 
     from .prompts import split_sentences
 
-    if args.command == "quality":
-        return quality_cli.run(args)
-    if args.command == "humaneval":
-        return humaneval_cli.run(args)
-    if args.command == "lm-eval":
-        return lm_eval_cli.run(args)
+    delegated = {"quality": quality_cli.run, "humaneval": humaneval_cli.run, "lm-eval": lm_eval_cli.run}
+    if args.command in delegated:
+        return delegated[args.command](args)
     _validate(args)
-    figure = None  # the NIAH heatmap: drawn last, from results already written
-    haystack = None
-    text = None
+    figure = haystack = text = None  # figure: the NIAH heatmap, drawn last from results already written
     if args.command == "niah" and args.haystack is not None:
         haystack = split_sentences(_read_text(args.haystack, "haystack"))
         if not haystack:
@@ -232,7 +227,7 @@ def _digest(path: Path) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/cli/blas.py)
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/runtime/blas.py)
     args = build_parser().parse_args(argv)
     try:
         run(args)

@@ -23,7 +23,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from qwen2_mlx.cli.args import long_context_overrides, mlx_dtype
+from qwen2_mlx.arguments import long_context_overrides, mlx_dtype
 from qwen2_mlx.generation.batch import batch_generate
 from qwen2_mlx.generation.generate import context_limit, stream_generate
 from qwen2_mlx.generation.prompt_cache import make_prompt_cache

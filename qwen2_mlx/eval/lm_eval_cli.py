@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qwen2_mlx.extras import require
+from qwen2_mlx.runtime.packages import require
 
 from .common import EvalError, add_model_args, check_out
 from .results import write_json

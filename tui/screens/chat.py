@@ -22,15 +22,19 @@ from textual.message import Message as TMessage
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
+from qwen2_mlx.loading.paths import models_dir
+
 from .. import commands, slash
 from ..engine import CacheNote, Engine, Failed, Finished, Job, Prefill, Stats, Token
 from ..export import export_chat
+from ..model_folders import list_models
 from ..store import FINISHED, Message, Store
-from ..widgets.chat_list import ChatListScreen
 from ..widgets.prompt import PromptInput
-from ..widgets.settings import SettingsScreen
 from ..widgets.status import StatusBar, bar
 from ..widgets.transcript import MessageView, Transcript
+from .chat_list import ChatListScreen
+from .model_picker import ModelScreen
+from .settings import SettingsScreen
 
 SAVE_EVERY = 1.0  # seconds between saves of a streaming reply
 TITLE_CHARS = 48
@@ -38,7 +42,7 @@ PREFILL_SHOWN = 512  # prompts at least this long (uncached tokens) show reading
 EMPTY_HINT = (
     "Ask anything, in any language.\n\n"
     "Enter sends · Shift+Enter, Alt+Enter or Ctrl+J add a line · ↑ recalls earlier prompts\n"
-    "Esc stops a reply · Ctrl+R regenerates · Tab moves to the messages (e edit, ← → branches, y copy)\n"
+    "Esc stops a reply · Ctrl+R regenerates · Shift+Tab moves to the messages (e edit, ← → branches, y copy)\n"
     "/help lists the slash commands · F1 the keys"
 )
 BUSY = "Still answering: press Esc to stop it first."
@@ -213,6 +217,53 @@ class ChatScreen(Screen):
         shown = {**self.settings, "cache_disk": self.app.cache_disk}
         self.app.push_screen(SettingsScreen(self.system, shown), saved)
 
+    # what slash commands do here (slash.ChatActions)
+    def rename_chat(self, title: str) -> None:
+        if self.chat_id is None:
+            self.notify("Send a message first: an empty chat is not saved.", severity="warning")
+            return
+        self.store.update_chat(self.chat_id, title=title)
+        self.app.title = title
+
+    def copy_last_reply(self, code: bool) -> None:
+        replies = [m for m in self.path() if m.role == "assistant"]
+        if not replies:
+            self.notify("No reply to copy yet.", severity="warning")
+            return
+        views = [v for v in self.transcript.views if v.message_id == replies[-1].id]
+        if code and views:
+            views[0].action_copy_code()
+        else:
+            self.app.copy_text(replies[-1].content, "reply")
+
+    def choose_model(self, name: str) -> None:
+        """Load model `name`; without one, say which is loaded and offer the converted ones."""
+        app = self.app
+        if name:
+            app.switch_model(name)
+            return
+        info = f"Model: {app.model_label} · context {app.context_limit:,} tokens" + (
+            f", loaded in {app.load_seconds:.1f}s" if app.loaded else " (loading)"
+        )
+        if app.backend_factory is None:
+            self.notify(info)
+            return
+
+        def chosen(path: Optional[str]) -> None:
+            if path:
+                app.switch_model(path)
+
+        app.push_screen(ModelScreen(list_models(), app.model_label, str(models_dir())), chosen)
+
+    def set_cache_disk(self, budget: int) -> None:
+        self.app.set_cache_disk(budget)
+
+    def show_help(self) -> None:
+        self.app.action_help()
+
+    def quit_app(self) -> None:
+        self.app.exit()
+
     def save_chat_settings(self) -> None:
         if self.chat_id is not None:
             self.store.update_chat(self.chat_id, system=self.system, settings=self.settings)
@@ -287,6 +338,7 @@ class ChatScreen(Screen):
         self.reply_view.start_stream()
         self._base_ctx = self.engine.count_tokens(history, self.system)
         self.status.set_note("")
+        self.status.set_stats(None)  # the figures shown from now on are this reply's
         self.job = self.engine.submit(history, self.system, self.settings, chat_key=self.store.cache_key(self.chat_id))
         if loaded:  # while loading, the bar stays; the reply starts when the model is ready
             self.status.set_state("answering… (Esc stops)")
@@ -320,6 +372,7 @@ class ChatScreen(Screen):
                 await view.write(ev.text)
             if self.app.loaded:
                 self.status.set_context(self._base_ctx + ev.stats.generation_tokens, self.app.context_limit)
+                self.status.set_stats(ev.stats)
             if time.monotonic() - self._last_save >= SAVE_EVERY:
                 self.store.update_message(self.reply_id, content=self.reply_text)
                 self._last_save = time.monotonic()
