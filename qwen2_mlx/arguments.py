@@ -64,10 +64,24 @@ _positive_float = _number(float, 0, inclusive=False)
 
 
 def add_long_context_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --dca-* and --yarn-* switches (all optional; absent means: as config.json says)."""
+    """Add --long-context, --max-context, --dca-* and --yarn-* (absent: config.json's method, else DCA)."""
     g = parser.add_argument_group(
         "long context",
-        "Push a model past its training length with Dual Chunk Attention or YaRN (overrides config.json)",
+        "On by default: a model whose config.json names no method gets Dual Chunk Attention with its trained "
+        "window as chunk (plain attention up to there) and a context limit of 4 windows",
+    )
+    g.add_argument(
+        "--long-context",
+        choices=("off", "dca", "yarn"),
+        default=None,
+        help="off: plain attention, the trained window; dca / yarn: that method "
+        "(default: the config's method, else dca)",
+    )
+    g.add_argument(
+        "--max-context",
+        type=_positive_int,
+        metavar="N",
+        help="the context limit in tokens (default: 4 trained windows under DCA or YaRN, 131072 for 32K models)",
     )
     g.add_argument(
         "--dca-chunk-size",
@@ -134,7 +148,7 @@ def kv_cache_settings(args: argparse.Namespace) -> dict:
 
 
 def long_context_overrides(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> dict:
-    """`dict(dca=..., rope_scaling=...)` for `load(path, **overrides)`; None values change nothing.
+    """`dict(dca=, rope_scaling=, long_context=, max_context=)` for `load(path, **overrides)`; None changes nothing.
 
     Bad combinations raise ConfigError naming the switch, or exit 2 via `parser.error` if a parser is given.
     """
@@ -183,4 +197,12 @@ def _overrides(args: argparse.Namespace) -> dict:
         if orig is not None:
             rope_scaling["original_max_position_embeddings"] = orig
         _parse_rope_scaling(rope_scaling, "command line (--yarn-*)")
-    return {"dca": dca, "rope_scaling": rope_scaling}
+    mode = getattr(args, "long_context", None)
+    if (mode == "off" and (dca or rope_scaling)) or (mode == "dca" and rope_scaling) or (mode == "yarn" and dca):
+        raise ConfigError("command line", "--long-context", f"{mode} cannot be combined with --dca-* / --yarn-*")
+    return {
+        "dca": dca,
+        "rope_scaling": rope_scaling,
+        "long_context": mode,
+        "max_context": getattr(args, "max_context", None),
+    }

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 from api_support import real_model_or_skip, tiny_model
 
 from qwen2_mlx import batch_generate, stream_generate
+from qwen2_mlx.bench.long_runs import twin
 from qwen2_mlx.models.config import DCAConfig
-from qwen2_mlx.models.model import Model
 
 PROMPTS = [
     "Hello, how",
@@ -78,12 +76,19 @@ def test_sampling_with_a_seed_is_reproducible(tmp_path_factory):
     assert a.token_ids == b.token_ids
 
 
-def test_dca_models_are_refused(tmp_path_factory):
-    model, tok, _ = tiny_model(tmp_path_factory)
-    args = copy.deepcopy(model.args)
-    args.dual_chunk_attention_config = DCAConfig(chunk_size=256, local_size=32)
-    with pytest.raises(ValueError, match="Dual Chunk Attention"):
-        batch_generate(Model(args), tok, ["Hi"], max_tokens=2)
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_dca_rows_batch_within_the_window_and_run_alone_past_it(tmp_path_factory, kind):
+    """A small DCA window (chunk 32): rows that stay within 33 tokens share the batch cache, the others
+    cross the chunk edge alone on DCA caches; every row equals stream_generate's."""
+    model, tok, _ = tiny_model(tmp_path_factory, kind)
+    dca = twin(model, DCAConfig(chunk_size=32, local_size=8))
+    limits = [4, 30, 6, 3, 40, 5]
+    lengths = [len(tok.encode(p, add_special_tokens=False)) for p in PROMPTS]
+    assert any(n + m > 33 for n, m in zip(lengths, limits)) and any(n + m <= 33 for n, m in zip(lengths, limits))
+    res = batch_generate(dca, tok, PROMPTS, max_tokens=limits, batch_size=6)
+    for (tokens, text, reason), got, ids in zip(one_by_one(dca, tok, PROMPTS, limits), res.texts, res.token_ids):
+        assert ids == tokens
+        assert got == text and got.finish_reason == reason
 
 
 @pytest.mark.real_model

@@ -62,6 +62,25 @@ def test_reopened_chat_answers_like_a_cold_one_and_prefills_only_the_suffix(mtp,
     assert warm.messages == cold.messages
 
 
+def test_a_cache_saved_before_long_context_was_on_by_default_is_read_again(mtp, tmp_path):
+    """Saved by a plain-attention model (the old default, `long_context="off"` now): the default DCA model
+    ignores it with a line saying why, and the chat reads the conversation again, as a cold one does."""
+    from qwen2_mlx import load
+
+    model, tok, path = mtp
+    old, _ = load(path, long_context="off")
+    chat = chatted(old, tok)
+    store = CacheStore(tmp_path / "caches")
+    store.save("c", *chat.export_cache(), chat_cache_validity(chat, path), model=old)
+    now = Chat(model, tok, messages=chat.messages, **GREEDY)
+    loaded = store.load("c", chat_cache_validity(now, path), model=model)
+    assert not loaded.ok and loaded.status == "mismatch"
+    assert (
+        loaded.reason == "it was made with plain attention and the model now runs DCA chunk 4096, local 512: read again"
+    )
+    assert store.load("c", chat_cache_validity(Chat(old, tok), path), model=old).ok  # still right for its settings
+
+
 def test_adopt_refuses_a_cache_that_does_not_fit(mtp):
     model, tok, _ = mtp
     chat = chatted(model, tok, turns=("Hi",))

@@ -17,7 +17,12 @@ def parse(*argv):
 
 def test_nothing_given_changes_nothing():
     parser, args = parse()
-    assert long_context_overrides(args, parser) == {"dca": None, "rope_scaling": None}
+    assert long_context_overrides(args, parser) == {
+        "dca": None,
+        "rope_scaling": None,
+        "long_context": None,
+        "max_context": None,
+    }
 
 
 def test_dca_switches():

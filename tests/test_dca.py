@@ -357,8 +357,11 @@ def test_cache_refuses_other_settings():
         attn(x, "causal", DCAKVCache(16, 4, 0))
     from mlx_lm.models.cache import KVCache
 
+    # a plain cache (a batch's) is plain attention within chunk_size + 1 tokens, as DCA is there; not past it
+    x = mx.random.normal((1, 13, 32))
+    assert mx.allclose(attn(x, "causal", KVCache()), attn(x, "causal", DCAKVCache(12, 4, 0)), atol=1e-5).item()
     with pytest.raises(TypeError, match="DCAKVCache"):
-        attn(x, "causal", KVCache())
+        attn(mx.zeros((1, 14, 32)), "causal", KVCache())
 
 
 # ---------------------------------------------------------------------------------------------

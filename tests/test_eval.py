@@ -124,7 +124,7 @@ def test_niah_2x2_grid_writes_png_and_json(tiny, tmp_path, capsys):
         "900:100:0",
     }
     assert all(c["tokens"] <= c["length"] for c in grid["cells"])
-    assert "no DCA" in grid["title"]
+    assert "DCA chunk 4096, local 512" in grid["title"]  # long context is on by default (the trained window)
     assert "accuracy: " in capsys.readouterr().out
 
 

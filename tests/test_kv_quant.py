@@ -14,6 +14,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from test_dca import make_attention, rng, run_steps
 
 from qwen2_mlx import Chat, batch_generate, generate_step, stream_generate
+from qwen2_mlx.bench.long_runs import twin
 from qwen2_mlx.generation.kv_quant import KVQuantization, QuantizedBatchKVCache
 from qwen2_mlx.generation.prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from qwen2_mlx.models.config import DCAConfig
@@ -112,22 +113,25 @@ def test_dca_cache_converts_with_its_settings():
     q = cache.to_quantized(group_size=32, bits=8)
     assert isinstance(q, QuantizedDCAKVCache) and (q.bits, q.group_size) == (8, 32)
     assert q.dca_settings == (24, 6, 40) and q.length_hint == 99 and q.offset == 10
-    assert q.keys[0].shape[2] == 10
+    assert q.keys[0].shape[2] == cache.keys.shape[2]  # its spare room too, as mlx-lm's to_quantized
     assert q.trim(3) == 3 and q.offset == 7 and q.length_hint == 0
 
 
 # --- generation ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,start", [(8, 0), (4, 0), (8, 20)])
 def test_plain_model_matches_mlx_lm(wide, bits, start):
-    """Our generate_step with kv_bits gives mlx-lm's tokens with the same settings (its rule, its cache class)."""
-    model, tok = wide
+    """Our generate_step with kv_bits gives mlx-lm's tokens with the same settings (its rule, its cache class),
+    and so does the default model (DCA, inside its window) on its own cache class."""
+    default, tok = wide
+    model = twin(default, None)  # plain attention: long_context="off"
     prompt = mx.array(tok.encode(PROMPT, add_special_tokens=False), dtype=mx.uint32)
     kw = dict(kv_bits=bits, kv_group_size=32, quantized_kv_start=start)
-    ours_cache = make_prompt_cache(model)
-    ours = [t for t, _ in generate_step(prompt, model, max_tokens=24, prompt_cache=ours_cache, **kw)]
     theirs = [t for t, _ in mlx_lm_generate_step(prompt, model, max_tokens=24, **kw)]
-    assert ours == theirs
-    assert all(type(c) is QuantizedKVCache and c.bits == bits for c in ours_cache)
+    for m, kind in ((model, QuantizedKVCache), (default, QuantizedDCAKVCache)):
+        ours_cache = make_prompt_cache(m)
+        ours = [t for t, _ in generate_step(prompt, m, max_tokens=24, prompt_cache=ours_cache, **kw)]
+        assert ours == theirs
+        assert all(type(c) is kind and c.bits == bits for c in ours_cache)
 
 
 def test_dca_generation_is_close_to_the_float_cache(wide):
@@ -228,7 +232,7 @@ def test_chat_keeps_a_quantized_cache_across_turns_and_files(wide, tmp_path):
     assert chat.set_kv_quantization(None) and chat._cache is None  # a float cache is built anew
     assert not chat.set_kv_quantization(None)
     chat.send("Fourth", max_tokens=4)
-    assert all(type(c) is KVCache for c in chat._cache)
+    assert all(isinstance(c, KVCache) and not hasattr(c, "bits") for c in chat._cache)
 
 
 def test_quantized_dca_prompt_cache_round_trip(wide, tmp_path):

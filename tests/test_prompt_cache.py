@@ -20,6 +20,7 @@ from qwen2_mlx import (
     trim_prompt_cache,
 )
 from qwen2_mlx.models.config import DCAConfig
+from qwen2_mlx.models.long_context import default_dca
 from qwen2_mlx.models.model import Model
 
 DOCUMENT = "The quick brown fox jumps over the lazy dog. " * 6
@@ -95,10 +96,12 @@ def test_reusing_a_prefilled_cache_equals_generating_from_the_full_prompt(mt):
             },
             "dual_chunk_attention_config",
         ),
+        # the default DCA against a cache saved under the old default, plain attention
+        ({"dual_chunk_attention_config": default_dca(4096)}, "dual_chunk_attention_config"),
     ],
 )
 def test_refuses_a_model_with_other_long_context_settings(mt, tmp_path, changes, field):
-    model, tok = mt
+    model, tok = variant(mt[0], dual_chunk_attention_config=None), mt[1]  # plain attention, `long_context="off"`
     path = tmp_path / "c.safetensors"
     save_prompt_cache(path, prefill_prompt_cache(model, tok, DOCUMENT), model=model)
     with pytest.raises(PromptCacheError) as e:

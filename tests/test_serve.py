@@ -351,9 +351,10 @@ def test_bad_anthropic_requests_get_anthropic_errors(server, claude):
 
 def test_a_prompt_longer_than_the_window_is_refused_with_its_sizes(oai):
     with pytest.raises(openai.BadRequestError) as e:
-        chat(oai, "fox " * 5000, 5)
+        chat(oai, "fox " * 17000, 5)
     msg = str(e.value)
-    assert "4096" in msg and "context window" in msg
+    assert "16384" in msg and "context window" in msg  # 4 trained windows: long context is on by default
+    assert chat(oai, "fox " * 5000, 2).usage.prompt_tokens > 4096  # past the trained window, on DCA
     assert chat(oai, "short", 3).choices[0].finish_reason == "length"
 
 
@@ -428,7 +429,7 @@ def test_non_streamed_request_cancelled_when_the_client_goes(server, oai):
     assert h["finished"]["cancelled"] == before + 1
 
 
-# --- what cannot batch (here Dual Chunk Attention) runs one request at a time ------------------------
+# --- Dual Chunk Attention (chunk 64 here): batched within 65 tokens, alone past them ------------------
 
 DCA = {"chunk_size": 64, "local_size": 8, "original_max_position_embeddings": 0}  # what --dca-chunk-size 64 gives
 
@@ -441,39 +442,47 @@ def serial(tiny_path, tmp_path_factory):
     s.stop()
 
 
-def test_dca_requests_queue_and_equal_the_library(serial, tiny_path):
+def test_dca_requests_batch_cross_the_edge_alone_and_equal_the_library(serial, tiny_path):
+    """Long prompts run alone; short ones batch, and those whose reply crosses 65 tokens go on alone
+    from their batch cache (converted to DCA's): every reply equals the library's DCA reply."""
     from qwen2_mlx import load
     from qwen2_mlx.generation.generate import generate
 
     server, client = serial
-    assert server.health()["batching"] is False
+    assert server.health()["batching"] is True
     model, tokenizer = load(tiny_path, dca=DCA)
-    prompts = ["The quick brown fox jumps over the lazy dog. " * 6 + str(i) for i in range(3)]  # > one chunk
+    long = ["The quick brown fox jumps over the lazy dog. " * 6 + str(i) for i in range(2)]
+    cases = [(p, 12) for p in long] + [("Hi " + str(i), m) for i, m in enumerate((8, 45, 60))]
     want, got = {}, {}
-    for p in prompts:
+    for p, m in cases:
         ids = tokenizer.encode(
             tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False),
             add_special_tokens=False,
         )
-        assert len(ids) > 64
-        want[p] = str(generate(model, tokenizer, ids, 12))
+        assert (len(ids) > 65) == (p in long) and (len(ids) + m > 65) == (m != 8)
+        reply = generate(model, tokenizer, ids, m)
+        want[p] = (str(reply), reply.stats.generation_tokens)
 
-    def run(p):
+    def run(p, m):
         r = client.chat.completions.create(
-            model="dca", messages=[{"role": "user", "content": p}], max_tokens=12, temperature=0
+            model="dca",
+            messages=[{"role": "user", "content": p}],
+            max_tokens=m,
+            temperature=0,
         )
-        got[p] = (r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens)
+        got[p] = (r.choices[0].message.content, r.usage.completion_tokens, r.usage.prompt_tokens_details.cached_tokens)
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    threads = [threading.Thread(target=run, args=c) for c in cases]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert {p: g[0] for p, g in got.items()} == want
-    # the prompts share their first ~60 tokens: the later ones started from the earlier ones' caches
-    assert max(g[1] for g in got.values()) > 50
-    run(prompts[0])
-    assert got[prompts[0]][0] == want[prompts[0]]
+    assert {p: g[:2] for p, g in got.items()} == want
+    assert [want[p][1] for p, _ in cases[3:]] == [45, 60]  # these replies really crossed the edge
+    # the long prompts share their first ~60 tokens: the later one started from the earlier one's cache
+    assert max(got[p][2] for p in long) > 50
+    run(*cases[-1])  # from the cache its crossing left, now a DCA cache past the edge
+    assert got[cases[-1][0]][:2] == want[cases[-1][0]]
 
 
 def test_dca_disconnect_cancels(serial):
@@ -485,3 +494,24 @@ def test_dca_disconnect_cancels(serial):
         lines = r.iter_lines()
         assert [next(lines) for _ in range(4)]
     assert server.wait_idle(timeout=10)["finished"]["cancelled"] == before + 1
+
+
+def test_a_chat_saved_under_plain_attention_starts_cold_with_a_warning(tiny_path, tmp_path_factory):
+    """A --chat file saved before long context was on by default: its cache is never read into the DCA
+    model; the server says why and serves the conversation cold."""
+    from qwen2_mlx import Chat, load
+
+    chat = Chat(*load(tiny_path, long_context="off"), max_tokens=3)
+    chat.send("Hello")
+    path = tmp_path_factory.mktemp("old-chat") / "old.json"
+    chat.save(path, include_cache=True)
+    log = tmp_path_factory.mktemp("serve-log") / "old.log"
+    s = ServerProcess(tiny_path, "--chat", str(path), log=log)
+    try:
+        assert s.health()["cached_sequences"] == 0
+        assert "the conversation starts cold" in log.read_text() and "dual_chunk_attention_config" in log.read_text()
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model=NAME, messages=chat.messages, max_tokens=3, temperature=0)
+        assert r.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        s.stop()

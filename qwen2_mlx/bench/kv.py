@@ -1,8 +1,9 @@
 """`python -m qwen2_mlx.bench.kv`: what a quantized KV cache saves and what it changes, on a real model.
 
-For each length, with plain attention and with Dual Chunk Attention, and for a float cache and each
-`--kv-bits`: a needle-in-a-haystack prompt is prefilled (memory: bytes the cache holds per token, peak
-above the weights during the prefill and during decoding), then 8 tokens are decoded greedily.
+For each length, with plain attention, with Dual Chunk Attention and (`--modes ...,mlx-lm`) through
+mlx-lm's own loop and model on the same folder, and for a float cache and each `--kv-bits`: a
+needle-in-a-haystack prompt is prefilled (memory: bytes the cache holds per token, peak above the
+weights during the prefill and during decoding), then 8 tokens are decoded greedily.
 Printed against the float cache of the same run: the first answer position's logits (largest
 deviation, KL divergence), whether the greedy tokens agree and whether the needle was found.
 """
@@ -17,6 +18,9 @@ from pathlib import Path
 
 from qwen2_mlx.arguments import DTYPE_NAMES, int_list, mlx_dtype
 from qwen2_mlx.loading.paths import default_model_path
+from qwen2_mlx.runtime.blas import ensure_openblas
+
+MODES = ("default", "plain", "dca", "mlx-lm")  # default: the model as `load` gives it (long context on)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64, help="kv_group_size (default 64)")
     p.add_argument("--dca-chunk-size", type=int, default=4096, help="chunk_size of the DCA runs (default 4096)")
     p.add_argument("--dca-local-size", type=int, default=512, help="local_size of the DCA runs (default 512)")
-    p.add_argument("--modes", default="plain,dca", help="plain and/or dca (default %(default)s)")
+    p.add_argument("--modes", default="plain,dca", help=f"some of {', '.join(MODES)} (default %(default)s)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="weights and activations (default float32)")
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument(
@@ -39,14 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure to FILE as JSON")
     args = p.parse_args(argv)
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py)
     try:
         lengths = int_list(args.lengths, "--lengths", minimum=64)
         bits = int_list(args.bits, "--bits", minimum=2, maximum=8)
     except ValueError as e:
         p.error(str(e))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in ("plain", "dca") for m in modes):
-        p.error("--modes takes plain, dca or both")
+    if not modes or any(m not in MODES for m in modes):
+        p.error(f"--modes takes {', '.join(MODES)} (one or more)")
     from qwen2_mlx.loading.loader import ModelLoadError
 
     try:
@@ -73,7 +78,7 @@ def _print_header(a) -> None:
         f"values are {elements} numbers: {elements * 4 / 1024:.1f} KiB in float32, {elements * 2 / 1024:.1f} KiB "
         f"in float16 (computed)"
     )
-    print(f"{'tokens':>6} {'mode':>5} {'cache':>7} | {'KiB/token':>9} {'KV MB':>7} {'peak MB':>8} {'decode':>7} "
+    print(f"{'tokens':>6} {'mode':>7} {'cache':>7} | {'KiB/token':>9} {'KV MB':>7} {'peak MB':>8} {'decode':>7} "
           f"{'prefill s':>9} | "
           f"{'max |dlogit|':>12} {'KL':>9} {'tokens=':>7} {'found':>5}")  # fmt: skip
 
@@ -85,7 +90,7 @@ def _print_row(row: dict, dtype: str) -> None:
     if b:
         dev = f"{row['max_logit_deviation']:12.4f} {row['kl']:9.2e} {row['same_tokens']!s:>7}"
     print(
-        f"{row['tokens']:>6} {row['mode']:>5} {name:>7} | {row['kv_bytes_per_token'] / 1024:9.1f} "
+        f"{row['tokens']:>6} {row['mode']:>7} {name:>7} | {row['kv_bytes_per_token'] / 1024:9.1f} "
         f"{row['kv_mb']:7.1f} {row['peak_mb_above_weights']:8.1f} {row['decode_peak_mb_above_weights']:7.1f} "
         f"{row['prefill_seconds']:9.1f} | {dev} {row['found']!s:>5}",
         flush=True,
@@ -95,6 +100,8 @@ def _print_row(row: dict, dtype: str) -> None:
 def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dict]:
     import mlx.core as mx
     import numpy as np
+    from mlx_lm.generate import generate_step as mlx_lm_step
+    from mlx_lm.models.cache import make_prompt_cache as mlx_lm_cache
 
     from qwen2_mlx.bench.long_runs import twin
     from qwen2_mlx.eval.niah import cell_seed
@@ -104,11 +111,15 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
     from qwen2_mlx.loading.loader import load
     from qwen2_mlx.models.config import DCAConfig
 
-    model, tok = load(args.model or default_model_path(), dtype=mlx_dtype(args.dtype))
+    path = args.model or default_model_path()
+    model, tok = load(path, dtype=mlx_dtype(args.dtype))
+    theirs = _mlx_lm_model(path, args.dtype) if "mlx-lm" in modes else None
     if args.layers is not None:
         if not 0 < args.layers <= len(model.layers):
             raise ValueError(f"--layers must be between 1 and the model's {len(model.layers)}")
-        model.model.layers = model.model.layers[: args.layers]
+        for m in (model, theirs):
+            if m is not None:
+                m.model.layers = m.model.layers[: args.layers]
         model.args.num_hidden_layers = args.layers
     _print_header(model.args)
     rows = []
@@ -117,16 +128,18 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
         prompt = niah_prompt(tok, length, 0.5, cell_seed(0, length, 50, 0))
         ids = mx.array(prompt.tokens, dtype=mx.uint32)
         for mode in modes:
-            m = model if mode == "plain" else twin(model, DCAConfig(args.dca_chunk_size, args.dca_local_size, 0))
+            dca = DCAConfig(args.dca_chunk_size, args.dca_local_size, 0) if mode == "dca" else None
+            m = {"mlx-lm": theirs, "default": model}.get(mode) or twin(model, dca)
+            step, make_cache = (mlx_lm_step, mlx_lm_cache) if mode == "mlx-lm" else (generate_step, make_prompt_cache)
             ref = None
             for b in [None, *bits]:
-                cache = make_prompt_cache(m)
+                cache = make_cache(m)
                 mx.clear_cache()
                 mx.reset_peak_memory()
                 tic = time.perf_counter()
-                steps = generate_step(
+                steps = step(
                     ids, m, max_tokens=8, prompt_cache=cache, prefill_step_size=args.prefill_step_size,
-                    kv_bits=b, kv_group_size=args.group_size,
+                    kv_bits=b, kv_group_size=args.group_size, quantized_kv_start=0,  # mlx-lm's default is 5000
                 )  # fmt: skip
                 out = []
                 for t, lp in steps:
@@ -163,6 +176,17 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
                 _print_row(row, args.dtype)
                 del cache, steps
     return rows
+
+
+def _mlx_lm_model(path, dtype: str):
+    """mlx-lm's own model of the folder, in the same dtype as ours."""
+    import mlx.core as mx
+    import mlx_lm
+
+    model, _ = mlx_lm.load(str(path))
+    model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    return model
 
 
 if __name__ == "__main__":

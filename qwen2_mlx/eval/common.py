@@ -107,8 +107,9 @@ def load_for_eval(args: argparse.Namespace) -> LoadedModel:
     settings = {
         "model": str(path),
         "dtype": args.dtype,
-        "dca": overrides.get("dca"),
-        "rope_scaling": overrides.get("rope_scaling"),
+        # what the model really runs with (long context is on by default), not only what was typed
+        "dca": dca.to_dict() if (dca := model.args.dual_chunk_attention_config) is not None else None,
+        "rope_scaling": model.args.rope_scaling if dca is None else None,
         **kv_cache_settings(args),
     }
     return LoadedModel(model, tokenizer, path, settings)

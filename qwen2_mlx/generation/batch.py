@@ -4,6 +4,8 @@ Prompts are sorted by length and run in groups of `batch_size`, left-padded into
 mlx-lm's `BatchKVCache`: its per-row offsets start each real token at position 0 and its mask hides
 the padding, so every row computes what it would alone (greedy results equal one-by-one results).
 A row that finishes leaves the batch (`BatchKVCache.filter`), so short answers cost nothing later.
+Under Dual Chunk Attention (on by default) rows that stay within `chunk_size + 1` tokens are batched
+(DCA is plain attention there); a row that may go further runs alone on the model's DCA caches.
 Each row has its own stop strings filter and finish reason, exactly as `stream_generate`.
 """
 
@@ -18,6 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
+from qwen2_mlx.models.dca import DCAGeometry
+
 from .generate import (
     ContextOverflowError,
     GenerationStats,
@@ -29,7 +33,8 @@ from .generate import (
     fresh_detokenizer,
     generation_stream,
 )
-from .kv_quant import KVQuantization, quantize_batch_cache
+from .kv_quant import KVQuantization, quantize_batch_cache, quantizer
+from .prompt_cache import make_prompt_cache
 from .settings import GenerationSettings
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -143,8 +148,6 @@ def batch_generate(
         if getattr(s, name) not in (None, False):
             raise ValueError(f"batch_generate does not take {name}; use stream_generate")
     kv = KVQuantization.make(s.kv_bits, s.kv_group_size, s.quantized_kv_start, model)
-    if getattr(model.args, "dual_chunk_attention_config", None) is not None:
-        raise ValueError("batch_generate does not support Dual Chunk Attention models; use stream_generate")
     tokenizer = as_wrapper(tokenizer)
     encoded = [_encode(tokenizer, p, i) for i, p in enumerate(prompts)]
     limits = _limits(list(max_tokens) if per_prompt else [s.max_tokens] * len(encoded), len(encoded))
@@ -163,8 +166,10 @@ def batch_generate(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
         rows = [_row(i, encoded[i], limits[i], window, tokenizer, s.stop) for i in order[start : start + batch_size]]
-        with mx.stream(generation_stream):
-            _run_group(model, rows, sample, procs, eos, s.prefill_step_size, stats, kv)
+        batch = [r for r in rows if _fits_batch(model, r)]
+        with mx.stream(generation_stream):  # a row that may pass DCA's plain range runs alone, on DCA caches
+            for group in ([batch] if batch else []) + [[r] for r in rows if r not in batch]:
+                _run_group(model, group, sample, procs, eos, s.prefill_step_size, stats, kv, alone=group is not batch)
         for r in rows:
             results[r.index] = r
         if verbose:
@@ -200,6 +205,26 @@ def _row(i: int, prompt: list[int], max_tokens: Optional[int], window: int, toke
     return _Row(i, prompt, limit, reason, fresh_detokenizer(tokenizer), stop)
 
 
+def _fits_batch(model: nn.Module, row: _Row) -> bool:
+    """Whether a row may share a batch cache: always, or under DCA while it stays within plain attention."""
+    dca = getattr(model.args, "dual_chunk_attention_config", None)
+    if dca is None:
+        return True
+    geom = DCAGeometry.from_config(dca)
+    return geom.plain_exact and len(row.prompt) + row.limit <= geom.plain_limit
+
+
+def _group_cache(model: nn.Module, rows: list[_Row], padding: list[int], kv, alone: bool):
+    """The cache of a group and its after-forward quantization: a batch cache, or the model's own for one row."""
+    if not alone:
+        return [BatchKVCache(padding) for _ in model.layers], lambda c: quantize_batch_cache(c, kv)
+    cache = make_prompt_cache(model)
+    for c in cache:  # DCA caches give every prompt key the temperature of the whole prompt
+        if hasattr(c, "length_hint"):
+            c.length_hint = len(rows[0].prompt)
+    return cache, quantizer(kv)
+
+
 def _run_group(
     model: nn.Module,
     rows: list[_Row],
@@ -209,17 +234,18 @@ def _run_group(
     prefill_step_size: int,
     stats: BatchStats,
     kv: Optional[KVQuantization] = None,
+    alone: bool = False,
 ) -> None:
     tic = time.perf_counter()
     width = max(len(r.prompt) for r in rows)
     padding = [width - len(r.prompt) for r in rows]
     tokens = mx.array([[0] * p + r.prompt for p, r in zip(padding, rows)], dtype=mx.uint32)
-    cache = [BatchKVCache(padding) for _ in model.layers]
+    cache, quantize = _group_cache(model, rows, padding, kv, alone)
 
     # Prefill all but the last column, evaluating only the cache; the last goes through the head.
     for a in range(0, width - 1, prefill_step_size):
         model(tokens[:, a : min(a + prefill_step_size, width - 1)], cache=cache)
-        quantize_batch_cache(cache, kv)
+        quantize(cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
 
@@ -227,7 +253,7 @@ def _run_group(
 
     def step(inputs: mx.array, generated: bool):
         logits = model(inputs, cache=cache)[:, -1, :]
-        quantize_batch_cache(cache, kv)
+        quantize(cache)
         if procs:
             rows_logits = []
             for k, r in enumerate(live):

@@ -197,6 +197,9 @@ class CacheStore:
             if any(k in STALE_FIELDS for k in diffs):
                 what = "the model's weights changed" if "weights" in diffs else "it is in an older format"
                 return ignored("stale", f"it is stale ({what} since it was saved)")
+            if set(diffs) <= set(LONG_CONTEXT_FIELDS):  # e.g. saved before long context was on by default
+                was, now = _long_context(saved), _long_context(validity)
+                return ignored("mismatch", f"it was made with {was} and the model now runs {now}: read again")
             shown = "; ".join(f"{k} {_show(saved.get(k))} in the file, {_show(validity.get(k))} now" for k in diffs)
             return ignored("mismatch", f"it was made for other settings ({shown})")
         try:
@@ -300,6 +303,19 @@ def _alive(pid: int) -> bool:
     except OSError:  # exists, but another user's
         return True
     return True
+
+
+LONG_CONTEXT_FIELDS = ("dual_chunk_attention_config", "rope_scaling")
+
+
+def _long_context(validity: dict) -> str:
+    """'DCA chunk 32768, local 4096', 'YaRN x4.0' or 'plain attention', from a validity record."""
+    dca, rs = validity.get("dual_chunk_attention_config"), validity.get("rope_scaling")
+    if isinstance(dca, dict):
+        return f"DCA chunk {dca.get('chunk_size')}, local {dca.get('local_size')}"
+    if isinstance(rs, dict):
+        return f"RoPE scaling {rs.get('rope_type')} x{rs.get('factor')}"
+    return "plain attention"
 
 
 def _show(v: Any) -> str:

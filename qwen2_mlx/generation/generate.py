@@ -19,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from qwen2_mlx.models.long_context import default_context_limit
+
 from .kv_quant import KVQuantization, quantizer
 from .prompt_cache import make_prompt_cache
 from .proposers import LookupSettings, check_draft
@@ -30,11 +32,8 @@ generation_stream = mx.new_thread_local_stream(mx.default_device())
 
 
 def context_limit(model: nn.Module) -> int:
-    """The longest sequence the model is configured for (DCA lifts the trained limit)."""
-    args = model.args
-    if getattr(args, "dual_chunk_attention_config", None) is not None:
-        return max(args.max_position_embeddings, 1 << 30)
-    return args.max_position_embeddings
+    """The longest sequence the model runs to: `load(max_context=)`, else its long-context method's default."""
+    return getattr(model, "max_context", None) or default_context_limit(model.args)
 
 
 def build_sampler(settings: GenerationSettings, extra_processors: Sequence[Callable] = ()):

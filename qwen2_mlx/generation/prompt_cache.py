@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, can_trim_prompt_cache, trim_prompt_cache
 
-from qwen2_mlx.models.dca import long_context_signature
+from qwen2_mlx.models.dca import DCAGeometry, long_context_signature, plain_keys, stored_keys
 from qwen2_mlx.models.kv_cache import DCAKVCache, QuantizedDCAKVCache
 
 SIGNATURE_KEY = "qwen2_mlx_signature"
@@ -32,9 +32,56 @@ class PromptCacheError(ValueError):
     """A prompt cache file that cannot be used; the message names the file."""
 
 
+class PromptCacheMismatch(PromptCacheError):
+    """A whole prompt cache made for other settings (e.g. saved before long context was on by default)."""
+
+
 def make_prompt_cache(model: nn.Module) -> list:
     """One KV cache per layer, as the model wants them."""
     return model.make_cache()
+
+
+def to_dca_cache(cache: list, model: nn.Module) -> list:
+    """A plain cache of a DCA model (a batch row's, at most `chunk_size + 1` tokens; quantized, at most its
+    period) as the model's own DCA cache, keys past the period rotated as DCA stores them; others as they are."""
+    geom = _geometry(model)
+    if geom is None or not cache or not all(type(c) in (KVCache, QuantizedKVCache) for c in cache):
+        return cache
+    out = []
+    for layer, c in zip(model.layers, cache):
+        settings = (geom.chunk_size, geom.local_size, geom.original_max_position_embeddings)
+        if type(c) is QuantizedKVCache:  # quantized keys cannot be re-rotated: within the period they need not be
+            if c.offset > geom.period:
+                raise ValueError(f"a quantized cache of {c.offset} tokens is past DCA's period ({geom.period})")
+            d = QuantizedDCAKVCache(c.group_size, c.bits, *settings)
+            d.keys, d.values, d.offset = c.keys, c.values, c.offset
+            out.append(d)
+            continue
+        out.append(_rekeyed(c, DCAKVCache(*settings), stored_keys, layer.self_attn.rope, geom))
+    return out
+
+
+def to_plain_cache(cache: list, model: nn.Module) -> list:
+    """A DCA model's float DCA cache of at most `chunk_size + 1` tokens as plain `KVCache`s, for a batch."""
+    geom = _geometry(model)
+    if geom is None or not cache or not all(type(c) is DCAKVCache for c in cache):
+        return cache
+    return [_rekeyed(c, KVCache(), plain_keys, layer.self_attn.rope, geom) for layer, c in zip(model.layers, cache)]
+
+
+def _rekeyed(c: KVCache, into: KVCache, turn, rope, geom: DCAGeometry) -> KVCache:
+    """`into` holding what `c` holds, its keys turned by `turn` (plain_keys or stored_keys)."""
+    if c.keys is not None:
+        if c.offset > geom.plain_limit:  # past it, DCA keys have no plain form (and plain keys no DCA scores)
+            raise ValueError(f"a cache of {c.offset} tokens is past DCA's plain range ({geom.plain_limit} tokens)")
+        into.keys = turn(rope, c.keys[..., : c.offset, :], geom)
+        into.values, into.offset = c.values[..., : c.offset, :], c.offset
+    return into
+
+
+def _geometry(model: nn.Module) -> Optional[DCAGeometry]:
+    dca = getattr(model.args, "dual_chunk_attention_config", None)
+    return DCAGeometry.from_config(dca) if dca is not None else None
 
 
 def model_signature(model: nn.Module) -> dict:
@@ -48,6 +95,16 @@ def model_signature(model: nn.Module) -> dict:
     }
     sig.update(long_context_signature(args))
     return json.loads(json.dumps(sig))  # the form it takes after a round trip through the file
+
+
+def _portable(c: Any) -> Any:
+    """A DCA layer within its period holds plain RoPE keys: saved as mlx-lm's class, so mlx-lm reads the
+    file (the DCA settings are in the signature, and `load_prompt_cache` gives a DCA model its own class)."""
+    if type(c) not in (DCAKVCache, QuantizedDCAKVCache) or c.offset > c.chunk_size - c.local_size:
+        return c
+    out = KVCache() if type(c) is DCAKVCache else QuantizedKVCache(group_size=c.group_size, bits=c.bits)
+    out.keys, out.values, out.offset = c.keys, c.values, c.offset
+    return out
 
 
 def _compact(c: Any) -> Any:
@@ -157,6 +214,7 @@ def save_prompt_cache(
             raise PromptCacheError(f"{path}: metadata must map strings without dots to strings (key {k!r})")
     if model is not None:
         meta[SIGNATURE_KEY] = json.dumps(model_signature(model), sort_keys=True)
+    cache = [_portable(c) for c in cache]
     meta_states = [list(getattr(c, "meta_state", None) or []) for c in cache]
     if any(meta_states):
         meta[META_STATE_KEY] = json.dumps(meta_states)
@@ -186,7 +244,7 @@ def _check_signature(path: Path, saved: dict, model: nn.Module) -> None:
         if saved.get(k) != current.get(k)
     ]
     if diffs:
-        raise PromptCacheError(
+        raise PromptCacheMismatch(
             f"{path}: this prompt cache was made for a differently configured model: " + "; ".join(diffs)
         )
 
@@ -246,6 +304,7 @@ def load_prompt_cache(file_name: Union[str, Path], return_metadata: bool = False
             c.meta_state = tuple(meta_state)
     if model is not None:
         _check_shapes(path, cache, model)
+        cache = to_dca_cache(cache, model)  # DCA layers saved within their period in mlx-lm's classes
     return (cache, metadata) if return_metadata else cache
 
 

@@ -15,7 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from qwen2_mlx.models.config import ConfigError, ModelArgs, _parse_rope_scaling, parse_dca
+from qwen2_mlx.models.config import ConfigError, ModelArgs
+from qwen2_mlx.models.long_context import resolve_long_context
 from qwen2_mlx.models.model import Model
 
 from .openblas import warn_once_without_openblas
@@ -104,15 +105,19 @@ def load_model(
     dtype: Optional[mx.Dtype] = None,
     args: Optional[ModelArgs] = None,
     rope_scaling: Optional[dict] = None,
+    long_context: Optional[str] = "auto",
+    max_context: Optional[int] = None,
 ) -> Model:
     path = resolve_path(path)
     if args is None:
         args = ModelArgs.from_file(path / "config.json")
-    if dca is not None:
-        args.dual_chunk_attention_config = parse_dca(dca, "load(dca=...)")
-    if rope_scaling is not None:
-        args.rope_scaling = _parse_rope_scaling(rope_scaling, "load(rope_scaling=...)")
+    args = resolve_long_context(args, long_context, dca, rope_scaling, "load()")
+    if max_context is not None and (
+        isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2
+    ):
+        raise ConfigError("load()", "max_context", f"must be a whole number of tokens, at least 2, got {max_context!r}")
     model = Model(args)
+    model.max_context = max_context  # None: the method's default (generation.context_limit)
 
     weights = model.sanitize(read_weights(weight_files(path)))
     if args.quantization:
@@ -164,8 +169,14 @@ def load(
     lazy: bool = False,
     dtype: Optional[mx.Dtype] = None,
     rope_scaling: Optional[dict] = None,
+    long_context: Optional[str] = "auto",
+    max_context: Optional[int] = None,
 ):
     """Load a model folder. Returns (model, tokenizer).
+
+    Long context is on by default: a config that names no method gets Dual Chunk Attention with its
+    trained window as chunk size (plain attention up to there), and the context limit is 4 windows.
+    `long_context="off"|"dca"|"yarn"` chooses explicitly; `max_context` sets the limit in tokens.
 
     `dca={"chunk_size", "local_size", "original_max_position_embeddings"}` switches Dual Chunk
     Attention on for any Qwen2 model (overriding `dual_chunk_attention_config` in config.json).
@@ -177,7 +188,16 @@ def load(
     path = resolve_path(path)
     args = ModelArgs.from_file(path / "config.json")
     tokenizer = load_tokenizer(path, _generation_eos(path, _read_json(path / "config.json") or {}))
-    model = load_model(path, dca=dca, lazy=lazy, dtype=dtype, args=args, rope_scaling=rope_scaling)
+    model = load_model(
+        path,
+        dca=dca,
+        lazy=lazy,
+        dtype=dtype,
+        args=args,
+        rope_scaling=rope_scaling,
+        long_context=long_context,
+        max_context=max_context,
+    )
     return model, tokenizer
 
 

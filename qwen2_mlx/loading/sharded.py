@@ -95,19 +95,29 @@ def sharded_load(
     dtype: Optional[mx.Dtype] = None,
     dca: Optional[dict] = None,
     rope_scaling: Optional[dict] = None,
+    long_context: Optional[str] = "auto",
+    max_context: Optional[int] = None,
 ):
     """Load a model folder split over `group`. Returns (model, tokenizer).
 
     Each rank reads only its slice of every split tensor from disk (`read_own_slices`); tensors that
     `sanitize` has to rebuild are read lazily and sliced before evaluation, one layer at a time. So
     each rank keeps only its shard plus the replicated embeddings, norms and router.
-    A model that does not divide over the ranks fails before any weight is read. `dca` and
-    `rope_scaling` are `load`'s long-context overrides.
+    A model that does not divide over the ranks fails before any weight is read. `dca`,
+    `rope_scaling`, `long_context` and `max_context` are `load`'s long-context settings.
     """
     from qwen2_mlx.loading.loader import load, resolve_path, weight_files
 
     group = group or mx.distributed.init()
-    model, tokenizer = load(path, dca=dca, lazy=True, dtype=dtype, rope_scaling=rope_scaling)
+    model, tokenizer = load(
+        path,
+        dca=dca,
+        lazy=True,
+        dtype=dtype,
+        rope_scaling=rope_scaling,
+        long_context=long_context,
+        max_context=max_context,
+    )
     shard_model(model, group)
     if group.size() > 1:
         read_own_slices(model, weight_files(resolve_path(path)), group)

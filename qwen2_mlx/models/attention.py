@@ -16,12 +16,57 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import BatchKVCache
 
 from .config import ModelArgs
 from .dca import DCAGeometry, QuantizedKV, dca_attention, dca_temperature, plain_keys, rotate_keys
 from .kv_cache import DCAKVCache, QuantizedDCAKVCache, reads_dequantized
 from .rope import RoPE
 from .stacked import StackedProjections
+
+DEQUANT_BLOCK = 1024  # keys a quantized cache is dequantized by, for a few new queries on the CPU
+DEQUANT_QUERIES = 16  # up to this many new tokens (decode, speculative verify) take that path
+
+
+def dequantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_size: int, bits: int) -> mx.array:
+    """Causal attention of the last `L` positions over a quantized cache, `DEQUANT_BLOCK` keys dequantized
+    at a time: never a float copy of a layer's whole cache, which mlx-lm's loop (reading the quantized
+    cache as stored) never holds either; scores are (heads x L x keys), small for a few queries."""
+    B, Hq, L, D = q.shape
+    Hkv, N = k[0].shape[1], k[0].shape[2]
+    qg = (q * scale).reshape(B, Hkv, (Hq // Hkv) * L, D)  # a KV head's query heads share its keys (GQA)
+    blocks = range(0, N, DEQUANT_BLOCK)
+
+    def block(x: tuple, a: int) -> mx.array:
+        return mx.dequantize(*(t[..., a : a + DEQUANT_BLOCK, :] for t in x), group_size=group_size, bits=bits)
+
+    parts = []
+    for a in blocks:  # each block evaluated before the next is dequantized: one float block at a time
+        parts.append(qg @ block(k, a).swapaxes(-1, -2))
+        mx.eval(parts[-1])
+    s = mx.concatenate(parts, axis=-1)
+    if L > 1:  # row g*L + i is query i: it sees keys up to N - L + i
+        rows = N - L + mx.arange(s.shape[2]) % L
+        s = mx.where(mx.arange(N)[None] <= rows[:, None], s, mx.array(-mx.inf, s.dtype))
+    p = mx.softmax(s, axis=-1, precise=True)
+    out = None
+    for a in blocks:
+        o = p[..., a : a + DEQUANT_BLOCK] @ block(v, a)
+        out = o if out is None else out + o
+        mx.eval(out)
+    return out.reshape(B, Hq, L, D)
+
+
+def plain_cache_fits(geom: DCAGeometry, cache: Optional[Any], L: int) -> bool:
+    """Whether a DCA layer may run plain attention over a plain cache (mlx-lm's `KVCache`, `BatchKVCache`).
+
+    Exact while the sequence has at most `chunk_size + 1` tokens and no DCA temperature applies there;
+    batches use this (a batch cache's `_idx` counts its padding, so it can only err towards refusing).
+    """
+    if cache is None or isinstance(cache, (DCAKVCache, QuantizedDCAKVCache)) or not geom.plain_exact:
+        return False
+    held = cache._idx if isinstance(cache, BatchKVCache) else cache.offset  # offset is per row there
+    return held + L <= geom.plain_limit
 
 
 class Attention(nn.Module):
@@ -52,7 +97,7 @@ class Attention(nn.Module):
         # (B, heads, L, head_dim) with q's heads, then k's, then v's.
         qkv = self._qkv(self, x).reshape(B, L, nh + 2 * nkv, -1).transpose(0, 2, 1, 3)
 
-        if self.dca is not None:  # q and k are rotated to different positions there
+        if self.dca is not None and not plain_cache_fits(self.dca, cache, L):  # q, k rotated differently there
             out = self._dual_chunk(qkv[:, :nh], qkv[:, nh : nh + nkv], qkv[:, nh + nkv :], mask, cache)
         else:
             offset = cache.offset if cache is not None else 0
@@ -60,18 +105,26 @@ class Attention(nn.Module):
             q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-            if hasattr(cache, "bits") and reads_dequantized():
-                k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
-                cache = None  # the fused kernel on floats
-            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+            out = self._attend(q, k, v, cache, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    @staticmethod
+    def _attend(q: mx.array, k, v, cache: Optional[Any], scale: float, mask: Optional[Any]) -> mx.array:
+        """The fused attention over the cache's keys and values; on the CPU a quantized cache is read in
+        float (see kv_cache.QUANTIZED_READS_ON_CPU), a block of keys at a time for a few new tokens."""
+        if hasattr(cache, "bits") and reads_dequantized():
+            if q.shape[2] <= DEQUANT_QUERIES and not isinstance(mask, mx.array):
+                return dequantized_attention(q, k, v, scale, cache.group_size, cache.bits)
+            k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
+            cache = None  # the fused kernel on floats
+        return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
 
     def _dual_chunk(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[Any], cache: Optional[Any]):
         geom = self.dca
         if cache is not None and not isinstance(cache, (DCAKVCache, QuantizedDCAKVCache)):
             raise TypeError(
-                "Dual Chunk Attention needs DCAKVCache layers (from model.make_cache(), or their quantized "
-                f"form), got {type(cache).__name__}"
+                f"Dual Chunk Attention past {geom.plain_limit} tokens needs DCAKVCache layers (from "
+                f"model.make_cache(), or their quantized form), got {type(cache).__name__}"
             )
         if (
             cache is not None
@@ -104,13 +157,11 @@ class Attention(nn.Module):
         if total <= geom.period or (L > 1 and total <= geom.plain_limit):
             # DCA equals plain attention here; decode past c is cheaper on the DCA path than re-rotating.
             q = self.rope(q, offset=offset)
-            if quantized and total <= geom.period and not reads_dequantized():  # no re-rotation: read as stored
-                return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+            if quantized and total <= geom.period:  # no re-rotation: read as stored
+                return self._attend(q, k, v, cache, scale, mask)
             if quantized:  # one prefill reaching past c: its keys are re-rotated once, in float
                 k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
-            return scaled_dot_product_attention(
-                q, plain_keys(self.rope, k, geom), v, cache=None, scale=scale, mask=mask
-            )
+            return self._attend(q, plain_keys(self.rope, k, geom), v, None, scale, mask)
         if isinstance(mask, mx.array):
             raise ValueError("Dual Chunk Attention builds its own causal masks; padded batches are not supported")
         if quantized:

@@ -49,6 +49,12 @@ class DCAGeometry:
         """Longest sequence for which DCA equals plain causal RoPE attention (docs/long-context.md §3)."""
         return self.chunk_size + 1
 
+    @property
+    def plain_exact(self) -> bool:
+        """Whether plain attention equals DCA at every length up to `plain_limit` (no temperature there)."""
+        L0 = self.original_max_position_embeddings
+        return L0 <= 0 or L0 >= self.plain_limit
+
     @classmethod
     def from_config(cls, cfg) -> DCAGeometry:
         return cls(cfg.chunk_size, cfg.local_size, cfg.original_max_position_embeddings)
@@ -127,6 +133,21 @@ def plain_keys(rope, keys: mx.array, geom: DCAGeometry) -> mx.array:
     if keys.shape[-2] <= c:
         return keys
     return mx.concatenate([keys[..., :c, :], rope_constant(rope, keys[..., c:, :], c)], axis=-2)
+
+
+def stored_keys(rope, keys: mx.array, geom: DCAGeometry) -> mx.array:
+    """Plain RoPE keys (at most `M + 1` of them) as a DCA cache stores them: the inverse of `plain_keys`.
+
+    Keys past `c` go back by `c`: R(-c) x = F R(c) F x, where F negates the second element of every
+    rotated pair (a rotation's inverse is its mirror image), so `mx.fast.rope` does it at offset `c`.
+    """
+    c = geom.period
+    if keys.shape[-2] <= c:
+        return keys
+    D, d = keys.shape[-1], rope.dims
+    pair_second = np.arange(D) % 2 == 1 if rope.traditional else (np.arange(D) >= d // 2)
+    flip = mx.array(np.where(pair_second & (np.arange(D) < d), -1.0, 1.0), dtype=keys.dtype)
+    return mx.concatenate([keys[..., :c, :], rope_constant(rope, keys[..., c:, :] * flip, c) * flip], axis=-2)
 
 
 def query_copies(rope, q: mx.array, start: int, geom: DCAGeometry):

@@ -75,10 +75,9 @@ class DCAKVCache(_DCASettings, KVCache):
         """The same keys (already rotated and temperature-scaled) and values, quantized."""
         q = QuantizedDCAKVCache(group_size, bits, *self.dca_settings)
         q.length_hint, q.offset = self.length_hint, self.offset
-        if self.keys is not None:
-            keys, values = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-            q.keys = mx.quantize(keys, group_size=group_size, bits=bits)
-            q.values = mx.quantize(values, group_size=group_size, bits=bits)
+        if self.keys is not None:  # spare room too, as mlx-lm's: sliced, the next token would copy it all
+            q.keys = mx.quantize(self.keys, group_size=group_size, bits=bits)
+            q.values = mx.quantize(self.values, group_size=group_size, bits=bits)
         return q
 
 

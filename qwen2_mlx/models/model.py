@@ -61,6 +61,7 @@ class Model(nn.Module):
         self.args = args
         effective_rope_scaling(args)  # warns when rope_scaling is set but DCA overrides it
         self.model_type = args.model_type
+        self.max_context = None  # the context limit when set (load(max_context=)); else the method's default
         self.model = Qwen2Model(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

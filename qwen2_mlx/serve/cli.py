@@ -202,11 +202,14 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
         kv=kv_cache_settings(args),
     )
     from qwen2_mlx.generation.chat import Chat, ChatFileError
-    from qwen2_mlx.generation.prompt_cache import PromptCacheError
+    from qwen2_mlx.generation.prompt_cache import PromptCacheError, PromptCacheMismatch
 
     for path in args.chat:  # before the engine thread starts: nothing else touches the cache yet
         try:
             chat = Chat.load(path, model, tokenizer)
+        except PromptCacheMismatch as e:  # e.g. saved under plain attention, before DCA was the default
+            print(f"{PROG}: warning: --chat {path}: {e}; the conversation starts cold", file=sys.stderr)
+            continue
         except (ChatFileError, PromptCacheError, ValueError) as e:
             print(f"{PROG}: error: --chat {path}: {e}", file=sys.stderr)
             return 2

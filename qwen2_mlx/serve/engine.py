@@ -1,13 +1,15 @@
 """The engine: one thread owns the model and runs every request, continuously batched where it can.
 
-Plain-attention models run as a continuous batch on mlx-lm's `BatchGenerator` (our models follow
-mlx-lm's protocol, so its `BatchKVCache` drives them): a request joins between decode steps, a
-finished or cancelled one leaves, and its slot is refilled from the waiting ones. What cannot batch
-(Dual Chunk Attention, speculative decoding, a quantized KV cache) runs one request at a time through `stream_generate`,
-in arrival order. Either way each request starts from the longest cached prefix of its tokens
-(mlx-lm's `LRUPromptCache`: several conversations, bounded in entries and bytes, least recently
-used evicted), and its KV cache goes back there when it ends, however it ends, holding exactly the
-tokens it was fed, so a follow-up turn prefills only its new tokens.
+Plain-attention models run as a continuous batch on mlx-lm's `BatchGenerator` (our models follow mlx-lm's
+protocol, so its `BatchKVCache` drives them): a request joins between decode steps, a finished or cancelled
+one leaves, and its slot is refilled from the waiting ones. What cannot batch (speculative decoding, a
+quantized KV cache) runs one request at a time through `stream_generate`, in arrival order. Under Dual Chunk
+Attention (on by default) a request batches while it stays within `chunk_size + 1` tokens, where DCA is
+plain attention; one that reaches that edge goes on alone on DCA caches, its batch cache converted exactly
+(`to_dca_cache`), while the batch waits. Either way each request starts from the longest cached prefix of
+its tokens (mlx-lm's `LRUPromptCache`: several conversations, bounded in entries and bytes, least recently
+used evicted), and its KV cache goes back there when it ends, however it ends, holding exactly the tokens it
+was fed, so a follow-up turn prefills only its new tokens.
 
 `submit` refuses work past `max_concurrency + queue_size` requests (the app answers 429).
 """
@@ -33,7 +35,8 @@ from qwen2_mlx.generation.generate import (
     generation_stream,
     stream_generate,
 )
-from qwen2_mlx.generation.prompt_cache import make_prompt_cache
+from qwen2_mlx.generation.prompt_cache import make_prompt_cache, to_dca_cache, to_plain_cache
+from qwen2_mlx.models.dca import DCAGeometry
 
 from .protocol import APIError, Job, Sampling
 
@@ -75,6 +78,7 @@ class _Active:
         self.started = time.perf_counter()
         self.first_token: Optional[float] = None
         self.text = ""  # the serial path's reply so far (stream_generate filters its stop strings)
+        self.handoff = False  # batched up to DCA's plain edge, with budget left past it
 
     def stop_sequence(self) -> Optional[str]:
         """Which stop string ended the reply (Anthropic reports it)."""
@@ -115,8 +119,10 @@ class Engine:
         self.kv = {k: v for k, v in (kv or {}).items() if v is not None} if (kv or {}).get("kv_bits") else {}
         self.window = context_limit(model)
         self.eos = set(self.tokenizer.eos_token_ids or [])
-        dca = getattr(model.args, "dual_chunk_attention_config", None) is not None
-        self.batching = not dca and draft_model is None and not lookup and not self.kv
+        dca = getattr(model.args, "dual_chunk_attention_config", None)
+        self.dca = DCAGeometry.from_config(dca) if dca is not None else None
+        plain_ok = self.dca is None or self.dca.plain_exact  # DCA batches only where it is plain attention
+        self.batching = plain_ok and draft_model is None and not lookup and not self.kv
         self.cache = LRUPromptCache(max_size=cache_entries, max_bytes=cache_bytes)
         self._incoming: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -284,17 +290,23 @@ class Engine:
                 if job.cancel.is_set():
                     self._finished(job, "cancelled")
                     continue
+                cap = self._batch_room(job)
+                if cap < 1:  # past DCA's plain range from the start: alone, while the batch waits
+                    self._run_guarded(job)
+                    continue
                 cache, rest = self._fetch(job.prompt)
+                cache = to_plain_cache(cache, self.model) if cache is not None else None
                 job.cached_tokens = len(job.prompt) - len(rest)
                 (uid,) = gen.insert(
                     [rest],
-                    max_tokens=[job.max_tokens],
+                    max_tokens=[min(job.max_tokens, cap)],
                     caches=[cache],
                     all_tokens=[job.prompt[: job.cached_tokens]],
                     samplers=[make_request_sampler(job.sampling)],
                     logits_processors=[[job.grammar] if job.grammar is not None else []],
                 )
                 active[uid] = _Active(job, self.tokenizer)
+                active[uid].handoff = job.max_tokens > cap
             if not active:
                 continue
             gone = [uid for uid, a in active.items() if a.job.cancel.is_set()]
@@ -321,15 +333,12 @@ class Engine:
                     continue
                 if a.first_token is None:
                     a.first_token = time.perf_counter()
-                a.job.generated += 1
-                if r.finish_reason == "stop" and r.token in self.eos:
-                    text, reason = a.filter.finish(), "stop"
-                else:
-                    text = a.filter.add(r.token)
-                    reason = "stop" if a.filter.stopped else r.finish_reason
-                    if reason is not None and not a.filter.stopped:
-                        text += a.filter.finish()
-                self._token_event(a, r.token, r.logprobs if r.token not in self.eos else None, text)
+                edge = r.finish_reason == "length" and a.handoff  # DCA's plain edge, budget left
+                reason = self._take(a, r.token, r.logprobs, None if edge else r.finish_reason)
+                if edge and reason is None:
+                    del active[r.uid]  # on alone, exactly
+                    self._continue_alone(a, list(r.all_tokens), r.prompt_cache)
+                    continue
                 if reason is None:
                     continue
                 if r.finish_reason is not None:
@@ -350,6 +359,62 @@ class Engine:
                 self._keep(list(tokens), cache)
             self._finished(a.job, reason, a)
 
+    def _batch_room(self, job: Job) -> int:
+        """How many tokens a job may generate in the batch: all, or up to DCA's plain edge (< 1: none).
+
+        A grammar's matcher counts the tokens it has seen, so such a job never changes path mid-reply."""
+        if self.dca is None:
+            return job.max_tokens
+        room = self.dca.plain_limit - len(job.prompt)
+        return room if job.grammar is None or job.max_tokens <= room else 0
+
+    def _continue_alone(self, a: _Active, tokens: list, cache) -> None:
+        """Go on with a batched request past DCA's plain edge through `stream_generate` on DCA caches.
+
+        The batch cache holds every token the reply has so far (the last one was fed ahead); it gives
+        that one back and feeds it again, so the next logits are the DCA model's own."""
+        job = a.job
+        trim_prompt_cache(cache, 1)
+        cache, reason = to_dca_cache(cache, self.model), "length"
+        s = job.sampling
+        try:
+            for resp in stream_generate(
+                self.model,
+                self.tokenizer,
+                tokens[-1:],
+                job.max_tokens - job.generated,
+                sampler=make_request_sampler(s),
+                cancel=job.cancel,
+                prompt_cache=cache,
+                prefill_step_size=self.prefill_step_size,
+                context_tokens=tokens[:-1],
+            ):
+                if resp.token < 0:
+                    reason = resp.finish_reason or reason
+                    break
+                tokens.append(resp.token)
+                reason = self._take(a, resp.token, resp.logprobs, resp.finish_reason)
+                if reason is not None:
+                    break
+        except Exception as e:
+            self._fail(job, e)
+            return
+        self._keep(tokens, cache)
+        self._finished(job, {"context": "length", None: "length"}.get(reason, reason), a)
+
+    def _take(self, a: _Active, token: int, logprobs, finish_reason: Optional[str]) -> Optional[str]:
+        """One generated token through the stop-string filter to the client; the finish reason, if it ends."""
+        a.job.generated += 1
+        if finish_reason == "stop" and token in self.eos:
+            text, reason = a.filter.finish(), "stop"
+        else:
+            text = a.filter.add(token)
+            reason = "stop" if a.filter.stopped else finish_reason
+            if reason is not None and not a.filter.stopped:
+                text += a.filter.finish()
+        self._token_event(a, token, logprobs if token not in self.eos else None, text)
+        return reason
+
     # One at a time ---------------------------------------------------------------------------------
     def _serial_loop(self) -> None:
         while not self._stop.is_set():
@@ -361,17 +426,25 @@ class Engine:
             if job.cancel.is_set():
                 self._finished(job, "cancelled")
                 continue
-            try:
-                self._run_one(job)
-            except Exception as e:
-                log.exception("a request failed")
-                job.emit("error", APIError(500, f"generation failed: {e}", "server_error"))
-                with self._lock:
-                    self._pending -= 1
-                    self._running -= 1
+            self._run_guarded(job)
+
+    def _run_guarded(self, job: Job) -> None:
+        """`_run_one`, with a failure answered as the request's error (the server stays up)."""
+        try:
+            self._run_one(job)
+        except Exception as e:
+            self._fail(job, e)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        log.exception("a request failed")
+        job.emit("error", APIError(500, f"generation failed: {e}", "server_error"))
+        with self._lock:
+            self._pending -= 1
+            self._running -= 1
 
     def _run_one(self, job: Job) -> None:
         cache, rest = self._fetch(job.prompt)
+        cache = to_dca_cache(cache, self.model) if cache is not None else None  # a batch's plain cache
         job.cached_tokens = len(job.prompt) - len(rest)
         if cache is None:
             cache = make_prompt_cache(self.model)
