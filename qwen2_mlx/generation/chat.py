@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 import mlx.nn as nn
 
+from .attachments import Attachment, read_attachment, render_message
 from .generate import (
     ContextOverflowError,
     GenerationResponse,
@@ -176,6 +177,7 @@ class Chat:
         if messages and system is not None and isinstance(messages[0], dict) and messages[0].get("role") == "system":
             raise ValueError("messages[0]: a system message and system= were both given")
         self.messages = list(messages or [])
+        self.attachments: list[Attachment] = []  # read by attach(), sent with the next message
 
     # --- history -----------------------------------------------------------------------------
     @staticmethod
@@ -465,14 +467,21 @@ class Chat:
             raise TypeError("the message must be a string")
         settings = self._settings(kw)
         leaf = self._leaf()
-        node = self._append(leaf, _Node("user", text))
+        node = self._append(leaf, _Node("user", render_message(self.attachments, text)))
         try:
             ids = self._fit(node, settings["max_tokens"])
         except BaseException:
             leaf.children.remove(node)
             leaf.active = max(len(leaf.children) - 1, 0)
             raise
+        self.attachments = []  # sent: they are part of the message now
         return self._reply(node, ids, cancel, settings)
+
+    def attach(self, path: Union[str, Path, Attachment]) -> Attachment:
+        """Read a file, folder or PDF (attachments.py); its text goes before the next message sent."""
+        attachment = path if isinstance(path, Attachment) else read_attachment(path)
+        self.attachments.append(attachment)
+        return attachment
 
     def send(self, text: str, **kw: Any) -> Reply:
         """Send a user message and return the whole reply (a str with `.finish_reason`, `.stats`)."""
