@@ -99,6 +99,9 @@ class ModelBackend:
         num_draft_tokens: int = 3,
         cache_root: Optional[Path] = None,
         cache_budget: Optional[int] = None,
+        checkpoint_seconds: float = 20.0,
+        checkpoint_tokens: Optional[int] = None,
+        prefill_step_size: Optional[int] = None,
     ):
         self.path = Path(path)
         self.draft_path = Path(draft_path) if draft_path else None  # a draft model for speculative decoding
@@ -124,6 +127,10 @@ class ModelBackend:
         self._persisted: tuple = (None, None)
         self._validity: Optional[tuple] = None  # (kv settings, validity) of the last computation
         self._announce_reuse = False
+        # A long read is checkpointed to the chat's cache file as it goes (generation/checkpoint.py).
+        self.checkpoint_seconds, self.checkpoint_tokens = checkpoint_seconds, checkpoint_tokens
+        self.prefill_step_size = prefill_step_size  # None: the library's default step
+        self.checkpoints = 0  # checkpoints written during the last reply
 
     def load(self, progress: Callable[[float, str], None]) -> None:
         import mlx.core as mx
@@ -186,10 +193,15 @@ class ModelBackend:
         kw = sampling_kwargs(settings)
         if self.prefill_progress is not None:
             kw["prompt_progress_callback"] = self.prefill_progress
+        if self.prefill_step_size:
+            kw["prefill_step_size"] = self.prefill_step_size
         chat = self._chat_for(system, settings)
         if self._set_kv_bits(settings.get("kv_bits")) and self.cache_owner is not None:
             self._announce_reuse = False  # nothing loaded is reused: the cache was dropped
             self.cache_note = ("KV cache quantization changed: the chat's cache was rebuilt", False)
+        checkpoint = self._checkpointer()  # after the KV settings: the file is tagged with them
+        if checkpoint is not None:
+            kw["checkpoint"] = checkpoint
         have = [m for m in chat.messages if m["role"] != "system"]
         offset = len(chat.messages) - len(have)
         n = len(prefix)
@@ -215,9 +227,38 @@ class ModelBackend:
         final = chat.messages[-1] if chat.messages else None
         if final is not None and final["role"] == "assistant":
             self.last_reply = final["content"]
+        self.checkpoints = checkpoint.writes if checkpoint is not None else 0
         if self._announce_reuse:  # the first reply after loading a chat's cache from disk
             self._announce_reuse = False
             self.cache_note = (f"reused {chat.last_cached_tokens:,} cached tokens", False)
+
+    def _checkpointer(self):
+        """What saves a long read as it goes: the chat's cache file, rewritten every few seconds."""
+        if not self._store_on() or self.active_key is None:
+            return None
+        from qwen2_mlx.generation.checkpoint import Checkpointer
+
+        key = self.active_key
+
+        def saved(tokens: list) -> None:
+            self._persisted = (key, tokens)  # persist() need not write the same tokens again
+
+        every = {"every_seconds": self.checkpoint_seconds, "every_tokens": self.checkpoint_tokens}
+        return Checkpointer(self.cache_store, key, self.validity(), self.model, on_save=saved, **every)
+
+    def measure_prefill(self, tokens: int = 256) -> float:
+        """This model's reading speed here (tokens/s): a short prefill into a throwaway cache, after a
+        warm-up, so the chat can estimate how long an attachment takes to read before it is sent."""
+        import time
+
+        from qwen2_mlx.generation.generate import prefill_prompt_cache
+
+        ids = self.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * (tokens // 4))
+        ids = (ids * (tokens // max(len(ids), 1) + 1))[:tokens]
+        prefill_prompt_cache(self.model, self.tokenizer, ids[:16])  # first-call costs are not reading speed
+        tic = time.perf_counter()
+        prefill_prompt_cache(self.model, self.tokenizer, ids)
+        return len(ids) / (time.perf_counter() - tic)
 
     # --- chat caches on disk ----------------------------------------------------------------------
     def _chat(self):

@@ -104,6 +104,14 @@ async def copy(chat: ChatScreen, cmd: Command) -> None:
         chat.app.copy_text(replies[-1].content, "reply")
 
 
+async def attach(chat: ChatScreen, cmd: Command) -> None:
+    if cmd.value == "clear":
+        chat.clear_attachments()
+        chat.notify("Attachments removed.", timeout=2)
+        return
+    await chat.attach(cmd.value)
+
+
 async def settings(chat: ChatScreen, cmd: Command) -> None:
     chat.open_settings()
 
@@ -151,6 +159,12 @@ COMMANDS: dict[str, SlashCommand] = {
     "rename": SlashCommand("/rename TITLE", "rename this chat", rename),
     "export": SlashCommand(
         "/export [md|jsonl] [PATH]", "write this chat to a file (default: Markdown in the current folder)", export
+    ),
+    "file": SlashCommand(
+        "/file PATH…",
+        "attach files, folders (their text files, .gitignore respected) or PDFs to the next message; "
+        "/file clear removes them",
+        attach,
     ),
     "copy": SlashCommand("/copy [code]", "copy the last reply (or its code blocks) to the clipboard", copy),
     "settings": SlashCommand("/settings", "open the settings panel (system prompt and sampling)", settings),

@@ -52,7 +52,14 @@ SAMPLING_KEYS = (
     "seed",
     "stop",
 )
-CALL_ONLY_KEYS = ("sampler", "logits_processors", "prompt_progress_callback", "prefill_step_size", "lookup")
+CALL_ONLY_KEYS = (
+    "sampler",
+    "logits_processors",
+    "prompt_progress_callback",
+    "prefill_step_size",
+    "lookup",
+    "checkpoint",
+)
 POLICIES = ("refuse", "drop_oldest")
 FILE_FORMAT = "qwen2-mlx-chat"
 FILE_VERSION = 1
@@ -559,6 +566,7 @@ class Chat:
             if draft is not None:
                 spec = {"draft_model": draft, "num_draft_tokens": self.num_draft_tokens}
             run_cache = self._cache + (self._draft_cache if draft is not None else [])
+            self._checkpoint_hook(settings, run_cache, ids)
             responses = stream_generate(
                 self.model,
                 self.tokenizer,
@@ -593,6 +601,23 @@ class Chat:
                 responses.close()
             take_back()
             self._release(stream)
+
+    def _checkpoint_hook(self, settings: dict, run_cache: list, ids: list[int]) -> None:
+        """`checkpoint=` (a call-only setting, e.g. checkpoint.Checkpointer) is called after each prefill
+        step with the model's cache layers and the prompt ids they hold, to save a long read as it goes."""
+        checkpoint, report = settings.pop("checkpoint", None), settings.get("prompt_progress_callback")
+        if checkpoint is None:
+            return
+        layers = len(self._cache)
+
+        def progress(done: int, total: int) -> None:
+            if report is not None:
+                report(done, total)
+            held = getattr(run_cache[0], "offset", 0)
+            if done < total and 0 < held <= len(ids):  # while reading, not once decoding has begun
+                checkpoint(run_cache[:layers], ids[:held])
+
+        settings["prompt_progress_callback"] = progress
 
     # --- save / load ---------------------------------------------------------------------------
     def save(self, path: Union[str, Path], include_cache: bool = False) -> None:
