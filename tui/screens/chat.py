@@ -479,7 +479,7 @@ class ChatScreen(Screen):
             figures += f" · {rate:,.0f} t/s · {duration((ev.total - ev.done) / rate)} left"
             if ev.done - d0 >= PREFILL_SHOWN:
                 self.prefill_rate = (rate, f"measured on the last read of {ev.done - d0:,} tokens")
-        self.status.set_state(f"reading {figures}  (Esc stops, what was read is kept)")
+        self.status.set_state(f"reading the prompt {figures}  (Esc stops, what was read is kept)")
 
     def _end_job(self) -> None:
         self.job = None
