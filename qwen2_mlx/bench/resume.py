@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .compare import write_json
 from .serve import conversation
 
 QUESTION = "\n\nWhat does stream_generate return?"
@@ -74,6 +75,9 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from qwen2_mlx.cli.blas import ensure_openblas
+
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py)
     if args.child:
         _child(args.model, args.child, args.tokens, args.every_seconds)
         return 0
@@ -109,7 +113,7 @@ def main(argv: Optional[list] = None) -> int:
     }
     print(json.dumps(out, indent=1))
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(str(args.json), out)
     return 0 if out["identical_reply"] else 1
 
 

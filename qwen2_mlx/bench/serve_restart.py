@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from .compare import write_json
 from .serve import Server, conversation, stream_chat
 
 
@@ -51,7 +52,7 @@ def main(argv: Optional[list] = None) -> int:
     }
     print(json.dumps(out, indent=1))
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(str(args.json), out)
     return 0 if out["identical_reply"] else 1
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Union
 
@@ -26,11 +27,7 @@ PREFIX = "prefix-"
 
 
 def _common(a: list, b: list) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    return len(os.path.commonprefix([a, b]))  # works on any sequences, token lists included
 
 
 class DiskPrefixCache:
