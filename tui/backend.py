@@ -28,6 +28,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "context_policy": "refuse",
 }
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "lookup")
+# Prompt tokens per prefill step in the app: Esc stops a long read, and checkpoints land, at step ends,
+# so a step is a few seconds on a small machine rather than the library's 2048 tokens.
+PREFILL_STEP = 512
 DEFAULT_CACHE_DISK = 4_000_000_000  # bytes of chat caches kept on disk (cache_store.DEFAULT_BUDGET; /set cache-disk)
 
 
@@ -101,7 +104,7 @@ class ModelBackend:
         cache_budget: Optional[int] = None,
         checkpoint_seconds: float = 20.0,
         checkpoint_tokens: Optional[int] = None,
-        prefill_step_size: Optional[int] = None,
+        prefill_step_size: Optional[int] = PREFILL_STEP,
     ):
         self.path = Path(path)
         self.draft_path = Path(draft_path) if draft_path else None  # a draft model for speculative decoding
@@ -129,7 +132,7 @@ class ModelBackend:
         self._announce_reuse = False
         # A long read is checkpointed to the chat's cache file as it goes (generation/checkpoint.py).
         self.checkpoint_seconds, self.checkpoint_tokens = checkpoint_seconds, checkpoint_tokens
-        self.prefill_step_size = prefill_step_size  # None: the library's default step
+        self.prefill_step_size = prefill_step_size  # None: the library's default (2048)
         self.checkpoints = 0  # checkpoints written during the last reply
 
     def load(self, progress: Callable[[float, str], None]) -> None:
