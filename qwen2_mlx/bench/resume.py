@@ -36,14 +36,14 @@ def _chat(model_path: str, lazy: bool = False):
     return Chat(model, tokenizer, temperature=0.0, max_tokens=24)
 
 
-def _child(model_path: str, store_dir: str, tokens: int, every: float) -> None:
+def _child(model_path: str, store_dir: str, tokens: int, every: float, step: int) -> None:
     from qwen2_mlx.generation.cache_store import CacheStore, chat_cache_validity
     from qwen2_mlx.generation.checkpoint import Checkpointer
 
     chat = _chat(model_path)
     store = CacheStore(store_dir)
     point = Checkpointer(store, KEY, chat_cache_validity(chat, model_path), chat.model, every_seconds=every)
-    chat.send(conversation(tokens) + QUESTION, checkpoint=point)
+    chat.send(conversation(tokens) + QUESTION, checkpoint=point, prefill_step_size=step)
     time.sleep(3600)  # the parent kills it before this, mid-read
 
 
@@ -52,7 +52,8 @@ def _kill_mid_read(args, store_dir: str, total: int) -> int:
     from qwen2_mlx.generation.cache_store import CacheStore
 
     cmd = [sys.executable, "-m", "qwen2_mlx.bench.resume", "--model", args.model, "--tokens", str(args.tokens)]
-    cmd += ["--every-seconds", str(args.every_seconds), "--child", store_dir]
+    cmd += ["--every-seconds", str(args.every_seconds), "--prefill-step-size", str(args.prefill_step_size)]
+    cmd += ["--child", store_dir]
     child = subprocess.Popen(cmd, env=dict(os.environ))
     store, saved = CacheStore(store_dir), 0
     try:
@@ -75,6 +76,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--tokens", type=int, default=3000, help="tokens in the document (default 3000)")
     p.add_argument("--stop-at", type=float, default=0.5, help="share read when the reader is killed (default 0.5)")
     p.add_argument("--every-seconds", type=float, default=10.0, help="checkpoint interval (default 10)")
+    p.add_argument("--prefill-step-size", type=int, default=512, help="tokens a prefill step (default 512, the app's)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -82,7 +84,7 @@ def main(argv: Optional[list] = None) -> int:
 
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py)
     if args.child:
-        _child(args.model, args.child, args.tokens, args.every_seconds)
+        _child(args.model, args.child, args.tokens, args.every_seconds, args.prefill_step_size)
         return 0
     from qwen2_mlx.generation.cache_store import CacheStore, chat_cache_validity
 
@@ -100,11 +102,11 @@ def main(argv: Optional[list] = None) -> int:
             return 1
         chat.adopt_cache(loaded.cache, loaded.tokens)
         tic = time.perf_counter()
-        resumed = chat.send(content, cancel=threading.Event())
+        resumed = chat.send(content, cancel=threading.Event(), prefill_step_size=args.prefill_step_size)
         resumed_s = time.perf_counter() - tic
     fresh = type(chat)(chat.model, chat.tokenizer, **chat.sampling)  # the same weights, no cache
     tic = time.perf_counter()
-    whole = fresh.send(content)
+    whole = fresh.send(content, prefill_step_size=args.prefill_step_size)
     whole_s = time.perf_counter() - tic
     out = {
         "prompt_tokens": total,
