@@ -224,6 +224,7 @@ class Engine:
         if not initial:
             self._call("persist")  # the outgoing model's cache, before it is dropped
         self.backend = backend
+        self.loaded.set()  # before Loaded is out: the UI counts tokens (context meter, attachments) on it
         self.post(Loaded(backend.name, backend.context_limit, time.perf_counter() - tic))
         return True
 
