@@ -324,9 +324,14 @@ def dca_attention(
     Hkv = keys.shape[1]
     groups = Hq // Hkv
     c = geom.period
+    dtype = q.dtype
+    if not isinstance(keys, QuantizedKV) and keys.dtype != mx.float32:
+        # Half-precision score matmuls round Qwen's attention-sink logits (several hundred) to whole
+        # units; the fused SDPA keeps scores in float32, so DCA does too (tests/test_dca_real_chunk.py).
+        keys, q = keys.astype(mx.float32), q.astype(mx.float32)
     q = q * scale
     if T == 1 and B == 1:  # its scores are linear in the length, like the KV cache itself
-        return _decode_step(q, keys, values, offset, rope, geom, groups)
+        return _decode_step(q, keys, values, offset, rope, geom, groups).astype(dtype)
     # A lazy graph of many tiles may keep all their score buffers alive at once (a GPU frees them when
     # the command buffer completes), which would bring back the L x L term; past the budget, evaluate
     # tile by tile. A single query never needs it (and a sync would stall decoding).
@@ -353,4 +358,4 @@ def dca_attention(
         out.append(o.reshape(B, Hq, tq, -1))
         b = e
     o = out[0] if len(out) == 1 else mx.concatenate(out, axis=-2)
-    return o.astype(q.dtype)
+    return o.astype(dtype)
