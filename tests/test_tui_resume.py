@@ -115,7 +115,7 @@ async def test_esc_mid_read_keeps_the_message_and_the_next_read_starts_from_ther
         await send(pilot, "Which town is in section 3?")
         user, reply = app.store.path(app.chat.chat_id)
         assert reply.status == "stopped" and reply.content == "" and user.attachments  # the message is kept
-        await wait_until(pilot, lambda: "Reading stopped at" in notes(app))
+        await wait_until(pilot, lambda: "Reading stopped with at least" in notes(app))
         key = app.store.cache_key(app.chat.chat_id)
         saved = checkpoint_tokens(data_home, key)
         again = await continue_read(pilot, app)

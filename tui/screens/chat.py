@@ -437,8 +437,8 @@ class ChatScreen(Screen):
             done, total = self._progress
             if status == "stopped" and not ev.text and 0 < done < total:
                 self.notify(
-                    f"Reading stopped at {done:,} of {total:,} tokens. Ctrl+R continues from there, now or "
-                    "after a restart.",
+                    f"Reading stopped with at least {done:,} of {total:,} tokens read (the step under way when you "
+                    "stopped is kept too). Ctrl+R continues from there, now or after a restart.",
                     timeout=10,
                 )
         elif isinstance(ev, Failed):
