@@ -111,6 +111,18 @@ async def test_cli_file_attaches_to_the_first_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--file" in err and "missing.md: no such file or folder" in err and "Traceback" not in err
     (tmp_path / "a.md").write_text("# A\n")
+    seen = {}
+
+    def fake_run_once(backend, text, *a, **k):
+        seen["text"] = text
+        return 0
+
+    with pytest.MonkeyPatch.context() as mp:  # one reply on stdout: the files go before the prompt
+        mp.setattr(cli, "check_model", lambda path: None)
+        mp.setattr(cli, "read_piped_stdin", lambda: None)
+        mp.setattr(cli, "run_once", fake_run_once)
+        assert cli.main(["-f", str(tmp_path / "a.md"), "--prompt", "Summarize."]) == 0
+    assert seen["text"] == "File: a.md\n```markdown\n# A\n```\n\nSummarize."
     app = ChatApp(FakeBackend(["ok"]), Store(tmp_path / "c.sqlite3"), attachments=[read_attachment(tmp_path / "a.md")])
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot)
