@@ -28,6 +28,7 @@ _EXPORTS = {
     "make_sampler": "qwen2_mlx.generation.generate",
     "make_logits_processors": "qwen2_mlx.generation.generate",
     "prefill_prompt_cache": "qwen2_mlx.generation.generate",
+    "GenerationSettings": "qwen2_mlx.generation.settings",
     "batch_generate": "qwen2_mlx.generation.batch",
     "BatchResponse": "qwen2_mlx.generation.batch",
     "Chat": "qwen2_mlx.generation.chat",
@@ -87,6 +88,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as plain imports
         trim_prompt_cache,
     )
     from qwen2_mlx.generation.proposers import LookupSettings
+    from qwen2_mlx.generation.settings import GenerationSettings
     from qwen2_mlx.loading.loader import ModelLoadError, load
     from qwen2_mlx.loading.paths import default_model_path
     from qwen2_mlx.models.config import ConfigError, DCAConfig, ModelArgs

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, add_long_context_args, long_context_overrides, mlx_dtype
+from qwen2_mlx.arguments import DTYPE_NAMES, add_long_context_args, long_context_overrides, mlx_dtype
 
 
 def peak_rss_gb() -> float:
@@ -55,10 +55,8 @@ def _prompt_tokens(tokenizer, messages: list, raw: bool) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def main(argv: Optional[list] = None) -> int:
-    from qwen2_mlx.cli.blas import ensure_openblas
-
-    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py), before MLX is imported
+def _arguments(argv: Optional[list]) -> tuple[argparse.Namespace, dict]:
+    """The parsed arguments, checked together (an error exits with status 2), and the long-context overrides."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.interactive == (args.prompt is not None):
@@ -67,11 +65,19 @@ def main(argv: Optional[list] = None) -> int:
         parser.error("--raw applies to --prompt only (the interactive chat uses the chat template)")
     if args.max_tokens <= 0:
         parser.error("--max-tokens must be positive")
-    overrides = long_context_overrides(args, parser)
+    return args, long_context_overrides(args, parser)
+
+
+def main(argv: Optional[list] = None) -> int:
+    from qwen2_mlx.runtime.blas import ensure_openblas
+
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (runtime/blas.py), before MLX is imported
+    args, overrides = _arguments(argv)
     import mlx.core as mx
 
     from qwen2_mlx.generation.chat import Chat
     from qwen2_mlx.generation.generate import stream_generate
+    from qwen2_mlx.generation.settings import GenerationSettings
     from qwen2_mlx.loading.loader import ModelLoadError
     from qwen2_mlx.loading.paths import default_model_path
     from qwen2_mlx.loading.sharded import sharded_load
@@ -115,26 +121,20 @@ def main(argv: Optional[list] = None) -> int:
                     f"generation {last.generation_tokens} tok at {last.generation_tps:.1f} tok/s over {size} ranks"
                 )
 
-    sampling = dict(temperature=args.temp, top_p=args.top_p, seed=args.seed)
+    settings = GenerationSettings(temperature=args.temp, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens)
     if not args.interactive:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}
         ]
         try:
-            show(
-                stream_generate(
-                    model, tokenizer, _prompt_tokens(tokenizer, messages, args.raw), args.max_tokens, **sampling
-                )
-            )
+            show(stream_generate(model, tokenizer, _prompt_tokens(tokenizer, messages, args.raw), settings=settings))
         except ValueError as e:  # the prompt does not fit the context window
             say(f"error: {e}")
             return 2
         return 0
     # Every rank reads the same stdin (mlx.launch forwards it to all), so every rank's Chat sees the
     # same turns, reuses the same cached prefix and stays in step with the others.
-    chat = Chat(
-        model, tokenizer, system=args.system, context_policy="drop_oldest", max_tokens=args.max_tokens, **sampling
-    )
+    chat = Chat(model, tokenizer, system=args.system, context_policy="drop_oldest", settings=settings)
     say("[interactive] type a message per line; an empty line or end of input quits")
     for line in sys.stdin:
         line = line.rstrip("\n")

@@ -9,9 +9,33 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 # tests/tiny.py and friends are imported as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
 
+import pytest  # noqa: E402
+
+
+# --- A tiny random model and its tokenizer, one per test module (tests/api_support.py). ------------------
+@pytest.fixture(scope="module")
+def mt(tmp_path_factory):
+    from api_support import tiny_model
+
+    model, tokenizer, _ = tiny_model(tmp_path_factory)
+    return model, tokenizer
+
+
+# --- The chat app's tests: Textual runs on asyncio, and each test gets its own data folder. ---------
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def data_home(tmp_path, monkeypatch):
+    """The qwen2-mlx data folder of one test (XDG_DATA_HOME), with the test's folder as the working one."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "data"
+
 
 # --- The real model (issue 3): the PyPI GGUF and a float32 MLX folder converted from it. ---------
-import pytest  # noqa: E402
 
 
 def _build_real_model(dest: Path, gguf: Path) -> Path:

@@ -13,8 +13,7 @@ import qwen2_mlx
 from qwen2_mlx.bench import compare as bench
 from qwen2_mlx.bench.random_model import PRESETS, tensor_shapes, write_random_model
 
-TINY = dict(
-    PRESETS["qwen2-0.5b"],
+SMALL = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -22,14 +21,10 @@ TINY = dict(
     num_key_value_heads=2,
     vocab_size=300,
 )
+TINY = dict(PRESETS["qwen2-0.5b"], **SMALL)
 TINY_MOE = dict(
     PRESETS["qwen2-57b-a14b-scaled"],
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=300,
+    **SMALL,
     num_experts=8,
     num_experts_per_tok=2,
     moe_intermediate_size=32,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen2_mlx.cli.blas import (
+from qwen2_mlx.runtime.blas import (
     DISABLE_ENV,
     GUARD_ENV,
     NO_OPENBLAS_HINT,
@@ -60,7 +60,7 @@ def test_candidates_cover_debian_and_fedora():
 
 
 CHILD = (
-    "import os; from qwen2_mlx.cli.blas import ensure_openblas; ensure_openblas(); "
+    "import os; from qwen2_mlx.runtime.blas import ensure_openblas; ensure_openblas(); "
     "print('LD_PRELOAD=' + os.environ.get('LD_PRELOAD', ''))"
 )
 

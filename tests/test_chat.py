@@ -6,16 +6,10 @@ import json
 import threading
 
 import pytest
-from api_support import real_model_or_skip, scripted, tiny_model
+from api_support import real_model_or_skip, scripted
 
 from qwen2_mlx import Chat, ChatFileError, ContextOverflowError, PromptCacheError, Reply
 from qwen2_mlx.generation.chat import _common_prefix
-
-
-@pytest.fixture(scope="module")
-def mt(tmp_path_factory):
-    model, tokenizer, _ = tiny_model(tmp_path_factory)
-    return model, tokenizer
 
 
 def say(tok, text):

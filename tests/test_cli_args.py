@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from qwen2_mlx.cli.args import add_long_context_args, long_context_overrides
+from qwen2_mlx.arguments import add_long_context_args, long_context_overrides
 from qwen2_mlx.models.config import ConfigError
 
 

@@ -152,6 +152,19 @@ def quantize_folder(src: Path, dst: Path, group_size: int = 32, bits: int = 4) -
     return dst
 
 
+def moe_4bit(folder: Path) -> Path:
+    """A MoE checkpoint (layer 1 a dense MLP) quantized to 4 bits, its sizes whole 4-bit groups."""
+    src, _ = make_checkpoint(
+        folder / "moe-src",
+        MOE,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        mlp_only_layers=[1],
+    )
+    return quantize_folder(src, folder / "moe-4bit")
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """Dense, MoE, 4-bit MoE and DCA checkpoints, and their results on two ranks (one launch for all)."""
@@ -159,15 +172,7 @@ def tiny_runs(tmp_path_factory):
     dense, _ = make_checkpoint(tmp / "dense", DENSE)
     # Layer 1 is a dense MLP inside a MoE model: both kinds of block get sharded.
     moe, _ = make_checkpoint(tmp / "moe", MOE, mlp_only_layers=[1])
-    src, _ = make_checkpoint(
-        tmp / "moe-src",
-        MOE,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=128,
-        mlp_only_layers=[1],
-    )
-    q4 = quantize_folder(src, tmp / "moe-4bit")
+    q4 = moe_4bit(tmp)
     # Dual Chunk Attention with chunks shorter than the prompt: the DCA path runs on sharded heads.
     dca, _ = make_checkpoint(tmp / "dca", DENSE, dual_chunk_attention_config={"chunk_size": 16, "local_size": 4})
     paths = {"dense": dense, "moe": moe, "moe-4bit": q4, "dca": dca}
@@ -397,15 +402,7 @@ def test_slices_read_from_disk_equal_the_sliced_tensors(tmp_path, kind):
     from qwen2_mlx.models.sharding import shard_model
 
     if kind == "moe-4bit":
-        src, _ = make_checkpoint(
-            tmp_path / "src",
-            MOE,
-            intermediate_size=128,
-            moe_intermediate_size=64,
-            shared_expert_intermediate_size=128,
-            mlp_only_layers=[1],
-        )
-        path = quantize_folder(src, tmp_path / "q")
+        path = moe_4bit(tmp_path)
     else:
         path, _ = make_checkpoint(tmp_path / "src", DENSE)
         if kind == "dense-bf16":

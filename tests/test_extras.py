@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen2_mlx.extras import EXTRAS, PACKAGES, MissingPackage, is_installed, require
+from qwen2_mlx.runtime.packages import EXTRAS, PACKAGES, MissingPackage, is_installed, require
 
 ROOT = Path(__file__).resolve().parent.parent
 

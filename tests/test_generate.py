@@ -6,17 +6,10 @@ import threading
 
 import mlx.core as mx
 import pytest
-from api_support import scripted, tiny_model
+from api_support import scripted
 
 from qwen2_mlx import ContextOverflowError, Reply, generate, generate_step, stream_generate
 from qwen2_mlx.generation.generate import StopStringFilter
-
-
-@pytest.fixture(scope="module")
-def mt(tmp_path_factory):
-    model, tokenizer, _ = tiny_model(tmp_path_factory)
-    return model, tokenizer
-
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 SCRIPT_TEXT = "Hello, how are you? I am fine, thank you."

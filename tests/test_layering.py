@@ -4,10 +4,11 @@ Layers, lowest first (docs/architecture.md):
   models      the modules, their config, RoPE/YaRN, DCA, KV cache and sharding (MLX and mlx-lm only)
   loading     reading folders and checkpoints, the tokenizer, where files live
   generation  sampling and stopping, prompt caches, batches, chat sessions, notebook display
-  cli         helpers shared by the command lines (OpenBLAS re-run, long-context switches)
+  arguments   the command-line switches the tools share (long context, KV cache)
   tools       convert, eval, bench, distributed, serve: programs built on the layers below
   tui         the chat app, on top of everything; nothing in qwen2_mlx imports it
-`qwen2_mlx/__init__.py` (the lazy public names) and `extras.py` (standard library only) sit beside them.
+`qwen2_mlx/__init__.py` (the lazy public names) and `runtime/` (the OpenBLAS re-run, optional packages:
+standard library only) sit beside them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"models": 0, "loading": 1, "generation": 2, "cli": 3, "tools": 4, "tui": 5}
-TOOLS = ("convert", "eval", "bench", "distributed", "bench_long", "bench_batch", "serve")
+LAYERS = {"models": 0, "loading": 1, "generation": 2, "arguments": 3, "tools": 4, "tui": 5}
+TOOLS = ("convert", "eval", "bench", "distributed", "serve")
 
 
 def layer_of(module: str) -> str | None:
@@ -32,7 +33,7 @@ def layer_of(module: str) -> str | None:
         return None  # outside the project, or the package's lazy facade
     if parts[1] in TOOLS:
         return "tools"
-    if parts[1] == "extras":
+    if parts[1] == "runtime":
         return "base"
     return parts[1] if parts[1] in LAYERS else "unknown"
 
@@ -42,8 +43,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def project_imports(path: Path) -> set[str]:
-    """Every project module this file imports, at any depth (functions too), relative ones resolved."""
+def project_imports(path: Path, typing_too: bool = False) -> set[str]:
+    """Every project module this file imports, at any depth (functions too), relative ones resolved.
+
+    `typing_too`: also the imports under `if TYPE_CHECKING:` (they never run, but a circle through
+    them is still two modules that each need the other to be read)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
@@ -56,7 +60,7 @@ def project_imports(path: Path) -> set[str]:
         for n in ast.walk(stmt)
     }
     for node in ast.walk(tree):
-        if id(node) in typing_only:
+        if id(node) in typing_only and not typing_too:
             continue  # `if TYPE_CHECKING:` imports never run
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -84,12 +88,13 @@ def _exists(module: str) -> bool:
     return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
-def all_modules() -> dict[str, set[str]]:
+def all_modules(typing_too: bool = False) -> dict[str, set[str]]:
     files = [p for d in ("qwen2_mlx", "tui") for p in (ROOT / d).rglob("*.py")]
-    return {module_name(p): project_imports(p) for p in files}
+    return {module_name(p): project_imports(p, typing_too) for p in files}
 
 
 GRAPH = all_modules()
+FULL_GRAPH = all_modules(typing_too=True)  # `if TYPE_CHECKING:` imports included
 
 
 def test_every_module_has_a_declared_layer():
@@ -105,7 +110,7 @@ def test_imports_flow_downwards_only():
             there = layer_of(imp)
             if imp == "qwen2_mlx" and here not in ("tools", "tui", None):
                 wrong.append(f"{mod} imports the public facade `qwen2_mlx` (import the defining module)")
-            elif here == "base" and there is not None:
+            elif here == "base" and there not in (None, "base"):
                 wrong.append(f"{mod} (standard library only) imports {imp}")
             elif there in LAYERS and here in LAYERS and LAYERS[there] > LAYERS[here]:
                 wrong.append(f"{mod} ({here}) imports {imp} ({there})")
@@ -124,6 +129,9 @@ def test_model_code_imports_only_model_code():
 
 
 def test_no_import_cycles():
+    """No circle anywhere, `if TYPE_CHECKING:` imports included (issue 20 removed the last one,
+    `tui/screens/chat.py` <-> `tui/slash.py`: slash commands see the screen through `slash.ChatActions`)."""
+    graph = FULL_GRAPH
     seen, stack, cycles = set(), [], []
 
     def visit(m):
@@ -134,12 +142,12 @@ def test_no_import_cycles():
             return
         seen.add(m)
         stack.append(m)
-        for n in sorted(GRAPH.get(m, ())):
-            if n in GRAPH and n != m and not m.startswith(n + "."):  # a package's own __init__ is no cycle
+        for n in sorted(graph.get(m, ())):
+            if n in graph and n != m and not m.startswith(n + "."):  # a package's own __init__ is no cycle
                 visit(n)
         stack.pop()
 
-    for m in sorted(GRAPH):
+    for m in sorted(graph):
         visit(m)
     assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
 
@@ -152,11 +160,27 @@ def test_the_checker_finds_a_planted_upward_import_and_cycle(tmp_path, monkeypat
         "qwen2_mlx.generation.chat": {"qwen2_mlx.models.model"},
     }
     monkeypatch.setattr(sys.modules[__name__], "GRAPH", graph)
+    monkeypatch.setattr(sys.modules[__name__], "FULL_GRAPH", graph)
     with pytest.raises(AssertionError, match="qwen2_mlx.models.model -> qwen2_mlx.distributed"):
         test_model_code_imports_only_model_code()
     with pytest.raises(AssertionError, match="imports qwen2_mlx.distributed"):
         test_imports_flow_downwards_only()
     with pytest.raises(AssertionError, match="->"):
+        test_no_import_cycles()
+
+
+def test_the_cycle_check_sees_type_checking_imports(tmp_path, monkeypatch):
+    """A circle closed only by an `if TYPE_CHECKING:` import is found (the one slash.py had)."""
+    pkg = tmp_path / "tui"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert project_imports(pkg / "b.py") == set()
+    graph = {"tui.a": project_imports(pkg / "a.py", True), "tui.b": project_imports(pkg / "b.py", True)}
+    assert graph == {"tui.a": {"tui.b"}, "tui.b": {"tui.a"}}
+    monkeypatch.setattr(sys.modules[__name__], "FULL_GRAPH", graph)
+    with pytest.raises(AssertionError, match="tui.a -> tui.b -> tui.a"):
         test_no_import_cycles()
 
 
@@ -179,7 +203,9 @@ def test_importing_the_model_loads_no_generation_chat_or_command_line():
     assert not {
         m
         for m in loaded
-        if m.startswith(("qwen2_mlx.generation", "qwen2_mlx.loading", "qwen2_mlx.cli", "qwen2_mlx.distributed", "tui"))
+        if m.startswith(
+            ("qwen2_mlx.generation", "qwen2_mlx.loading", "qwen2_mlx.arguments", "qwen2_mlx.distributed", "tui")
+        )
     }
 
 

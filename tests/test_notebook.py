@@ -17,12 +17,6 @@ from qwen2_mlx.generation.notebook import display_stream
 NOTEBOOK = Path(__file__).resolve().parents[1] / "assets" / "quickstart.ipynb"
 
 
-@pytest.fixture(scope="module")
-def mt(tmp_path_factory):
-    model, tokenizer, _ = tiny_model(tmp_path_factory)
-    return model, tokenizer
-
-
 def test_display_stream_prints_outside_jupyter(mt, monkeypatch):
     model, tok = mt
     monkeypatch.setitem(sys.modules, "IPython", None)  # as if IPython were not installed

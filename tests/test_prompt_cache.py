@@ -7,7 +7,6 @@ import json
 
 import mlx.core as mx
 import pytest
-from api_support import tiny_model
 from mlx.utils import tree_flatten
 
 from qwen2_mlx import (
@@ -24,12 +23,6 @@ from qwen2_mlx.models.config import DCAConfig
 from qwen2_mlx.models.model import Model
 
 DOCUMENT = "The quick brown fox jumps over the lazy dog. " * 6
-
-
-@pytest.fixture(scope="module")
-def mt(tmp_path_factory):
-    model, tokenizer, _ = tiny_model(tmp_path_factory)
-    return model, tokenizer
 
 
 def variant(model, **changes) -> Model:

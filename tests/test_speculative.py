@@ -17,12 +17,6 @@ N = 48
 
 
 @pytest.fixture(scope="module")
-def mt(tmp_path_factory):
-    model, tokenizer, _ = tiny_model(tmp_path_factory)
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
 def other(tmp_path_factory):
     """Another random model with the same tokenizer: a draft that is often wrong."""
     model, _, _ = tiny_model(tmp_path_factory, seed=1)

@@ -14,12 +14,6 @@ from qwen2_mlx.generation.prompt_cache import make_prompt_cache
 
 
 @pytest.fixture(scope="module")
-def mt(tmp_path_factory):
-    model, tokenizer, _ = tiny_model(tmp_path_factory)
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
 def other(tmp_path_factory):
     model, _, _ = tiny_model(tmp_path_factory, seed=1)
     return model

@@ -6,7 +6,6 @@ import json
 
 import jsonschema
 import pytest
-from api_support import tiny_model
 
 from qwen2_mlx.generation.generate import generate
 from qwen2_mlx.generation.structured import StructuredOutputError
@@ -21,12 +20,6 @@ SCHEMA = {
     "required": ["name", "age", "tags"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def mt(tmp_path_factory):
-    model, tokenizer, _ = tiny_model(tmp_path_factory)
-    return model, tokenizer
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

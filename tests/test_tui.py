@@ -11,26 +11,14 @@ import pytest
 from tui_helpers import CJK_REPLY, make_app, ready, send, texts, wait_until
 
 from tui import slash
+from tui.screens.chat_list import ChatListScreen
+from tui.screens.dialogs import AskScreen, ConfirmScreen, HelpScreen
+from tui.screens.settings import SettingsScreen
 from tui.store import Store
-from tui.widgets.chat_list import ChatListScreen
-from tui.widgets.dialogs import AskScreen, ConfirmScreen, HelpScreen
-from tui.widgets.settings import SettingsScreen
 from tui.widgets.transcript import MessageView
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("data_home")]  # conftest.py
 LONG = " ".join(f"word{i}" for i in range(200))
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def data_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "data"
 
 
 async def test_send_streams_markdown_reply_and_saves_it(tmp_path):
@@ -482,7 +470,7 @@ async def test_model_command_lists_and_switches_models(tmp_path, data_home):
     from tiny import DENSE
 
     from tui.fake import FakeBackend
-    from tui.widgets.model_picker import ModelScreen
+    from tui.screens.model_picker import ModelScreen
 
     folder = data_home / "qwen2-mlx" / "models" / "tiny-moe"
     folder.mkdir(parents=True)

@@ -15,20 +15,8 @@ from tui.app import ChatApp
 from tui.backend import DEFAULT_SETTINGS, ModelBackend
 from tui.store import Store
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("data_home")]  # conftest.py
 GREEDY = {"max_tokens": 6, "temperature": 0.0}
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def data_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "data"
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +180,7 @@ async def test_settings_panel_and_help_show_the_cache_disk_budget(tmp_path, data
     from tui_helpers import make_app, ready
 
     from tui import slash
-    from tui.widgets.settings import SettingsScreen
+    from tui.screens.settings import SettingsScreen
 
     assert any("cache-disk" in usage + text and "4GB" in text for usage, text in slash.help_rows())
     app = make_app(tmp_path)

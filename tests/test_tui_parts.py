@@ -128,7 +128,7 @@ def test_every_command_in_the_table_has_help_text_and_a_handler():
 
 
 def test_help_lists_the_table():
-    from tui.widgets.dialogs import help_markdown
+    from tui.screens.dialogs import help_markdown
 
     page = help_markdown("keymap.json", [], slash.help_rows())
     section = page.split("# Slash commands")[1].split("# Changing keys")[0]

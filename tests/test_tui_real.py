@@ -18,11 +18,6 @@ CJK = re.compile(r"[\u3400-\u9fff]")
 QUESTION = "请用中文回答：天空是什么颜色？"
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_app_answers_a_chinese_question_in_chinese(real_model_path, tmp_path, monkeypatch):
     from tui_helpers import send, wait_until

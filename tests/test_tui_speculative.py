@@ -13,18 +13,7 @@ from tui import commands
 from tui.__main__ import build_parser, main, run_once, settings_from
 from tui.backend import DEFAULT_SETTINGS, ModelBackend
 
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def data_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("data_home")]  # conftest.py
 
 
 def test_set_lookup_on_and_off():

@@ -91,6 +91,8 @@ def write_tokenizer(path: Path, vocab_size: int = 512) -> None:
     """A byte-level BPE tokenizer with Qwen2's special tokens, trained on a little multilingual text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from qwen2_mlx.bench.random_model import write_tokenizer_config
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -112,15 +114,4 @@ def write_tokenizer(path: Path, vocab_size: int = 512) -> None:
     ] * 20
     tok.train_from_iterator(corpus, trainer)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|endoftext|>",
-                "bos_token": None,
-                "chat_template": QWEN_TEMPLATE,
-                "model_max_length": 4096,
-            },
-            indent=2,
-        )
-    )
+    write_tokenizer_config(path, QWEN_TEMPLATE, 4096)

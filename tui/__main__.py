@@ -8,11 +8,11 @@ import threading
 from pathlib import Path
 from typing import Optional, TextIO
 
-from qwen2_mlx.cli.args import add_long_context_args, long_context_overrides
-from qwen2_mlx.cli.blas import ensure_openblas
+from qwen2_mlx.arguments import add_long_context_args, long_context_overrides
 from qwen2_mlx.loading.paths import default_model_path
+from qwen2_mlx.runtime.blas import ensure_openblas
 
-from .models import check_model
+from .model_folders import check_model
 
 HINT = "hint: run `python convert.py` to create the default model, or pass --model PATH"
 

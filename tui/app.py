@@ -25,12 +25,12 @@ from qwen2_mlx.loading.paths import data_dir
 from . import cjk_wrap, slash
 from .backend import DEFAULT_CACHE_DISK, DEFAULT_SETTINGS
 from .engine import Engine, Loaded, LoadFailed, Loading
-from .models import check_model
-from .models import resolve as resolve_model
+from .model_folders import check_model
+from .model_folders import resolve as resolve_model
 from .screens.chat import ChatScreen
+from .screens.chat_list import ChatListScreen
+from .screens.dialogs import ConfirmScreen, HelpScreen
 from .store import Store
-from .widgets.chat_list import ChatListScreen
-from .widgets.dialogs import ConfirmScreen, HelpScreen
 from .widgets.prompt import PromptInput
 from .widgets.status import StatusBar
 from .widgets.transcript import MessageView, Transcript

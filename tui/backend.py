@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+from qwen2_mlx.generation.settings import turn_settings
+
 # Sampling settings a chat may carry, with the defaults a new chat starts from.
 DEFAULT_SETTINGS: dict[str, Any] = {
     "temperature": 0.7,
@@ -27,7 +29,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "seed": None,
     "context_policy": "refuse",
 }
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "lookup")
 # Prompt tokens per prefill step in the app: Esc stops a long read, and checkpoints land, at step ends,
 # so a step is a few seconds on a small machine rather than the library's 2048 tokens.
 PREFILL_STEP = 512
@@ -62,14 +63,6 @@ class Backend(Protocol):
     ) -> Iterator[Any]: ...
 
     def count_tokens(self, history: list[dict], system: Optional[str]) -> int: ...
-
-
-def sampling_kwargs(settings: dict) -> dict:
-    """The keyword arguments `Chat.stream` takes, from a chat's settings (None means default)."""
-    kw = {k: settings[k] for k in SAMPLING_KEYS if settings.get(k) is not None}
-    if "max_tokens" in settings:
-        kw["max_tokens"] = settings["max_tokens"]
-    return kw
 
 
 def model_label(path: Path) -> str:
@@ -193,18 +186,18 @@ class ModelBackend:
         prefix, last = history[:-1], history[-1]
         if last["role"] != "user":
             raise ValueError("the conversation must end with a user message")
-        kw = sampling_kwargs(settings)
-        if self.prefill_progress is not None:
-            kw["prompt_progress_callback"] = self.prefill_progress
-        if self.prefill_step_size:
-            kw["prefill_step_size"] = self.prefill_step_size
         chat = self._chat_for(system, settings)
         if self._set_kv_bits(settings.get("kv_bits")) and self.cache_owner is not None:
             self._announce_reuse = False  # nothing loaded is reused: the cache was dropped
             self.cache_note = ("KV cache quantization changed: the chat's cache was rebuilt", False)
-        checkpoint = self._checkpointer()  # after the KV settings: the file is tagged with them
-        if checkpoint is not None:
-            kw["checkpoint"] = checkpoint
+        # The chat's settings (draft model, KV cache) with this chat's sampling and limits on top.
+        step = {"prefill_step_size": self.prefill_step_size} if self.prefill_step_size else {}
+        kw = {
+            "settings": chat.settings.replace(**turn_settings(settings), **step),
+            "prompt_progress_callback": self.prefill_progress,
+            "checkpoint": self._checkpointer(),  # after the KV settings: the file is tagged with them
+        }
+        checkpoint = kw["checkpoint"]
         have = [m for m in chat.messages if m["role"] != "system"]
         offset = len(chat.messages) - len(have)
         n = len(prefix)

@@ -2,41 +2,60 @@
 
 `commands.parse` reads what was typed into a `Command`; `find` looks its name up in `COMMANDS`,
 and the chat screen awaits the handler with itself and the Command. `/help` and F1 list the
-commands from this same table, in its order.
+commands from this same table, in its order. Handlers see the screen only through `ChatActions`,
+the few things a command may do, so this module imports no screen (no import circle).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
-
-from qwen2_mlx.loading.paths import models_dir
+from typing import Any, Optional, Protocol
 
 from .commands import Command, CommandError
-from .models import list_models
-from .widgets.model_picker import ModelScreen
 
-if TYPE_CHECKING:
-    from .screens.chat import ChatScreen
+
+class ChatActions(Protocol):
+    """What slash commands may read and do on the chat screen (`screens.chat.ChatScreen`)."""
+
+    system: Optional[str]
+    settings: dict
+
+    def notify(self, message: str, *, severity: str = ..., timeout: Optional[float] = ...) -> Any: ...
+    def save_chat_settings(self) -> None: ...
+    def update_context(self) -> None: ...
+    async def regenerate(self) -> None: ...
+    async def open_chat(self, chat_id: Optional[int]) -> None: ...
+    async def new_chat(self) -> None: ...
+    def open_chat_list(self) -> None: ...
+    def open_settings(self) -> None: ...
+    def export(self, fmt: str, target: str = "") -> Any: ...
+    def rename_chat(self, title: str) -> None: ...
+    def copy_last_reply(self, code: bool) -> None: ...
+    def choose_model(self, name: str) -> None: ...
+    def set_cache_disk(self, budget: int) -> None: ...
+    def show_help(self) -> None: ...
+    def quit_app(self) -> None: ...
+    async def attach(self, paths: list[str]) -> None: ...
+    def clear_attachments(self) -> None: ...
 
 
 @dataclass(frozen=True)
 class SlashCommand:
     usage: str  # how /help shows it
     help: str
-    handler: Callable[[ChatScreen, Command], Awaitable[None]]
+    handler: Callable[[ChatActions, Command], Awaitable[None]]
 
 
-async def show_help(chat: ChatScreen, cmd: Command) -> None:
-    chat.app.action_help()
+async def show_help(chat: ChatActions, cmd: Command) -> None:
+    chat.show_help()
 
 
-async def quit_app(chat: ChatScreen, cmd: Command) -> None:
-    chat.app.exit()
+async def quit_app(chat: ChatActions, cmd: Command) -> None:
+    chat.quit_app()
 
 
-async def system_prompt(chat: ChatScreen, cmd: Command) -> None:
+async def system_prompt(chat: ChatActions, cmd: Command) -> None:
     if not cmd.arg:
         chat.notify(f"System prompt: {chat.system!r}" if chat.system else "No system prompt set.")
         return
@@ -46,9 +65,9 @@ async def system_prompt(chat: ChatScreen, cmd: Command) -> None:
     chat.update_context()
 
 
-async def set_setting(chat: ChatScreen, cmd: Command) -> None:
+async def set_setting(chat: ChatActions, cmd: Command) -> None:
     if cmd.key == "cache_disk":  # an app setting, not this chat's
-        chat.app.set_cache_disk(cmd.value)
+        chat.set_cache_disk(cmd.value)
         return
     changed = chat.settings.get(cmd.key) != cmd.value
     chat.settings[cmd.key] = cmd.value
@@ -61,50 +80,38 @@ async def set_setting(chat: ChatScreen, cmd: Command) -> None:
     chat.notify(f"{cmd.key} = {cmd.value}")
 
 
-async def regenerate(chat: ChatScreen, cmd: Command) -> None:
+async def regenerate(chat: ChatActions, cmd: Command) -> None:
     await chat.regenerate()
 
 
-async def clear(chat: ChatScreen, cmd: Command) -> None:
+async def clear(chat: ChatActions, cmd: Command) -> None:
     system, settings = chat.system, dict(chat.settings)
     await chat.open_chat(None)
     chat.system, chat.settings = system, settings
     chat.notify("New chat (the previous one is in the chat list, Ctrl+L).")
 
 
-async def new_chat(chat: ChatScreen, cmd: Command) -> None:
+async def new_chat(chat: ChatActions, cmd: Command) -> None:
     await chat.new_chat()
 
 
-async def chat_list(chat: ChatScreen, cmd: Command) -> None:
+async def chat_list(chat: ChatActions, cmd: Command) -> None:
     chat.open_chat_list()
 
 
-async def rename(chat: ChatScreen, cmd: Command) -> None:
-    if chat.chat_id is None:
-        chat.notify("Send a message first: an empty chat is not saved.", severity="warning")
-        return
-    chat.store.update_chat(chat.chat_id, title=cmd.arg)
-    chat.app.title = cmd.arg
+async def rename(chat: ChatActions, cmd: Command) -> None:
+    chat.rename_chat(cmd.arg)
 
 
-async def export(chat: ChatScreen, cmd: Command) -> None:
+async def export(chat: ChatActions, cmd: Command) -> None:
     chat.export(cmd.value, cmd.arg)
 
 
-async def copy(chat: ChatScreen, cmd: Command) -> None:
-    replies = [m for m in chat.path() if m.role == "assistant"]
-    if not replies:
-        chat.notify("No reply to copy yet.", severity="warning")
-        return
-    views = [v for v in chat.transcript.views if v.message_id == replies[-1].id]
-    if cmd.arg == "code" and views:
-        views[0].action_copy_code()
-    else:
-        chat.app.copy_text(replies[-1].content, "reply")
+async def copy(chat: ChatActions, cmd: Command) -> None:
+    chat.copy_last_reply(code=cmd.arg == "code")
 
 
-async def attach(chat: ChatScreen, cmd: Command) -> None:
+async def attach(chat: ChatActions, cmd: Command) -> None:
     if cmd.value == "clear":
         chat.clear_attachments()
         chat.notify("Attachments removed.", timeout=2)
@@ -112,27 +119,12 @@ async def attach(chat: ChatScreen, cmd: Command) -> None:
     await chat.attach(cmd.value)
 
 
-async def settings(chat: ChatScreen, cmd: Command) -> None:
+async def settings(chat: ChatActions, cmd: Command) -> None:
     chat.open_settings()
 
 
-async def model(chat: ChatScreen, cmd: Command) -> None:
-    app = chat.app
-    if cmd.arg:
-        app.switch_model(cmd.arg)
-        return
-    info = f"Model: {app.model_label} · context {app.context_limit:,} tokens" + (
-        f", loaded in {app.load_seconds:.1f}s" if app.loaded else " (loading)"
-    )
-    if app.backend_factory is None:
-        chat.notify(info)
-        return
-
-    def chosen(path: Optional[str]) -> None:
-        if path:
-            app.switch_model(path)
-
-    app.push_screen(ModelScreen(list_models(), app.model_label, str(models_dir())), chosen)
+async def model(chat: ChatActions, cmd: Command) -> None:
+    chat.choose_model(cmd.arg)
 
 
 COMMANDS: dict[str, SlashCommand] = {

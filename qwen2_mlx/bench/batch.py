@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         help="cast the weights (float32 is the fast type on a CPU)",
     )
     args = p.parse_args(argv)
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     if args.prompts < 1 or args.max_tokens < 1 or args.batch_size < 1:
@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     from qwen2_mlx import load
     from qwen2_mlx.generation.batch import batch_generate
     from qwen2_mlx.generation.generate import stream_generate
+    from qwen2_mlx.generation.settings import GenerationSettings
     from qwen2_mlx.loading.loader import ModelLoadError
 
     try:
@@ -73,15 +74,15 @@ def main(argv=None) -> int:
         for i in range(args.prompts)
     ]
     no_eos = {t: -1e9 for t in tokenizer.eos_token_ids}
-    kw = dict(logit_bias=no_eos)
+    settings = GenerationSettings(logit_bias=no_eos)
 
-    batch_generate(model, tokenizer, prompts[:1], max_tokens=2, **kw)  # warm-up (compile, allocate)
+    batch_generate(model, tokenizer, prompts[:1], max_tokens=2, settings=settings)  # warm-up (compile, allocate)
 
     print(f"one by one: {args.prompts} prompts x {args.max_tokens} tokens ...", file=sys.stderr)
     tic = time.perf_counter()
     single, decode_time = [], 0.0
     for prompt in prompts:
-        rs = list(stream_generate(model, tokenizer, prompt, args.max_tokens, **kw))
+        rs = list(stream_generate(model, tokenizer, prompt, args.max_tokens, settings=settings))
         single.append([r.token for r in rs])
         if rs[-1].generation_tps > 0:
             decode_time += rs[-1].generation_tokens / rs[-1].generation_tps
@@ -90,7 +91,9 @@ def main(argv=None) -> int:
 
     print(f"batched (batch size {args.batch_size}) ...", file=sys.stderr)
     tic = time.perf_counter()
-    res = batch_generate(model, tokenizer, prompts, max_tokens=args.max_tokens, batch_size=args.batch_size, **kw)
+    res = batch_generate(
+        model, tokenizer, prompts, max_tokens=args.max_tokens, batch_size=args.batch_size, settings=settings
+    )
     batch_wall = time.perf_counter() - tic
 
     single_tps = single_tokens / decode_time if decode_time else 0.0

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.args import add_kv_cache_args, kv_cache_settings
+from qwen2_mlx.arguments import add_kv_cache_args, kv_cache_settings
 
 # mlx, mlx-lm and our package are imported in main(), after the OpenBLAS re-exec.
 
@@ -227,6 +227,73 @@ def versions() -> dict:
     return out
 
 
+def _against_mlx_lm(medians: dict, runs: dict) -> dict:
+    """Our figures over mlx-lm's, and whether the greedy tokens agree."""
+    out = {}
+    a, b = medians["qwen2_mlx"], medians["mlx_lm"]
+    out["ratio_ours_over_mlx_lm"] = {
+        "prefill_tps": a["prefill_tps"] / b["prefill_tps"],
+        "decode_tps": a["decode_tps"] / b["decode_tps"],
+        "ttft_s": a["ttft_s"] / b["ttft_s"],
+        "peak_memory_gb": a["peak_memory_gb"] / b["peak_memory_gb"],
+    }
+    # Each run of ours is paired with the mlx-lm run right after it: on a loaded machine the median of
+    # these per-pair ratios is steadier than the ratio of the medians.
+    out["paired_ratio_median"] = {
+        k: statistics.median(x[k] / y[k] for x, y in zip(runs["qwen2_mlx"], runs["mlx_lm"]))
+        for k in ("prefill_tps", "decode_tps")
+    }
+    ours_tokens, their_tokens = runs["qwen2_mlx"][0]["tokens"], runs["mlx_lm"][0]["tokens"]
+    diff = next((i for i, (x, y) in enumerate(zip(ours_tokens, their_tokens)) if x != y), None)
+    out["greedy_tokens_match_mlx_lm"] = diff is None
+    out["first_token_difference"] = diff
+    return out
+
+
+def _roofline(ours, args, medians: dict, on_cpu: bool) -> dict:
+    """The decode rate bandwidth allows: a decoded token must stream the weights it uses plus the KV cache once."""
+    _, per_tok = weight_bytes(ours, ours.args)
+    itemsize = ours.model.norm.weight.itemsize
+    if kv_cache_settings(args)["kv_bits"]:  # packed values plus a scale and a bias per group
+        itemsize = args.kv_bits / 8 + 2 * itemsize / args.kv_group_size
+    context = args.prompt_tokens + args.gen_tokens / 2
+    kv = kv_bytes_per_position(ours, itemsize) * context
+    size = (256 << 20) if on_cpu else (2 << 30)
+    copy_bw, matvec_bw = copy_bandwidth(size), matvec_bandwidth(size)
+    bw = max(copy_bw, matvec_bw)
+    bytes_per_token = per_tok + kv
+    return {
+        "weight_bytes_per_token": per_tok,
+        "kv_bytes_per_token": kv,
+        "bytes_per_token": bytes_per_token,
+        "copy_bandwidth_gbs": copy_bw / 1e9,
+        "matvec_bandwidth_gbs": matvec_bw / 1e9,
+        "bandwidth_gbs": bw / 1e9,
+        "roofline_decode_tps": bw / bytes_per_token,
+        "fraction": {n: m["decode_tps"] * bytes_per_token / bw for n, m in medians.items()},
+    }
+
+
+def _model_path(args: argparse.Namespace, on_cpu: bool) -> tuple[Path, Optional[str]]:
+    """The model folder and dtype to run: `--model`, or random weights of a `--random` preset written once."""
+    import mlx.core as mx
+
+    from .random_model import write_random_model
+
+    if not args.random:
+        return Path(args.model).expanduser(), args.dtype
+    dtype_name = args.dtype or ("float32" if on_cpu else "bfloat16")
+    base = (
+        Path(args.random_dir).expanduser()
+        if args.random_dir
+        else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-mlx" / "random"
+    )
+    path = base / f"{args.random}-{dtype_name}"
+    log(f"random weights of {args.random} ({dtype_name}) in {path} ...")
+    write_random_model(args.random, path, getattr(mx, dtype_name))
+    return path, dtype_name
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -234,22 +301,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     from qwen2_mlx import load as load_ours
     from qwen2_mlx.generation.generate import generate_step as ours_step
 
-    from .random_model import write_random_model
-
     on_cpu = mx.default_device().type == mx.cpu
-    dtype_name = args.dtype
-    if args.random:
-        dtype_name = dtype_name or ("float32" if on_cpu else "bfloat16")
-        base = (
-            Path(args.random_dir).expanduser()
-            if args.random_dir
-            else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen2-mlx" / "random"
-        )
-        path = base / f"{args.random}-{dtype_name}"
-        log(f"random weights of {args.random} ({dtype_name}) in {path} ...")
-        write_random_model(args.random, path, getattr(mx, dtype_name))
-    else:
-        path = Path(args.model).expanduser()
+    path, dtype_name = _model_path(args, on_cpu)
     dtype = getattr(mx, dtype_name) if dtype_name else None
 
     dca = None
@@ -311,45 +364,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "median": medians,
     }
     if "mlx_lm" in medians:
-        a, b = medians["qwen2_mlx"], medians["mlx_lm"]
-        result["ratio_ours_over_mlx_lm"] = {
-            "prefill_tps": a["prefill_tps"] / b["prefill_tps"],
-            "decode_tps": a["decode_tps"] / b["decode_tps"],
-            "ttft_s": a["ttft_s"] / b["ttft_s"],
-            "peak_memory_gb": a["peak_memory_gb"] / b["peak_memory_gb"],
-        }
-        # Each run of ours is paired with the mlx-lm run right after it: on a loaded machine the median of
-        # these per-pair ratios is steadier than the ratio of the medians.
-        result["paired_ratio_median"] = {
-            k: statistics.median(x[k] / y[k] for x, y in zip(runs["qwen2_mlx"], runs["mlx_lm"]))
-            for k in ("prefill_tps", "decode_tps")
-        }
-        ours_tokens, their_tokens = runs["qwen2_mlx"][0]["tokens"], runs["mlx_lm"][0]["tokens"]
-        diff = next((i for i, (x, y) in enumerate(zip(ours_tokens, their_tokens)) if x != y), None)
-        result["greedy_tokens_match_mlx_lm"] = diff is None
-        result["first_token_difference"] = diff
-
-    # Roofline: a decoded token must stream the weights it uses plus the KV cache once.
-    _, per_tok = weight_bytes(ours, ours.args)
-    itemsize = ours.model.norm.weight.itemsize
-    if kv_cache_settings(args)["kv_bits"]:  # packed values plus a scale and a bias per group
-        itemsize = args.kv_bits / 8 + 2 * itemsize / args.kv_group_size
-    context = args.prompt_tokens + args.gen_tokens / 2
-    kv = kv_bytes_per_position(ours, itemsize) * context
-    size = (256 << 20) if on_cpu else (2 << 30)
-    copy_bw, matvec_bw = copy_bandwidth(size), matvec_bandwidth(size)
-    bw = max(copy_bw, matvec_bw)
-    bytes_per_token = per_tok + kv
-    result["roofline"] = {
-        "weight_bytes_per_token": per_tok,
-        "kv_bytes_per_token": kv,
-        "bytes_per_token": bytes_per_token,
-        "copy_bandwidth_gbs": copy_bw / 1e9,
-        "matvec_bandwidth_gbs": matvec_bw / 1e9,
-        "bandwidth_gbs": bw / 1e9,
-        "roofline_decode_tps": bw / bytes_per_token,
-        "fraction": {n: m["decode_tps"] * bytes_per_token / bw for n, m in medians.items()},
-    }
+        result.update(_against_mlx_lm(medians, runs))
+    result["roofline"] = _roofline(ours, args, medians, on_cpu)
     return result
 
 
@@ -418,7 +434,7 @@ def write_json(path: str, res: dict) -> None:
 
 
 def main(argv: Optional[list] = None) -> int:
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
     ensure_openblas(argv)
     args = parse_args(argv)

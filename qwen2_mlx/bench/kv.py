@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, int_list, mlx_dtype
+from qwen2_mlx.arguments import DTYPE_NAMES, int_list, mlx_dtype
 from qwen2_mlx.loading.paths import default_model_path
 
 
@@ -66,6 +66,32 @@ def held_bytes(c) -> int:
     return sum(t[..., : c.offset, :].nbytes for t in parts)
 
 
+def _print_header(a) -> None:
+    elements = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim  # keys and values, all layers
+    print(
+        f"model: {a.num_hidden_layers} layers x {a.num_key_value_heads} KV heads x {a.head_dim}; a token's keys and "
+        f"values are {elements} numbers: {elements * 4 / 1024:.1f} KiB in float32, {elements * 2 / 1024:.1f} KiB "
+        f"in float16 (computed)"
+    )
+    print(f"{'tokens':>6} {'mode':>5} {'cache':>7} | {'KiB/token':>9} {'KV MB':>7} {'peak MB':>8} {'decode':>7} "
+          f"{'prefill s':>9} | "
+          f"{'max |dlogit|':>12} {'KL':>9} {'tokens=':>7} {'found':>5}")  # fmt: skip
+
+
+def _print_row(row: dict, dtype: str) -> None:
+    b = row["kv_bits"]
+    name = f"{b}-bit" if b else dtype.replace("float", "f")
+    dev = " " * 30
+    if b:
+        dev = f"{row['max_logit_deviation']:12.4f} {row['kl']:9.2e} {row['same_tokens']!s:>7}"
+    print(
+        f"{row['tokens']:>6} {row['mode']:>5} {name:>7} | {row['kv_bytes_per_token'] / 1024:9.1f} "
+        f"{row['kv_mb']:7.1f} {row['peak_mb_above_weights']:8.1f} {row['decode_peak_mb_above_weights']:7.1f} "
+        f"{row['prefill_seconds']:9.1f} | {dev} {row['found']!s:>5}",
+        flush=True,
+    )
+
+
 def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dict]:
     import mlx.core as mx
     import numpy as np
@@ -84,16 +110,7 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
             raise ValueError(f"--layers must be between 1 and the model's {len(model.layers)}")
         model.model.layers = model.model.layers[: args.layers]
         model.args.num_hidden_layers = args.layers
-    a = model.args
-    elements = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim  # keys and values, all layers
-    print(
-        f"model: {a.num_hidden_layers} layers x {a.num_key_value_heads} KV heads x {a.head_dim}; a token's keys and "
-        f"values are {elements} numbers: {elements * 4 / 1024:.1f} KiB in float32, {elements * 2 / 1024:.1f} KiB "
-        f"in float16 (computed)"
-    )
-    print(f"{'tokens':>6} {'mode':>5} {'cache':>7} | {'KiB/token':>9} {'KV MB':>7} {'peak MB':>8} {'decode':>7} "
-          f"{'prefill s':>9} | "
-          f"{'max |dlogit|':>12} {'KL':>9} {'tokens=':>7} {'found':>5}")  # fmt: skip
+    _print_header(model.args)
     rows = []
     weights = mx.get_active_memory()
     for length in lengths:
@@ -143,15 +160,7 @@ def run(args, lengths: list[int], bits: list[int], modes: list[str]) -> list[dic
                     row["kl"] = float((p_ref * (ref[0] - first)).sum())
                     row["same_tokens"] = out == ref[1]
                 rows.append(row)
-                name = f"{b}-bit" if b else args.dtype.replace("float", "f")
-                dev = " " * 30
-                if b:
-                    dev = f"{row['max_logit_deviation']:12.4f} {row['kl']:9.2e} {row['same_tokens']!s:>7}"
-                print(
-                    f"{row['tokens']:>6} {mode:>5} {name:>7} | {row['kv_bytes_per_token'] / 1024:9.1f} "
-                    f"{row['kv_mb']:7.1f} {peak:8.1f} {decode_peak:7.1f} {seconds:9.1f} | {dev} {row['found']!s:>5}",
-                    flush=True,
-                )
+                _print_row(row, args.dtype)
                 del cache, steps
     return rows
 

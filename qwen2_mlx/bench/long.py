@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, int_list, mlx_dtype
+from qwen2_mlx.arguments import DTYPE_NAMES, int_list, mlx_dtype
 from qwen2_mlx.loading.paths import default_model_path
 
 
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         help="time random weights of the model's shapes (only config.json is read)",
     )
     a = p.parse_args(argv)
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
-    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py)
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (runtime/blas.py)
     if not 0 < a.local_size < a.chunk_size or not 0 < a.memory_local_size < a.memory_chunk_size:
         p.error("local size must be between 1 and chunk size - 1")
     lengths = _lengths(p, "--memory-lengths", a.memory_lengths) if a.memory_lengths.strip() else []  # "": none

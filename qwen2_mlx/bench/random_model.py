@@ -96,19 +96,14 @@ def write_tokenizer(path: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(_SPECIALS)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|endoftext|>",
-                "bos_token": None,
-                "chat_template": _TEMPLATE,
-                "model_max_length": 32768,
-                "tokenizer_class": "Qwen2Tokenizer",
-            },
-            indent=2,
-        )
-    )
+    write_tokenizer_config(path, _TEMPLATE, 32768, tokenizer_class="Qwen2Tokenizer")
+
+
+def write_tokenizer_config(path: Path, chat_template: str, model_max_length: int, **extra) -> None:
+    """tokenizer_config.json with Qwen2's special tokens (im_end ends a turn, no BOS) and `chat_template`."""
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}
+    config.update(chat_template=chat_template, model_max_length=model_max_length, **extra)
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def write_random_model(preset: str, path: Union[str, Path], dtype: mx.Dtype = mx.bfloat16, seed: int = 0) -> Path:

@@ -45,11 +45,9 @@ def document(tokenizer, target: int, seed: int = 0) -> str:
     return "\n\n".join(paragraphs)
 
 
-def main(argv=None) -> int:
-    from qwen2_mlx.loading.paths import default_model_path
-
+def _parser(default_model) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m qwen2_mlx.bench.reopen", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(default_model_path()), help="model folder (default: %(default)s)")
+    p.add_argument("--model", default=str(default_model), help="model folder (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=8192, help="length of the chat in tokens (default: %(default)s)")
     p.add_argument("--runs", type=int, default=3, help="runs of each kind, alternating (default: %(default)s)")
     p.add_argument(
@@ -60,10 +58,47 @@ def main(argv=None) -> int:
     )
     p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="quantize the KV cache")
     p.add_argument("--cache-dir", default=None, help="where the cache is saved (default: a temporary folder)")
+    return p
+
+
+def _report(n_tokens: int, saved, save_peak: int, load_s: float, runs: dict) -> bool:
+    """Print the figures; returns whether both kinds of run gave the same first token."""
+    cold_s = statistics.median(s for s, _ in runs["cold"])
+    warm_s = statistics.median(s for s, _ in runs["reopened"])
+    same = {t for _, t in runs["cold"]} == {t for _, t in runs["reopened"]} and len({t for _, t in runs["cold"]}) == 1
+    ratio = warm_s / cold_s
+    print(f"chat tokens:            {n_tokens:,}")
+    print(
+        f"save:                   {saved.seconds:.2f}s, {saved.nbytes / 1e6:.1f} MB on disk, "
+        f"{save_peak / 1e6:.1f} MB extra peak memory"
+    )
+    print(f"load from disk:         {load_s:.3f}s (median)")
+    print(f"TTFT cold (median):     {cold_s:.3f}s")
+    print(f"TTFT reopened (median): {warm_s:.3f}s (load included)")
+    print(f"reopened / cold:        {ratio:.1%} ({'meets' if ratio <= 0.10 else 'misses'} the 10% goal)")
+    print(f"same first token:       {'yes' if same else 'NO'}")
+    return same
+
+
+def _alternate(n: int, kinds: dict) -> dict[str, list]:
+    """Run each kind `n` times, alternating; (seconds, first token) per run and kind."""
+    runs: dict[str, list] = {name: [] for name in kinds}
+    for i in range(n):
+        for name, fn in kinds.items():
+            seconds, token, prefilled = fn()
+            runs[name].append((seconds, token))
+            print(f"run {i + 1} {name:>8}: TTFT {seconds:7.3f}s  prefilled {prefilled:,} tokens", flush=True)
+    return runs
+
+
+def main(argv=None) -> int:
+    from qwen2_mlx.loading.paths import default_model_path
+
+    p = _parser(default_model_path())
     args = p.parse_args(argv)
     if args.tokens < 64 or args.runs < 1:
         p.error("--tokens must be at least 64 and --runs at least 1")
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
 
@@ -74,6 +109,7 @@ def main(argv=None) -> int:
     from qwen2_mlx.generation.chat import Chat
     from qwen2_mlx.generation.generate import prefill_prompt_cache
     from qwen2_mlx.generation.prompt_cache import make_prompt_cache
+    from qwen2_mlx.generation.settings import GenerationSettings
 
     model, tokenizer = load(args.model, dtype=getattr(mx, args.dtype))
     mx.eval(model.parameters())
@@ -84,7 +120,7 @@ def main(argv=None) -> int:
     ]
 
     def fresh() -> Chat:
-        return Chat(model, tokenizer, messages=history, max_tokens=1, temperature=0.0, **kv)
+        return Chat(model, tokenizer, messages=history, settings=GenerationSettings(max_tokens=1, **kv))
 
     # The state the chat app has after the reply: the history's tokens in the cache, saved on disk.
     chat = fresh()
@@ -125,30 +161,12 @@ def main(argv=None) -> int:
             r = next(iter(c.stream(QUESTION)))
             return time.perf_counter() - tic, r.token, r.prompt_tokens
 
-        runs: dict[str, list] = {"cold": [], "reopened": []}
-        for i in range(args.runs):
-            for name, fn in (("cold", cold), ("reopened", reopened)):
-                seconds, token, prefilled = fn()
-                runs[name].append((seconds, token))
-                print(f"run {i + 1} {name:>8}: TTFT {seconds:7.3f}s  prefilled {prefilled:,} tokens", flush=True)
+        runs = _alternate(args.runs, {"cold": cold, "reopened": reopened})
         load_s = statistics.median(
             [store.load("bench", validity, model).seconds for _ in range(args.runs)]
         )  # the load alone, for the record
 
-    cold_s = statistics.median(s for s, _ in runs["cold"])
-    warm_s = statistics.median(s for s, _ in runs["reopened"])
-    same = {t for _, t in runs["cold"]} == {t for _, t in runs["reopened"]} and len({t for _, t in runs["cold"]}) == 1
-    ratio = warm_s / cold_s
-    print(f"chat tokens:            {len(ids):,}")
-    print(
-        f"save:                   {saved.seconds:.2f}s, {saved.nbytes / 1e6:.1f} MB on disk, "
-        f"{save_peak / 1e6:.1f} MB extra peak memory"
-    )
-    print(f"load from disk:         {load_s:.3f}s (median)")
-    print(f"TTFT cold (median):     {cold_s:.3f}s")
-    print(f"TTFT reopened (median): {warm_s:.3f}s (load included)")
-    print(f"reopened / cold:        {ratio:.1%} ({'meets' if ratio <= 0.10 else 'misses'} the 10% goal)")
-    print(f"same first token:       {'yes' if same else 'NO'}")
+    same = _report(len(ids), saved, save_peak, load_s, runs)
     return 0 if same else 1
 
 

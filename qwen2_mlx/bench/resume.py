@@ -80,7 +80,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (cli/blas.py)
     if args.child:

@@ -58,7 +58,7 @@ class Server:
             cmd += ["--log-level", "warning", "--max-concurrency", "8", *extra]
         else:
             cmd = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(self.port), *extra]
-            from qwen2_mlx.cli.blas import OPENBLAS_PATHS  # the same BLAS as ours, for a fair float32 run
+            from qwen2_mlx.runtime.blas import OPENBLAS_PATHS  # the same BLAS as ours, for a fair float32 run
 
             lib = next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
             if lib and sys.platform.startswith("linux"):
@@ -190,7 +190,7 @@ def bench_streams(server: Server, model: str, counts: list, max_tokens: int) -> 
 
 
 def main(argv: Optional[list] = None) -> int:
-    from qwen2_mlx.cli.args import int_list
+    from qwen2_mlx.arguments import int_list
 
     p = argparse.ArgumentParser(prog="python -m qwen2_mlx.bench.serve", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model folder (float32 is the fast type on a CPU)")

@@ -139,12 +139,6 @@ def run(args, log) -> dict:
             f"x{row['speedup']:.2f}  accept {row['acceptance']:.0%}  {row['tokens_per_forward']:.2f} t/fwd"
         )
         rows.append(row)
-    kinds = {}
-    for kind in dict.fromkeys(r["kind"] for r in rows):
-        mine = [r for r in rows if r["kind"] == kind]
-        kinds[kind] = {"speedup_geomean": statistics.geometric_mean(r["speedup"] for r in mine)}
-        if all("ours_over_mlx_lm" in r for r in mine):
-            kinds[kind]["ours_over_mlx_lm_geomean"] = statistics.geometric_mean(r["ours_over_mlx_lm"] for r in mine)
     return {
         "model": str(args.model),
         "method": method,
@@ -152,8 +146,19 @@ def run(args, log) -> dict:
         "runs": args.runs,
         "num_draft_tokens": args.num_draft_tokens if draft is not None else None,
         "tasks": rows,
-        "by_kind": kinds,
+        "by_kind": _by_kind(rows),
     }
+
+
+def _by_kind(rows: list[dict]) -> dict:
+    """Geometric means of the speed-ups (and of ours over mlx-lm's) per kind of task."""
+    kinds = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        mine = [r for r in rows if r["kind"] == kind]
+        kinds[kind] = {"speedup_geomean": statistics.geometric_mean(r["speedup"] for r in mine)}
+        if all("ours_over_mlx_lm" in r for r in mine):
+            kinds[kind]["ours_over_mlx_lm_geomean"] = statistics.geometric_mean(r["ours_over_mlx_lm"] for r in mine)
+    return kinds
 
 
 def report(res: dict) -> str:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.extras import MissingPackage, require
+from qwen2_mlx.runtime.packages import MissingPackage, require
 
 from .recipes import RECIPES, check_name, describe
 
@@ -207,7 +207,7 @@ def _run(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    # No OpenBLAS re-exec here (qwen2_mlx/cli/blas.py): conversion does no matrix products, and the
+    # No OpenBLAS re-exec here (qwen2_mlx/runtime/blas.py): conversion does no matrix products, and the
     # re-exec's notice would break the one-line error contract on stderr.
     sys.exit(run(argv))
 

@@ -73,18 +73,7 @@ def convert(
 
     target = Path(mlx_path).expanduser().absolute()
     check_target(target, force)
-    if quantize and dequantize:
-        raise ConvertError("choose either -q/--quantize or -d/--dequantize, not both")
-    src_quant = source.quantization
-    if quantize and src_quant:
-        raise ConvertError(
-            f"{source.path}: is already quantized; add -d to dequantize it, or convert from the float checkpoint"
-        )
-    if (q_bits or q_group_size or quant_predicate) and not quantize:
-        raise ConvertError("--q-bits, --q-group-size and --quant-predicate need -q/--quantize")
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"unknown --dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-
+    _check_options(source, quantize, dequantize, q_bits, q_group_size, quant_predicate, dtype)
     config = dict(source.config)
     try:
         args = ModelArgs.from_dict(config, str(getattr(source, "path", "config")))
@@ -99,11 +88,48 @@ def convert(
     model = Model(args)
     expected = dict(tree_flatten(model.parameters()))
     plan = QuantPlan(model, q_group_size, q_bits, q_mode, quant_predicate) if quantize else None
-    src_layer_params = _source_layer_params(src_quant)
-
     names = source.tensor_names()
-    present = set(names)
+    src_quant = source.quantization
     quantized_layers = {n[: -len(".scales")] for n in names if n.endswith(".scales")} if src_quant else set()
+    weights = _check_tensors(source, names, expected, quantized_layers)
+    present = set(names)
+    jobs, needed = _plan(source, weights, present, expected, quantized_layers, plan, out_dtype, dequantize)
+    check_disk_space(target, needed)
+
+    quant_block = plan.config_block() if plan is not None else (None if dequantize else src_quant)
+    what = "quantizing to " + (quant_predicate or f"{plan.bits} bits") if plan else (dtype or "original dtype")
+    log(f"Converting {len(jobs)} tensors ({what}) into {target}")
+    bar = _progress(len(jobs), "converting")
+    with ModelWriter(target, force=force, max_shard_bytes=max_shard_bytes) as writer:
+        for job in jobs:
+            _write_tensor(writer, source, job, present, out_dtype)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        _write_config(writer.folder, config, dtype, quant_block)
+        source.write_tokenizer(writer.folder)
+        written = writer.total_bytes
+
+    params_count = sum(_numel(v.shape) for v in expected.values())
+    return Result(target, written * 8 / params_count, folder_size(target), quant_block, dtype)
+
+
+def _check_options(source, quantize, dequantize, q_bits, q_group_size, quant_predicate, dtype) -> None:
+    if quantize and dequantize:
+        raise ConvertError("choose either -q/--quantize or -d/--dequantize, not both")
+    if quantize and source.quantization:
+        raise ConvertError(
+            f"{source.path}: is already quantized; add -d to dequantize it, or convert from the float checkpoint"
+        )
+    if (q_bits or q_group_size or quant_predicate) and not quantize:
+        raise ConvertError("--q-bits, --q-group-size and --quant-predicate need -q/--quantize")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"unknown --dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+
+
+def _check_tensors(source, names: list, expected: dict, quantized_layers: set) -> list:
+    """The source's weight names (no quantization scales), refused unless they match the config's shapes."""
     extras = {f"{q}.{s}" for q in quantized_layers for s in ("scales", "biases")}
     weights = [n for n in names if n not in extras]
     missing = sorted(set(expected) - set(weights))
@@ -119,10 +145,13 @@ def convert(
                 f"{source.path}: tensor {n} has shape {tuple(source.shape(n))}, "
                 f"the config implies {tuple(expected[n].shape)}"
             )
+    return weights
 
-    # Plan every tensor (and the bytes it will take) before writing anything.
-    jobs = []
-    needed = 0
+
+def _plan(source, weights, present, expected, quantized_layers, plan, out_dtype, dequantize) -> tuple[list, int]:
+    """Every tensor's (name, layer, (action, params)) and the bytes they will take, before writing anything."""
+    src_layer_params = _source_layer_params(source.quantization)
+    jobs, needed = [], 0
     for n in weights:
         layer, kind = n.rsplit(".", 1)
         shape = tuple(expected[n].shape)
@@ -145,60 +174,47 @@ def convert(
             action = ("cast", None)
             needed += _numel(shape) * size
         jobs.append((n, layer, action))
-    check_disk_space(target, needed)
+    return jobs, needed
 
-    quant_block = plan.config_block() if plan is not None else (None if dequantize else src_quant)
-    what = "quantizing to " + (quant_predicate or f"{plan.bits} bits") if plan else (dtype or "original dtype")
-    log(f"Converting {len(jobs)} tensors ({what}) into {target}")
-    bar = _progress(len(jobs), "converting")
-    with ModelWriter(target, force=force, max_shard_bytes=max_shard_bytes) as writer:
-        for n, layer, (action, params) in jobs:
-            if action == "copy":
-                for s in ("weight", "scales", "biases"):
-                    if f"{layer}.{s}" in present:
-                        writer.add(f"{layer}.{s}", source.tensor(f"{layer}.{s}"))
-                        _release(source, f"{layer}.{s}")
-            elif action == "dequantize":
-                parts = {
-                    s: source.tensor(f"{layer}.{s}")
-                    for s in ("weight", "scales", "biases")
-                    if f"{layer}.{s}" in present
-                }
-                w = dequantize_tensor(parts, params)
-                writer.add(n, w.astype(out_dtype) if out_dtype is not None else w)
-                for s in parts:
-                    _release(source, f"{layer}.{s}")
-            else:
-                w = source.tensor(n)
-                if out_dtype is not None and mx.issubdtype(w.dtype, mx.floating):
-                    w = w.astype(out_dtype)
-                if action == "quantize":
-                    for s, t in quantize_tensor(w, params).items():
-                        writer.add(f"{layer}.{s}", t)
-                else:
-                    writer.add(n, w)
-                _release(source, n)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
 
-        out_cfg = dict(config)
-        for key in ("quantization", "quantization_config", "_name_or_path"):
-            out_cfg.pop(key, None)
-        if dtype is not None:
-            out_cfg["torch_dtype"] = dtype
-        if quant_block:
-            out_cfg["quantization"] = quant_block
-            out_cfg["quantization_config"] = quant_block
-        from mlx_lm.utils import save_config
+def _write_tensor(writer, source, job: tuple, present: set, out_dtype) -> None:
+    """Copy, dequantize, quantize or cast one planned tensor into the writer, then let the source free it."""
+    n, layer, (action, params) = job
+    if action == "copy":
+        for s in ("weight", "scales", "biases"):
+            if f"{layer}.{s}" in present:
+                writer.add(f"{layer}.{s}", source.tensor(f"{layer}.{s}"))
+                _release(source, f"{layer}.{s}")
+    elif action == "dequantize":
+        parts = {s: source.tensor(f"{layer}.{s}") for s in ("weight", "scales", "biases") if f"{layer}.{s}" in present}
+        w = dequantize_tensor(parts, params)
+        writer.add(n, w.astype(out_dtype) if out_dtype is not None else w)
+        for s in parts:
+            _release(source, f"{layer}.{s}")
+    else:
+        w = source.tensor(n)
+        if out_dtype is not None and mx.issubdtype(w.dtype, mx.floating):
+            w = w.astype(out_dtype)
+        if action == "quantize":
+            for s, t in quantize_tensor(w, params).items():
+                writer.add(f"{layer}.{s}", t)
+        else:
+            writer.add(n, w)
+        _release(source, n)
 
-        save_config(out_cfg, writer.folder / "config.json")
-        source.write_tokenizer(writer.folder)
-        written = writer.total_bytes
 
-    params_count = sum(_numel(v.shape) for v in expected.values())
-    return Result(target, written * 8 / params_count, folder_size(target), quant_block, dtype)
+def _write_config(folder: Path, config: dict, dtype: Optional[str], quant_block: Optional[dict]) -> None:
+    from mlx_lm.utils import save_config
+
+    out_cfg = dict(config)
+    for key in ("quantization", "quantization_config", "_name_or_path"):
+        out_cfg.pop(key, None)
+    if dtype is not None:
+        out_cfg["torch_dtype"] = dtype
+    if quant_block:
+        out_cfg["quantization"] = quant_block
+        out_cfg["quantization_config"] = quant_block
+    save_config(out_cfg, folder / "config.json")
 
 
 def _release(source, name: str) -> None:

@@ -335,6 +335,11 @@ def build_tokenizer(reader, path: Path):
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
+    return tok, _tokenizer_config(reader, added, add_bos, bos, eos, pad)
+
+
+def _tokenizer_config(reader, added: list, add_bos: bool, bos, eos, pad) -> dict:
+    """tokenizer_config.json as transformers writes it for Qwen2, from the GGUF metadata."""
     config = {
         "add_bos_token": add_bos,
         "add_prefix_space": False,
@@ -362,7 +367,7 @@ def build_tokenizer(reader, path: Path):
     template = _field(reader, "tokenizer.chat_template")
     if template:
         config["chat_template"] = template
-    return tok, config
+    return config
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.blas import ensure_openblas
-from qwen2_mlx.extras import MissingPackage, require
+from qwen2_mlx.runtime.blas import ensure_openblas
+from qwen2_mlx.runtime.packages import MissingPackage, require
 
 from . import quality_cli
 from .common import EvalError, add_model_args, load_for_eval, parse_int_list, progress
@@ -113,7 +113,7 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def _check_packages(args: argparse.Namespace) -> None:
-    """The packages the outputs need, before any work (qwen2_mlx/extras.py); MissingPackage if one is absent."""
+    """The packages the outputs need, before any work (runtime/packages.py); MissingPackage if one is absent."""
     require("tqdm", "the progress bar")
     if args.command == "niah":
         require("matplotlib", f"the NIAH heatmap (--out {args.out})")
@@ -225,7 +225,7 @@ def _digest(path: Path) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/cli/blas.py)
+    ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/runtime/blas.py)
     args = build_parser().parse_args(argv)
     try:
         run(args)

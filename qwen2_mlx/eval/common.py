@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.args import (
+from qwen2_mlx.arguments import (
     DTYPE_NAMES,
     add_kv_cache_args,
     add_long_context_args,
@@ -19,8 +19,8 @@ from qwen2_mlx.cli.args import (
     long_context_overrides,
     mlx_dtype,
 )
-from qwen2_mlx.cli.blas import mlx_uses_cpu
 from qwen2_mlx.loading.paths import default_model_path
+from qwen2_mlx.runtime.blas import mlx_uses_cpu
 
 
 class EvalError(ValueError):
@@ -115,7 +115,7 @@ def load_for_eval(args: argparse.Namespace) -> LoadedModel:
 
 
 def parse_int_list(text: str, name: str, minimum: int = 0, maximum: Optional[int] = None) -> list[int]:
-    """'1024,2048' -> [1024, 2048]; a clear EvalError for anything else (cli/args.py's rules)."""
+    """'1024,2048' -> [1024, 2048]; a clear EvalError for anything else (arguments.py's rules)."""
     try:
         return int_list(text, name, minimum, maximum)
     except ValueError as e:

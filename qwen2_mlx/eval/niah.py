@@ -16,7 +16,7 @@ from typing import Optional
 
 from .prompts import niah_prompt
 from .results import ResultsFile
-from .retrieval import answer
+from .retrieval import answer, trial_settings
 
 MAX_NEW_TOKENS = 12  # a space, seven digits and a full stop, with room to spare
 # The red-yellow-green scale of the Needle-in-a-Haystack figures (Qwen2 report, gkamradt's test).
@@ -41,6 +41,7 @@ def run_niah(
     kv: Optional[dict] = None,
 ) -> dict:
     """Run (or resume) the grid; `scores[d][l]` is the fraction found at depths[d] %, lengths[l] tokens."""
+    settings = trial_settings(MAX_NEW_TOKENS, prefill_step_size, kv)
     results = results or ResultsFile(None, {})
     scores, cells = [], []
     for depth in depths:
@@ -58,7 +59,7 @@ def run_niah(
                             "length": length,
                             "depth": depth,
                             "trial": t,
-                            **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar, kv),
+                            **answer(model, tokenizer, prompt, settings, bar),
                         }
                     )
                 cells.append(record)

@@ -11,7 +11,7 @@ from typing import Optional
 
 from .prompts import passkey_prompt, random_key
 from .results import ResultsFile
-from .retrieval import answer, spread_depth
+from .retrieval import answer, spread_depth, trial_settings
 
 MAX_NEW_TOKENS = 8  # a space, five digits and a full stop, with room to spare
 
@@ -28,6 +28,7 @@ def run_passkey(
     kv: Optional[dict] = None,
 ) -> dict:
     """Run (or resume) `trials` trials; returns {"accuracy", "trials": [records]}."""
+    settings = trial_settings(MAX_NEW_TOKENS, prefill_step_size, kv)
     results = results or ResultsFile(None, {})
     records = []
     for i in range(trials):
@@ -41,7 +42,7 @@ def run_passkey(
                     "id": unit,
                     "trial": i,
                     "depth": depth,
-                    **answer(model, tokenizer, prompt, MAX_NEW_TOKENS, prefill_step_size, bar, kv),
+                    **answer(model, tokenizer, prompt, settings, bar),
                 }
             )
         records.append(record)

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qwen2_mlx.cli.args import DTYPE_NAMES, mlx_dtype
+from qwen2_mlx.arguments import DTYPE_NAMES, mlx_dtype
 
 from .common import EvalError, check_out, default_dtype, progress, read_text
 from .results import ResultsFile, write_json
@@ -96,7 +96,7 @@ def _validate(args) -> tuple[str, list[tuple[str, dict]]]:
 
 
 def _dequantize_default(args) -> bool:
-    from qwen2_mlx.cli.blas import mlx_uses_cpu
+    from qwen2_mlx.runtime.blas import mlx_uses_cpu
 
     return not args.quantized_kernels and mlx_uses_cpu()
 

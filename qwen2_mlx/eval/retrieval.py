@@ -6,6 +6,7 @@ import time
 from typing import Optional
 
 from qwen2_mlx.generation.generate import generate
+from qwen2_mlx.generation.settings import GenerationSettings
 
 from .prompts import HaystackPrompt, first_number
 
@@ -14,10 +15,8 @@ def answer(
     model,
     tokenizer,
     prompt: HaystackPrompt,
-    max_tokens: int,
-    prefill_step_size: int,
+    settings: GenerationSettings,
     bar=None,
-    kv: Optional[dict] = None,
 ) -> dict:
     """Run one prompt; the record says what was expected, what came back and whether it matched.
 
@@ -31,10 +30,8 @@ def answer(
         model,
         tokenizer,
         prompt.tokens,
-        max_tokens=max_tokens,
-        prefill_step_size=prefill_step_size,
+        settings=settings,
         prompt_progress_callback=on_prefill if bar is not None else None,
-        **(kv or {}),
     )
     return {
         "tokens": len(prompt.tokens),
@@ -44,6 +41,11 @@ def answer(
         "ok": first_number(got) == prompt.expected,
         "seconds": round(time.perf_counter() - tic, 2),
     }
+
+
+def trial_settings(max_tokens: int, prefill_step_size: int, kv: Optional[dict] = None) -> GenerationSettings:
+    """A trial's settings: greedy, a few tokens, the eval's prefill step and KV-cache quantization."""
+    return GenerationSettings(max_tokens=max_tokens, prefill_step_size=prefill_step_size, **(kv or {}))
 
 
 def spread_depth(i: int) -> float:

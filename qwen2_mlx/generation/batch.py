@@ -10,16 +10,15 @@ Each row has its own stop strings filter and finish reason, exactly as `stream_g
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache
 
 from .generate import (
-    DEFAULT_PREFILL_STEP_SIZE,
     ContextOverflowError,
     GenerationStats,
     Reply,
@@ -31,6 +30,7 @@ from .generate import (
     generation_stream,
 )
 from .kv_quant import KVQuantization, quantize_batch_cache
+from .settings import GenerationSettings
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
@@ -111,89 +111,60 @@ class _Row:
         return True
 
 
+_DEFAULT: Any = object()  # "not given": the settings' own max_tokens holds
+_UNSUPPORTED = ("draft_model", "lookup", "json_schema", "max_context")
+
+
 def batch_generate(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[Prompt],
-    max_tokens: Union[int, Sequence[int], None] = 256,
+    max_tokens: Union[int, Sequence[int], None] = _DEFAULT,
     *,
     batch_size: int = 16,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: Optional[float] = None,
-    repetition_context_size: int = 20,
-    logit_bias: Optional[dict] = None,
-    seed: Optional[int] = None,
-    sampler: Optional[Callable] = None,
-    logits_processors: Optional[Sequence[Callable]] = None,
-    stop: Optional[Iterable[str]] = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     verbose: bool = False,
-    kv_bits: Optional[int] = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
+    settings: Optional[GenerationSettings] = None,
+    **kwargs: Any,
 ) -> BatchResponse:
     """Generate a completion for every prompt, decoding up to `batch_size` of them together.
 
     A prompt is a string (encoded as is), token ids, or a list of chat messages (the chat
     template is applied). `max_tokens` is one limit or one per prompt (None: until the end of
-    the turn or the context window). Sampling and KV-cache settings are `stream_generate`'s.
+    the turn or the context window). Sampling, stopping and KV-cache settings are `stream_generate`'s
+    (`settings=` and keyword settings); speculative decoding and JSON schemas are not for batches.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    kv = KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model)
+    per_prompt = isinstance(max_tokens, (list, tuple))
+    if max_tokens is not _DEFAULT and not per_prompt:
+        kwargs["max_tokens"] = max_tokens
+    s = GenerationSettings.build(settings, **kwargs)
+    for name in _UNSUPPORTED:
+        if getattr(s, name) not in (None, False):
+            raise ValueError(f"batch_generate does not take {name}; use stream_generate")
+    kv = KVQuantization.make(s.kv_bits, s.kv_group_size, s.quantized_kv_start, model)
     if getattr(model.args, "dual_chunk_attention_config", None) is not None:
         raise ValueError("batch_generate does not support Dual Chunk Attention models; use stream_generate")
     tokenizer = as_wrapper(tokenizer)
     encoded = [_encode(tokenizer, p, i) for i, p in enumerate(prompts)]
-    limits = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [max_tokens] * len(encoded)
-    if len(limits) != len(encoded):
-        raise ValueError(f"max_tokens has {len(limits)} entries for {len(encoded)} prompts")
-    limits = [None if m is not None and m < 0 else m for m in limits]
-    if any(m == 0 for m in limits):
-        raise ValueError("max_tokens must be positive (or None for no limit)")
+    limits = _limits(list(max_tokens) if per_prompt else [s.max_tokens] * len(encoded), len(encoded))
     window = context_limit(model)
     for i, ids in enumerate(encoded):
         if len(ids) >= window:
             raise ContextOverflowError(
                 f"prompts[{i}] ({len(ids)} tokens) does not fit the context window of {window} tokens"
             )
-    if seed is not None:
-        mx.random.seed(seed)
-    sample, procs = build_sampler(
-        temperature,
-        top_p,
-        top_k,
-        min_p,
-        repetition_penalty,
-        repetition_context_size,
-        logit_bias,
-        sampler,
-        logits_processors,
-    )
+    if s.seed is not None:
+        mx.random.seed(s.seed)
+    sample, procs = build_sampler(s)
     eos = set(tokenizer.eos_token_ids or [])
     stats = BatchStats()
     results: list[Optional[_Row]] = [None] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     for start in range(0, len(order), batch_size):
-        rows = []
-        for i in order[start : start + batch_size]:
-            room = window - len(encoded[i])
-            m = limits[i]
-            rows.append(
-                _Row(
-                    i,
-                    encoded[i],
-                    room if m is None else min(m, room),
-                    "length" if m is not None and m <= room else "context",
-                    fresh_detokenizer(tokenizer),
-                    stop,
-                )
-            )
+        rows = [_row(i, encoded[i], limits[i], window, tokenizer, s.stop) for i in order[start : start + batch_size]]
         with mx.stream(generation_stream):
-            _run_group(model, rows, sample, procs, eos, prefill_step_size, stats, kv)
+            _run_group(model, rows, sample, procs, eos, s.prefill_step_size, stats, kv)
         for r in rows:
             results[r.index] = r
         if verbose:
@@ -210,6 +181,23 @@ def batch_generate(
             f"peak memory {stats.peak_memory:.2f} GB"
         )
     return BatchResponse(texts, stats, [r.tokens for r in results])
+
+
+def _limits(limits: list, n: int) -> list:
+    """One max_tokens per prompt, negative ones meaning none (mlx-lm), zero refused."""
+    if len(limits) != n:
+        raise ValueError(f"max_tokens has {len(limits)} entries for {n} prompts")
+    limits = [None if m is not None and m < 0 else m for m in limits]
+    if any(m == 0 for m in limits):
+        raise ValueError("max_tokens must be positive (or None for no limit)")
+    return limits
+
+
+def _row(i: int, prompt: list[int], max_tokens: Optional[int], window: int, tokenizer, stop) -> _Row:
+    room = window - len(prompt)
+    limit = room if max_tokens is None else min(max_tokens, room)
+    reason = "length" if max_tokens is not None and max_tokens <= room else "context"
+    return _Row(i, prompt, limit, reason, fresh_detokenizer(tokenizer), stop)
 
 
 def _run_group(

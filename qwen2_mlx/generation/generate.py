@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import mlx.core as mx
@@ -22,10 +23,10 @@ from .kv_quant import KVQuantization, quantizer
 from .prompt_cache import make_prompt_cache
 from .proposers import LookupSettings, check_draft
 from .responses import ContextOverflowError, GenerationResponse, GenerationStats, Reply
+from .settings import DEFAULT_PREFILL_STEP_SIZE, GenerationSettings
 from .speculative import SpeculativeStats, make_distribution, speculative_generate_step, split_cache
 
 generation_stream = mx.new_thread_local_stream(mx.default_device())
-DEFAULT_PREFILL_STEP_SIZE = 2048
 
 
 def context_limit(model: nn.Module) -> int:
@@ -36,25 +37,27 @@ def context_limit(model: nn.Module) -> int:
     return args.max_position_embeddings
 
 
-def build_sampler(
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: Optional[float] = None,
-    repetition_context_size: int = 20,
-    logit_bias: Optional[dict] = None,
-    sampler=None,
-    logits_processors=None,
-):
-    """mlx-lm's sampler and logits processors from plain keyword settings."""
+def build_sampler(settings: GenerationSettings, extra_processors: Sequence[Callable] = ()):
+    """mlx-lm's sampler and logits processors from the settings (a given `sampler` wins)."""
+    sampler = settings.sampler
     if sampler is None:
-        sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
-    procs = list(logits_processors or [])
+        sampler = make_sampler(
+            temp=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, min_p=settings.min_p
+        )
+    procs = list(settings.logits_processors or []) + list(extra_processors)
     procs += make_logits_processors(
-        logit_bias=logit_bias, repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+        logit_bias=settings.logit_bias,
+        repetition_penalty=settings.repetition_penalty,
+        repetition_context_size=settings.repetition_context_size,
     )
     return sampler, procs
+
+
+def _hint_length(cache: list, new_tokens: int) -> None:
+    """DCA caches give every prompt key the temperature of the whole prompt: tell them its length."""
+    for c in cache:
+        if hasattr(c, "length_hint"):
+            c.length_hint = c.offset + new_tokens
 
 
 def generate_step(
@@ -96,6 +99,7 @@ def generate_step(
         raise ValueError("the prompt is empty: give at least one token")
     quantize = quantizer(KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model))
     lookup = LookupSettings.coerce(lookup)
+    progress = prompt_progress_callback or (lambda *_: None)
     if draft_model is not None or lookup is not None:
         yield from _speculative(
             prompt,
@@ -105,7 +109,7 @@ def generate_step(
             logits_processors=logits_processors,
             prompt_cache=prompt_cache,
             prefill_step_size=prefill_step_size,
-            prompt_progress_callback=prompt_progress_callback,
+            progress=progress,
             draft_model=draft_model,
             num_draft_tokens=num_draft_tokens,
             lookup=lookup,
@@ -117,7 +121,13 @@ def generate_step(
         return
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
-    progress = prompt_progress_callback or (lambda *_: None)
+    yield from _decode(
+        prompt, model, cache, sampler, logits_processors, max_tokens, prefill_step_size, progress, quantize
+    )
+
+
+def _decode(prompt, model, cache, sampler, logits_processors, max_tokens, prefill_step_size, progress, quantize):
+    """generate_step's plain loop: prefill, then one token per forward, double-buffered."""
     total = prompt.size
     history = None  # tokens the logits processors see: prompt and generated tokens so far
 
@@ -132,9 +142,7 @@ def generate_step(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
-    for c in cache:  # DCA caches give every prompt key the temperature of the whole prompt
-        if hasattr(c, "length_hint"):
-            c.length_hint = c.offset + prompt.size
+    _hint_length(cache, prompt.size)
     with mx.stream(generation_stream):
         # Prefill all but the last prompt token; the last one goes through the head in `step`.
         done = _prefill(model, prompt[:-1], cache, prefill_step_size, lambda d, _: progress(d, total), quantize)
@@ -161,7 +169,7 @@ def generate_step(
             y, logprobs = next_y, next_logprobs
 
 
-def _speculative(prompt, model, *, prompt_cache, prefill_step_size, prompt_progress_callback, **kw):
+def _speculative(prompt, model, *, prompt_cache, prefill_step_size, progress, **kw):
     """generate_step's speculative branch: check the settings, set up the caches, run the loop."""
     draft_model, lookup = kw["draft_model"], kw["lookup"]
     if draft_model is not None and lookup is not None:
@@ -173,11 +181,8 @@ def _speculative(prompt, model, *, prompt_cache, prefill_step_size, prompt_progr
     if prompt_cache is None:
         prompt_cache = make_prompt_cache(model) + (make_prompt_cache(draft_model) if draft_model is not None else [])
     cache, draft_cache = split_cache(prompt_cache, model, draft_model)
-    progress = prompt_progress_callback or (lambda *_: None)
     total = prompt.size
-    for c in prompt_cache:  # DCA caches give every prompt key the temperature of the whole prompt
-        if hasattr(c, "length_hint"):
-            c.length_hint = c.offset + prompt.size
+    _hint_length(prompt_cache, prompt.size)
 
     def prefill(m: nn.Module, tokens: mx.array, c: list) -> int:
         report = (lambda d, _: progress(d, total)) if m is model else (lambda *_: None)
@@ -250,9 +255,7 @@ def prefill_prompt_cache(
             f"the prompt ({tokens.size} tokens, {held} more already cached) does not "
             f"fit the context window of {context_limit(model)} tokens"
         )
-    for c in cache:  # DCA caches give every prompt key the temperature of the whole prompt
-        if hasattr(c, "length_hint"):
-            c.length_hint = c.offset + tokens.size
+    _hint_length(cache, tokens.size)
     with mx.stream(generation_stream):
         _prefill(model, tokens, cache, prefill_step_size, prompt_progress_callback or (lambda *_: None), quantize)
     return cache
@@ -338,41 +341,27 @@ class _Cancelled(Exception):
     """Raised from the prefill progress callback to stop a long prefill early."""
 
 
+_DEFAULT: Any = object()  # "not given": the settings' own value holds
+
+
 def stream_generate(
     model: nn.Module,
     tokenizer,
     prompt: Union[str, Sequence[int], mx.array],
-    max_tokens: Optional[int] = 256,
+    max_tokens: Optional[int] = _DEFAULT,
     *,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: Optional[float] = None,
-    repetition_context_size: int = 20,
-    logit_bias: Optional[dict] = None,
-    seed: Optional[int] = None,
-    sampler: Optional[Callable] = None,
-    logits_processors: Optional[Sequence[Callable]] = None,
-    stop: Optional[Iterable[str]] = None,
+    settings: Optional[GenerationSettings] = None,
     cancel: Optional[Any] = None,
     prompt_cache: Optional[list] = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
-    max_context: Optional[int] = None,
-    temp: Optional[float] = None,
-    draft_model: Optional[nn.Module] = None,
-    num_draft_tokens: int = 3,
-    lookup: Union[None, bool, dict, LookupSettings] = None,
     context_tokens: Sequence[int] = (),
-    kv_bits: Optional[int] = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
-    json_schema: Any = None,
+    **kwargs: Any,
 ) -> Generator[GenerationResponse, None, None]:
     """Stream a completion as GenerationResponse segments; the last one carries `finish_reason`.
 
-    `prompt` is a string (encoded as is, no special tokens added) or token ids; with a
+    `settings` (a GenerationSettings, settings.py) says how to generate; keyword settings with
+    its field names (mlx-lm's: `temperature=`/`temp=`, `top_p=`, `max_tokens=`, `stop=`, ...) go on
+    top of it. `prompt` is a string (encoded as is, no special tokens added) or token ids; with a
     `prompt_cache`, only the tokens the cache does not hold yet. `stop` strings end generation
     and never appear in the text. `cancel` is anything with `is_set()` (a `threading.Event`);
     setting it from another thread ends the stream with "cancelled" (checked after every token
@@ -380,153 +369,183 @@ def stream_generate(
     the end of the turn or the context window ("context"); `max_context` narrows that window
     below the model's. Raises ContextOverflowError when the prompt itself does not fit.
 
-    Speculative decoding, exact (see speculative.py): `lookup=True` (or LookupSettings) for prompt
-    lookup, `draft_model=` with `num_draft_tokens=` for a draft model of the same tokenizer;
-    `context_tokens` are the ids `prompt_cache` already holds, for prompt lookup to search.
-    Responses then say `from_draft` per token and count proposals, acceptances and forwards.
-
-    `kv_bits` (2-8; 4 and 8 are the useful ones), `kv_group_size` and `quantized_kv_start` quantize the
-    KV cache as mlx-lm does, DCA layers included (their keys after rotation and scaling).
-
-    `json_schema` (a dict, a JSON string, or `True` for any JSON object) keeps the reply inside the
-    schema while sampling (structured.py, needs the `serve` extra's llguidance).
+    Speculative decoding, exact (see speculative.py): `lookup=True` for prompt lookup, `draft_model=`
+    for a draft model of the same tokenizer; `context_tokens` are the ids `prompt_cache` already
+    holds, for prompt lookup to search. Responses then say `from_draft` per token and count
+    proposals, acceptances and forwards. `kv_bits` (4 and 8 are the useful ones) quantizes the KV
+    cache as mlx-lm does, DCA layers included. `json_schema` keeps the reply inside a JSON schema
+    while sampling (structured.py, needs the `serve` extra's llguidance).
     """
-    KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model)  # bad settings fail before any work
-    if max_tokens is not None and max_tokens < 0:
-        max_tokens = None
-    if max_tokens is not None and max_tokens == 0:
-        raise ValueError("max_tokens must be positive (or None for no limit)")
-    if temp is not None:  # mlx-lm's spelling
-        temperature = temp
-    if seed is not None:
-        mx.random.seed(seed)
-    lookup = LookupSettings.coerce(lookup)
-    if json_schema is not None and json_schema is not False:
-        if draft_model is not None or lookup is not None:
-            raise ValueError("json_schema cannot be combined with speculative decoding")
+    if max_tokens is not _DEFAULT:
+        kwargs["max_tokens"] = max_tokens
+    run = prepare_run(
+        model, tokenizer, prompt, GenerationSettings.build(settings, **kwargs), prompt_cache, cancel,
+        prompt_progress_callback, context_tokens,
+    )  # fmt: skip
+    yield from token_loop(run, cancel)
+
+
+@dataclass
+class PreparedRun:
+    """A generation ready to run: the prompt's ids, the token steps and how the text ends."""
+
+    prompt: mx.array
+    steps: Generator
+    text_filter: StopStringFilter
+    eos: set
+    limit: int  # the most tokens: max_tokens, or what the context window leaves
+    length_reason: str  # "length" when max_tokens is the limit, else "context"
+    spec: Optional[SpeculativeStats]
+
+
+def prepare_run(
+    model, tokenizer, prompt, s: GenerationSettings, cache, cancel, progress, context_tokens
+) -> PreparedRun:
+    """Check what a run needs, build its sampler and processors and the (not yet started) token steps."""
+    KVQuantization.make(s.kv_bits, s.kv_group_size, s.quantized_kv_start, model)  # before any work
+    if s.seed is not None:
+        mx.random.seed(s.seed)
+    extra = []
+    if s.json_schema is not None and s.json_schema is not False:
         from .structured import json_schema_processor
 
-        schema = None if json_schema is True else json_schema
-        grammar = json_schema_processor(tokenizer, schema, model.args.vocab_size)
-        logits_processors = [*(logits_processors or []), grammar]
-    if draft_model is not None:
-        check_draft(model, draft_model, len(as_wrapper(tokenizer)._tokenizer))
+        schema = None if s.json_schema is True else s.json_schema
+        extra.append(json_schema_processor(tokenizer, schema, model.args.vocab_size))
+    if s.draft_model is not None:
+        check_draft(model, s.draft_model, len(as_wrapper(tokenizer)._tokenizer))
     # Known settings give the accept/resample rule the distribution; a custom sampler does not.
-    distribution = make_distribution(temperature, top_p, top_k, min_p) if sampler is None and temperature > 0 else None
-    spec = SpeculativeStats() if draft_model is not None or lookup is not None else None
-    sampler, procs = build_sampler(
-        temperature,
-        top_p,
-        top_k,
-        min_p,
-        repetition_penalty,
-        repetition_context_size,
-        logit_bias,
-        sampler,
-        logits_processors,
-    )
-    prompt = encode_prompt(tokenizer, prompt)
-    if prompt.size == 0:
+    known = s.sampler is None and s.temperature > 0
+    distribution = make_distribution(s.temperature, s.top_p, s.top_k, s.min_p) if known else None
+    spec = SpeculativeStats() if s.speculative else None
+    sampler, procs = build_sampler(s, extra)
+    ids = encode_prompt(tokenizer, prompt)
+    if ids.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    text_filter = StopStringFilter(fresh_detokenizer(tokenizer), stop)
-    eos = set(getattr(as_wrapper(tokenizer), "eos_token_ids", None) or [])
-    cache = prompt_cache
     if cache is None:  # with a draft model, mlx-lm's layout: the model's layers, then the draft's
-        cache = make_prompt_cache(model) + (make_prompt_cache(draft_model) if draft_model is not None else [])
+        cache = make_prompt_cache(model) + (make_prompt_cache(s.draft_model) if s.draft_model is not None else [])
     start_offset = getattr(cache[0], "offset", 0) if cache else 0
-    window = min(max_context, context_limit(model)) if max_context else context_limit(model)
-    room = window - start_offset - prompt.size
+    window = min(s.max_context, context_limit(model)) if s.max_context else context_limit(model)
+    room = window - start_offset - ids.size
     if room <= 0:
         raise ContextOverflowError(
-            f"the prompt ({prompt.size} tokens, {start_offset} more already cached) does not fit "
+            f"the prompt ({ids.size} tokens, {start_offset} more already cached) does not fit "
             f"the context window of {window} tokens"
         )
-    limit = room if max_tokens is None else min(max_tokens, room)
-    length_reason = "length" if max_tokens is not None and max_tokens <= room else "context"
-
-    tic = time.perf_counter()
-    prompt_tps = ttft = 0.0
-    token, logprobs, n, from_draft, accepted = -1, None, 0, False, 0
-
-    def response(text: str, reason: Optional[str] = None) -> GenerationResponse:
-        elapsed = time.perf_counter() - tic
-        return GenerationResponse(
-            text=text,
-            token=token,
-            logprobs=logprobs,
-            prompt_tokens=prompt.size,
-            prompt_tps=prompt_tps,
-            generation_tokens=n,
-            generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9,
-            finish_reason=reason,
-            from_draft=from_draft,
-            time_to_first_token=ttft,
-            proposed_tokens=spec.proposed if spec else 0,
-            accepted_tokens=accepted,
-            forward_passes=spec.forwards if spec else 0,
-        )
-
-    def progress(done: int, total: int) -> None:
-        if cancel is not None and done < total and cancel.is_set():
-            raise _Cancelled
-        if prompt_progress_callback is not None:
-            prompt_progress_callback(done, total)
-
+    limit = room if s.max_tokens is None else min(s.max_tokens, room)
     steps = generate_step(
-        prompt,
+        ids,
         model,
         max_tokens=limit,
         sampler=sampler,
         logits_processors=procs,
         prompt_cache=cache,
-        prefill_step_size=prefill_step_size,
-        prompt_progress_callback=progress,
-        draft_model=draft_model,
-        num_draft_tokens=num_draft_tokens,
-        lookup=lookup,
+        prefill_step_size=s.prefill_step_size,
+        prompt_progress_callback=_cancellable(cancel, progress),
+        draft_model=s.draft_model,
+        num_draft_tokens=s.num_draft_tokens,
+        lookup=s.lookup_settings,
         context_tokens=context_tokens,
         distribution=distribution,
         speculative_stats=spec,
-        kv_bits=kv_bits,
-        kv_group_size=kv_group_size,
-        quantized_kv_start=quantized_kv_start,
+        **s.kv,
     )
-    reason, pending = None, ""
+    length_reason = "length" if s.max_tokens is not None and s.max_tokens <= room else "context"
+    eos = set(getattr(as_wrapper(tokenizer), "eos_token_ids", None) or [])
+    return PreparedRun(
+        ids, steps, StopStringFilter(fresh_detokenizer(tokenizer), s.stop), eos, limit, length_reason, spec
+    )
+
+
+def _cancellable(cancel, callback) -> Callable[[int, int], None]:
+    """The prefill progress callback, which also stops a long prefill once `cancel` is set."""
+
+    def progress(done: int, total: int) -> None:
+        if cancel is not None and done < total and cancel.is_set():
+            raise _Cancelled
+        if callback is not None:
+            callback(done, total)
+
+    return progress
+
+
+@dataclass
+class _Tally:
+    """A run's counts and clocks, and the responses built from them."""
+
+    prompt_tokens: int
+    spec: Optional[SpeculativeStats]
+    tic: float = field(default_factory=time.perf_counter)
+    prompt_tps: float = 0.0
+    ttft: float = 0.0
+    token: int = -1
+    n: int = 0
+    from_draft: bool = False
+    accepted: int = 0
+
+    def take(self, step: tuple) -> None:
+        self.token, self.from_draft = step[0], len(step) > 2 and step[2]
+        self.accepted += self.from_draft
+        if self.n == 0:  # the first token: the prompt's time ends, the generation's starts
+            self.ttft = time.perf_counter() - self.tic
+            self.prompt_tps = self.prompt_tokens / self.ttft if self.ttft > 0 else 0.0
+            self.tic = time.perf_counter()
+        self.n += 1
+
+    def response(self, text: str, reason: Optional[str] = None) -> GenerationResponse:
+        elapsed, n = time.perf_counter() - self.tic, self.n
+        return GenerationResponse(
+            text=text,
+            token=self.token,
+            logprobs=None,
+            prompt_tokens=self.prompt_tokens,
+            prompt_tps=self.prompt_tps,
+            generation_tokens=n,
+            generation_tps=n / elapsed if n and elapsed > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=reason,
+            from_draft=self.from_draft,
+            time_to_first_token=self.ttft,
+            proposed_tokens=self.spec.proposed if self.spec else 0,
+            accepted_tokens=self.accepted,
+            forward_passes=self.spec.forwards if self.spec else 0,
+        )
+
+
+def token_loop(run: PreparedRun, cancel: Optional[Any] = None) -> Generator[GenerationResponse, None, None]:
+    """Run the steps of a prepared run into text segments, ending with the one that says why it ended."""
+    tally = _Tally(int(run.prompt.size), run.spec)
+    text_filter, reason, pending = run.text_filter, None, ""
     try:
-        for step in steps:
-            token, from_draft = step[0], len(step) > 2 and step[2]
-            accepted += from_draft
-            if n == 0:
-                ttft = time.perf_counter() - tic
-                prompt_tps = prompt.size / ttft if ttft > 0 else 0.0
-                tic = time.perf_counter()
-            n += 1
-            if token in eos:
+        for step in run.steps:
+            tally.take(step)
+            if tally.token in run.eos:
                 reason = "stop"
                 break
-            chunk = text_filter.add(token)
+            chunk = text_filter.add(tally.token)
             if text_filter.stopped:
-                yield response(chunk, "stop")
+                yield tally.response(chunk, "stop")
                 return
-            if n >= limit or (cancel is not None and cancel.is_set()):
-                reason, pending = (length_reason if n >= limit else "cancelled"), chunk
+            if tally.n >= run.limit or (cancel is not None and cancel.is_set()):
+                reason, pending = (run.length_reason if tally.n >= run.limit else "cancelled"), chunk
                 break
-            yield response(chunk)
+            yield tally.response(chunk)
     except _Cancelled:
         reason = "cancelled"
     finally:
-        steps.close()
+        run.steps.close()
     chunk = pending + text_filter.finish()
     if text_filter.stopped:
         reason = "stop"
-    yield response(chunk, reason or length_reason)
+    yield tally.response(chunk, reason or run.length_reason)
 
 
 def generate(
-    model: nn.Module, tokenizer, prompt, max_tokens: Optional[int] = 256, verbose: bool = False, **kwargs
+    model: nn.Module, tokenizer, prompt, max_tokens: Optional[int] = _DEFAULT, verbose: bool = False, **kwargs
 ) -> Reply:
-    """Generate a whole completion; returns a `Reply` (a str with `.finish_reason` and `.stats`)."""
+    """Generate a whole completion; returns a `Reply` (a str with `.finish_reason` and `.stats`).
+
+    Settings as `stream_generate` takes them (`settings=` and keyword settings).
+    """
     parts = []
     last = None
     for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):

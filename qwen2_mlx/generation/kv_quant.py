@@ -14,8 +14,7 @@ import mlx.core as mx
 from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import BatchKVCache
 
-KV_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize supports; the chat app offers 4 and 8
-KV_GROUP_SIZES = (32, 64, 128)
+from .settings import check_kv
 
 
 @dataclass(frozen=True)
@@ -31,12 +30,7 @@ class KVQuantization:
         """The settings, checked (ValueError naming the argument), or None when `kv_bits` is None."""
         if kv_bits is None:
             return None
-        if isinstance(kv_bits, bool) or kv_bits not in KV_BITS:
-            raise ValueError(f"kv_bits must be one of {KV_BITS} (or None for a float cache), not {kv_bits!r}")
-        if isinstance(kv_group_size, bool) or kv_group_size not in KV_GROUP_SIZES:
-            raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, not {kv_group_size!r}")
-        if isinstance(quantized_kv_start, bool) or not isinstance(quantized_kv_start, int) or quantized_kv_start < 0:
-            raise ValueError(f"quantized_kv_start must be a non-negative integer, not {quantized_kv_start!r}")
+        check_kv(kv_bits, kv_group_size, quantized_kv_start)
         head_dim = getattr(getattr(model, "args", None), "head_dim", None)
         if head_dim is not None and head_dim % kv_group_size:
             raise ValueError(f"kv_group_size {kv_group_size} does not divide the model's head size {head_dim}")

@@ -143,6 +143,42 @@ def _agree(targets: list[int], proposals: list[int]) -> tuple[int, int, list[int
     return a, targets[a], proposals
 
 
+def _propose(k: int, index: Optional[NgramIndex], drafter: Optional[DraftProposer], tail: list[int]):
+    """(up to k proposed tokens, the draft's distributions or None): from the n-gram index or the draft."""
+    if k and index is not None:
+        return mx.array(index.propose(k), dtype=mx.uint32), None
+    if k and drafter is not None:
+        return drafter.propose(tail, k)  # `tail`: what the draft's cache does not hold yet
+    return mx.array([], dtype=mx.uint32), None
+
+
+def _proposers(lookup, context: list[int], draft_model, draft_cache, distribution) -> tuple:
+    """(n-gram index, adaptive length, draft proposer): the first two for prompt lookup, the last for a draft."""
+    if lookup is not None:
+        return NgramIndex(lookup, context), AdaptiveLength(lookup), None
+    if draft_model is not None:
+        return None, None, DraftProposer(draft_model, draft_cache, distribution)
+    return None, None, None
+
+
+def _proposal_length(max_tokens: Optional[int], n: int, adaptive: Optional[AdaptiveLength], fixed: int) -> int:
+    """How many tokens to propose: the adaptive or fixed length, never past `max_tokens`."""
+    room = None if max_tokens is None else max_tokens - n - 1
+    if room is not None and room <= 0:
+        return 0
+    k = adaptive.next() if adaptive is not None else fixed
+    return k if room is None else min(k, room)
+
+
+def _keep(cache: list, draft_cache: Optional[list], upto: int, quantize: Callable[[list], None] = lambda c: None):
+    """Trim the model's cache to `upto` positions and the draft's no further, then quantize them."""
+    _trim_to(cache, upto)
+    quantize(cache)
+    if draft_cache is not None:
+        _trim_to(draft_cache, min(draft_cache[0].offset, upto))
+        quantize(draft_cache)
+
+
 def speculative_generate_step(
     prompt: mx.array,
     model: nn.Module,
@@ -168,16 +204,14 @@ def speculative_generate_step(
     `context_tokens` are the tokens `cache` held before `prompt` (prompt lookup searches them too).
     `quantize(cache)` quantizes layers in place (kv_quant.py) after each verify step.
     """
-    if not can_trim_prompt_cache(cache) or (draft_cache is not None and not can_trim_prompt_cache(draft_cache)):
+    if not all(can_trim_prompt_cache(c) for c in (cache, draft_cache) if c is not None):
         raise ValueError("speculative decoding needs trimmable KV caches")
     stats = stats if stats is not None else SpeculativeStats()
     verifier = _Verifier(sampler, logits_processors or [], distribution)
     prompt_list = [int(t) for t in prompt.tolist()]
-    index = NgramIndex(lookup, list(context_tokens) + prompt_list) if lookup is not None else None
-    adaptive = AdaptiveLength(lookup) if lookup is not None else None
-    drafter = None
-    if draft_model is not None:
-        drafter = DraftProposer(draft_model, draft_cache, None if verifier.greedy else distribution)
+    index, adaptive, drafter = _proposers(lookup, list(context_tokens) + prompt_list, draft_model, draft_cache, (
+        None if verifier.greedy else distribution
+    ))  # fmt: skip
 
     done = prefill(model, prompt[:-1], cache)
     if drafter is not None:
@@ -190,35 +224,19 @@ def speculative_generate_step(
     n = 0
     try:
         while True:
-            room = None if max_tokens is None else max_tokens - n - 1
-            k = 0
-            if room is None or room > 0:
-                k = adaptive.next() if adaptive is not None else num_draft_tokens
-                k = k if room is None else min(k, room)
-            q, y = None, mx.array(seq[-1:], dtype=mx.uint32)
-            if k and index is not None:
-                idx = mx.array(index.propose(k), dtype=mx.uint32)
-            elif k and drafter is not None:
-                idx, q = drafter.propose(seq[draft_cache[0].offset - origin :], k)
-            else:
-                idx = mx.array([], dtype=mx.uint32)
-            k = idx.size
-            inputs = mx.concatenate([y, idx]) if k else y
+            k = _proposal_length(max_tokens, n, adaptive, num_draft_tokens)
+            idx, q = _propose(k, index, drafter, seq[draft_cache[0].offset - origin :] if drafter else seq)
+            k, inputs = idx.size, mx.concatenate([mx.array(seq[-1:], dtype=mx.uint32), idx])  # y, then proposals
             logits = model(inputs[None], cache=cache)[0]
             logprobs = verifier.logprobs(logits, inputs)
             a, token, proposals = verifier.accept(logprobs, idx, q)
-            stats.forwards += 1
-            stats.proposed += k
+            stats.forwards, stats.proposed = stats.forwards + 1, stats.proposed + k
             if adaptive is not None:
                 adaptive.update(k, a)
             if n == 0:
                 on_first()
             # Keep y and the accepted proposals; the rest of this forward's keys go.
-            _trim_to(cache, good + 1 + a)
-            quantize(cache)
-            if draft_cache is not None:
-                _trim_to(draft_cache, min(draft_cache[0].offset, good + 1 + a))
-                quantize(draft_cache)
+            _keep(cache, draft_cache, good + 1 + a, quantize)
             verifier.commit(inputs, 1 + a)
             good += 1  # y
             for i in range(a):
@@ -240,6 +258,4 @@ def speculative_generate_step(
                 mx.clear_cache()
     finally:
         # Whatever ended us, keep only tokens the caller has seen (and the draft no further).
-        _trim_to(cache, good)
-        if draft_cache is not None:
-            _trim_to(draft_cache, min(draft_cache[0].offset, good))
+        _keep(cache, draft_cache, good)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from qwen2_mlx.cli.args import (
+from qwen2_mlx.arguments import (
     DTYPE_NAMES,
     add_kv_cache_args,
     add_long_context_args,
@@ -128,7 +128,7 @@ def main(argv: Optional[list] = None) -> int:
         parser.error("choose --lookup or --draft-model, not both")
     if not 0 <= args.port < 65536:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
-    from qwen2_mlx.extras import MissingPackage, require
+    from qwen2_mlx.runtime.packages import MissingPackage, require
 
     try:
         for module in ("starlette", "uvicorn", "llguidance"):
@@ -148,7 +148,7 @@ def main(argv: Optional[list] = None) -> int:
             )
             return 2
 
-    from qwen2_mlx.cli.blas import ensure_openblas
+    from qwen2_mlx.runtime.blas import ensure_openblas
 
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded
     return serve(args, overrides)
@@ -177,7 +177,7 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
 
     import uvicorn
 
-    from qwen2_mlx.cli.args import mlx_dtype
+    from qwen2_mlx.arguments import mlx_dtype
     from qwen2_mlx.loading.loader import ModelLoadError, load
     from qwen2_mlx.models.config import ConfigError
 

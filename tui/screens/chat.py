@@ -30,17 +30,20 @@ from qwen2_mlx.generation.attachments import (
     read_attachment,
     render_message,
 )
+from qwen2_mlx.loading.paths import models_dir
 
 from .. import commands, slash
 from ..engine import CacheNote, Engine, Failed, Finished, Job, Prefill, PrefillRate, Stats, Token
 from ..export import export_chat
+from ..model_folders import list_models
 from ..store import FINISHED, Message, Store
 from ..widgets.attachments import AttachmentBar, chip, duration
-from ..widgets.chat_list import ChatListScreen
 from ..widgets.prompt import PromptInput
-from ..widgets.settings import SettingsScreen
 from ..widgets.status import StatusBar, bar
 from ..widgets.transcript import MessageView, Transcript
+from .chat_list import ChatListScreen
+from .model_picker import ModelScreen
+from .settings import SettingsScreen
 
 SAVE_EVERY = 1.0  # seconds between saves of a streaming reply
 TITLE_CHARS = 48
@@ -297,6 +300,53 @@ class ChatScreen(Screen):
 
         shown = {**self.settings, "cache_disk": self.app.cache_disk}
         self.app.push_screen(SettingsScreen(self.system, shown), saved)
+
+    # what slash commands do here (slash.ChatActions)
+    def rename_chat(self, title: str) -> None:
+        if self.chat_id is None:
+            self.notify("Send a message first: an empty chat is not saved.", severity="warning")
+            return
+        self.store.update_chat(self.chat_id, title=title)
+        self.app.title = title
+
+    def copy_last_reply(self, code: bool) -> None:
+        replies = [m for m in self.path() if m.role == "assistant"]
+        if not replies:
+            self.notify("No reply to copy yet.", severity="warning")
+            return
+        views = [v for v in self.transcript.views if v.message_id == replies[-1].id]
+        if code and views:
+            views[0].action_copy_code()
+        else:
+            self.app.copy_text(replies[-1].content, "reply")
+
+    def choose_model(self, name: str) -> None:
+        """Load model `name`; without one, say which is loaded and offer the converted ones."""
+        app = self.app
+        if name:
+            app.switch_model(name)
+            return
+        info = f"Model: {app.model_label} · context {app.context_limit:,} tokens" + (
+            f", loaded in {app.load_seconds:.1f}s" if app.loaded else " (loading)"
+        )
+        if app.backend_factory is None:
+            self.notify(info)
+            return
+
+        def chosen(path: Optional[str]) -> None:
+            if path:
+                app.switch_model(path)
+
+        app.push_screen(ModelScreen(list_models(), app.model_label, str(models_dir())), chosen)
+
+    def set_cache_disk(self, budget: int) -> None:
+        self.app.set_cache_disk(budget)
+
+    def show_help(self) -> None:
+        self.app.action_help()
+
+    def quit_app(self) -> None:
+        self.app.exit()
 
     def save_chat_settings(self) -> None:
         if self.chat_id is not None:

@@ -5,6 +5,6 @@ capture starts and before any test imports MLX. `python -m pytest` then costs wh
 (16 minutes instead of over 53 for the suite on 2 cores, measured in a fresh venv).
 """
 
-from qwen2_mlx.cli.blas import ensure_openblas
+from qwen2_mlx.runtime.blas import ensure_openblas
 
 ensure_openblas()

@@ -8,7 +8,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList
 from textual.widgets.option_list import Option
 
-from ..models import ModelInfo
+from ..model_folders import ModelInfo
 
 
 class ModelScreen(ModalScreen[str | None]):
