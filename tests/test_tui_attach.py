@@ -16,20 +16,8 @@ from tui.app import ChatApp
 from tui.fake import FakeBackend
 from tui.store import SCHEMA_VERSION, Store
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("data_home")]  # conftest.py
 MODELS = Path(__file__).resolve().parents[1] / "qwen2_mlx" / "models"
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def data_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "data"
 
 
 def bar_text(app) -> str:

@@ -22,22 +22,10 @@ from tui.app import ChatApp
 from tui.backend import DEFAULT_SETTINGS, ModelBackend
 from tui.store import Store
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("data_home")]  # conftest.py
 GREEDY = {"max_tokens": 6, "temperature": 0.0}
 STEP, EVERY = 128, 256  # prefill step and checkpoint interval (tokens), small for a tiny model
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def data_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "data"
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +88,11 @@ def notes(app) -> str:
 async def continue_read(pilot, app):
     """Ctrl+R, as the app offers, and the finished reply."""
     await wait_until(pilot, lambda: app.loaded, timeout=60)
+    before = app.store.path(app.chat.chat_id)[-1].id
     await pilot.press("ctrl+r")
-    await wait_until(pilot, lambda: app.chat.job is not None, timeout=10)
-    await wait_until(pilot, lambda: app.chat.job is None, timeout=60)
-    return app.store.path(app.chat.chat_id)[-1]
+    last = lambda: app.store.path(app.chat.chat_id)[-1]  # noqa: E731
+    await wait_until(pilot, lambda: last().id != before and app.chat.job is None, timeout=60)
+    return last()
 
 
 async def test_esc_mid_read_keeps_the_message_and_the_next_read_starts_from_there(tmp_path, model_path, doc, data_home):
