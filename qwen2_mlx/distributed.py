@@ -1,7 +1,7 @@
 """Generate with a Qwen2 model split over the ranks of `mlx.launch` (tensor parallel, `mx.distributed`).
 
 The sharding itself is the model's (`models/sharding.py`, `Model.shard`); the loading that reads only each
-rank's slices is `loading/sharded.py`. Run it on one machine or several (see README, "Several Macs"):
+rank's slices is `loading/sharded.py`. Run it on one machine or several (see docs/several-macs.md):
 
     mlx.launch -n 2 --backend ring -- python -m qwen2_mlx.distributed --model PATH --prompt "hi"
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16's GPU run, one `run` call at a time (docs/gpu-run.md): stage the pieces this call carried
+# The GPU run (issue 25), one `run` call at a time (docs/gpu-run.md): stage the pieces this call carried
 # (.carry/call-K, cut by scripts/gpu_prepare.sh), unpack the wheels and convert the real model once
 # their pieces are all there, start the step driver in the background (it survives the call: setsid),
 # wait up to --wait seconds, then copy summary.txt, steps.jsonl and results.tar.gz to $OUT and print

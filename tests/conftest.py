@@ -61,10 +61,45 @@ def real_gguf_path() -> Path:
     return fetch_default_gguf()
 
 
+def reusable_conversion(folder: Path, gguf: Path) -> bool:
+    """Whether `folder` is a float32 conversion of `gguf` (as `python convert.py` writes offline on Linux):
+    the same config and, to tell other weights of the same shapes apart, the same first attention weight."""
+    import json
+
+    import numpy as np
+    from safetensors import safe_open
+
+    from qwen2_mlx.convert.errors import ConvertError
+    from qwen2_mlx.convert.gguf import GGUFSource
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        files = sorted(folder.glob("*.safetensors"))
+        if config.get("torch_dtype") != "float32" or "quantization" in config or not files:
+            return False
+        source = GGUFSource(gguf)
+        keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+        if any(config.get(k) != source.config.get(k) for k in (*keys, "intermediate_size", "tie_word_embeddings")):
+            return False
+        name = "model.layers.0.self_attn.q_proj.weight"
+        for f in files:
+            with safe_open(str(f), framework="numpy") as st:
+                if name in st.keys():
+                    return bool(np.array_equal(st.get_tensor(name), np.array(source.tensor(name))))
+    except (OSError, ValueError, KeyError, ConvertError):
+        return False
+    return False
+
+
 @pytest.fixture(scope="session")
 def real_model_path(real_gguf_path) -> Path:
+    """The float32 folder of the PyPI GGUF: the converted default model when it is that (no second
+    2.5 GB copy), else one built under the cache folder."""
     from qwen2_mlx.convert.pypi_gguf import cache_dir
+    from qwen2_mlx.loading.paths import default_model_path
 
+    if reusable_conversion(default_model_path(), real_gguf_path):
+        return default_model_path()
     return _build_real_model(cache_dir() / "models" / "qwen2.5-coder-0.5b-instruct-f32", real_gguf_path)
 
 

@@ -185,6 +185,28 @@ def test_planned_bytes_are_the_bytes_the_converter_writes(ckpt, tmp_path, name):
     assert planned_bytes(json.loads((ckpt / "config.json").read_text()), row) == written
 
 
+def test_choice_goes_by_humaneval_pass_at_1_when_every_candidate_has_it():
+    scores = {
+        "6-bit g64": (60.0, 5.0),
+        "4-bit g64": (40.0, 5.0),
+        "4-bit g32": (57.0, 5.0),
+        "mixed_4_6_e8 g64": (50.0, 5.0),
+    }
+    rows = [
+        dict(r, humaneval={"problems": 40, "pass@1": p, "stderr": e})
+        for r in ROWS
+        for p, e in [scores.get(r["name"], (0.0, 0.0))]
+    ]
+    # within one standard error of 60: 6-bit and 4-bit g32; of these 6-bit agrees more with float32.
+    assert pick(rows)[0]["name"] == "6-bit g64"
+    choice = default_conversion("metal", rows)
+    assert choice.options["q_bits"] == 6 and "HumanEval pass@1 on 40 problems (60.0 ± 5.0" in choice.reason
+    partial = [dict(r) for r in rows]
+    del partial[5]["humaneval"]  # one candidate without the figure: agreement alone decides, as before
+    assert pick(partial)[0]["name"] == "mixed_4_6_e8 g64"
+    assert "HumanEval" not in default_conversion("metal", ROWS).reason
+
+
 def test_choice_off_a_mac_keeps_float32():
     assert default_conversion("cpu", ROWS).options == {"dtype": "float32"}
     assert default_conversion("cuda", ROWS).options == {"dtype": "float32"}

@@ -118,5 +118,7 @@ def test_quickstart_notebook_runs_against_a_tiny_model(tmp_path_factory, tmp_pat
     assert namespace["second"].stats.prompt_tokens < len(tok.encode(up_to_second, add_special_tokens=False))
     assert isinstance(values[-2], int) and values[-2] < namespace["held"]  # only the question was prefilled
     assert len(namespace["batch"].texts) == 3
-    assert (tmp_path / "document.safetensors").exists() and (tmp_path / "quickstart-chat.json").exists()
+    assert not list(tmp_path.iterdir())  # nothing written into the folder it was started from
+    work = Path(namespace["WORKDIR"])
+    assert (work / "document.safetensors").exists() and (work / "quickstart-chat.json").exists()
     assert "prompt tokens:" in capsys.readouterr().out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -148,11 +150,24 @@ def read_piped_stdin() -> Optional[str]:
         return None
 
 
+def stdin_is_a_pipe() -> bool:
+    """A pipe or a file, not /dev/null (cron and CI run with no input at all: that is no empty pipe)."""
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     piped = read_piped_stdin()
+    if piped is not None and not piped.strip() and stdin_is_a_pipe():
+        # `git diff | qwen2-chat -p "Review"` with nothing to review: say so rather than send the bare prompt
+        print("qwen2-chat: error: nothing came on stdin (the pipe was empty); nothing was sent", file=sys.stderr)
+        return 2
     one_shot = args.prompt is not None or piped is not None
     text = "\n\n".join(t for t in (args.prompt, piped) if t and t.strip())
     if one_shot and not text.strip():
@@ -168,7 +183,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     model_path = args.model or default_model_path()
     problem = check_model(model_path)
     if problem:
-        print(f"qwen2-chat: error: {problem}\n{HINT}", file=sys.stderr)
+        hint = f"\n{HINT}" if args.model is None and "convert.py" not in problem else ""
+        print(f"qwen2-chat: error: {problem}{hint}", file=sys.stderr)
         return 2
 
     if args.draft_model is not None:

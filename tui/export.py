@@ -7,10 +7,12 @@ slugs that turn such titles into an empty name.
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from pathlib import Path
 from typing import Optional
 
+FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 MAX_NAME_BYTES = 120  # well under the 255-byte limit of common file systems, leaving room for a suffix
 
 
@@ -33,12 +35,27 @@ def slugify(title: str, fallback: str = "chat") -> str:
     return name or fallback
 
 
+def close_fences(text: str) -> str:
+    """`text` with a code fence left open (a reply stopped mid-block) closed, so the next heading stays text."""
+    fence = None  # the opening run of ``` or ~~~ while inside a block
+    for line in text.splitlines():
+        m = FENCE.match(line)
+        if m is None:
+            continue
+        run = m.group(1)
+        if fence is None:
+            fence = run
+        elif run[0] == fence[0] and len(run) >= len(fence) and not line.strip()[len(run) :]:
+            fence = None
+    return text if fence is None else text.rstrip("\n") + "\n" + fence
+
+
 def to_markdown(title: str, system: Optional[str], messages: list[dict]) -> str:
     lines = [f"# {title or 'Chat'}", ""]
     if system:
         lines += ["## System", "", system, ""]
     for m in messages:
-        lines += [f"## {m['role'].capitalize()}", "", m["content"], ""]
+        lines += [f"## {m['role'].capitalize()}", "", close_fences(m["content"]), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -34,11 +34,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from qwen2_mlx.loading.paths import default_model_path
+
     from .presets import PRESETS
 
     ap = argparse.ArgumentParser(prog="python -m qwen2_mlx.bench", description=__doc__.split("\n\n")[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model folder (config.json + safetensors + tokenizer)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", help=f"model folder (default: {default_model_path()}, what `python convert.py` wrote)")
     src.add_argument(
         "--random",
         choices=sorted(PRESETS),
@@ -72,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     spec.add_argument("--tasks-file", metavar="FILE", help="another task set (default: bench/tasks/speculative.json)")
     spec.add_argument("--task", action="append", metavar="NAME", help="run only this task (repeatable)")
     args = ap.parse_args(argv)
+    if args.model is None and args.random is None:
+        args.model = str(default_model_path())
     speculative = args.lookup or args.draft_model
     if speculative:
         if args.lookup and args.draft_model:

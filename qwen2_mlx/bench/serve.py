@@ -189,11 +189,15 @@ def bench_streams(server: Server, model: str, counts: list, max_tokens: int) -> 
     return out
 
 
-def main(argv: Optional[list] = None) -> int:
-    from qwen2_mlx.arguments import int_list
+def build_parser() -> argparse.ArgumentParser:
+    from qwen2_mlx.loading.paths import default_model_path
 
     p = argparse.ArgumentParser(prog="python -m qwen2_mlx.bench.serve", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="model folder (float32 is the fast type on a CPU)")
+    p.add_argument(
+        "--model",
+        default=str(default_model_path()),
+        help="model folder (default: %(default)s)",
+    )
     p.add_argument("--context", type=int, default=4000, help="tokens in the conversation (default 4000)")
     p.add_argument("--turns", type=int, default=5, choices=range(2, 6), help="the turn timed (default 5)")
     p.add_argument("--repeats", type=int, default=3, help="alternated TTFT repeats (default 3)")
@@ -202,6 +206,13 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--compare-mlx-lm", action="store_true", help="run the same load against mlx_lm.server")
     p.add_argument("--skip-ttft", action="store_true", help="only the concurrency figures")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    from qwen2_mlx.arguments import int_list
+
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         counts = int_list(args.streams, "--streams", minimum=1)

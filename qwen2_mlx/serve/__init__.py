@@ -1,4 +1,4 @@
-"""`qwen2-serve`: an OpenAI- and Anthropic-compatible local server (docs: README "Local server").
+"""`qwen2-serve`: an OpenAI- and Anthropic-compatible local server (docs: docs/server.md).
 
 cli.py (arguments, loading, uvicorn) · app.py (Starlette routes, API key, streaming) ·
 openai_api.py / anthropic_api.py (request parsing, response shapes) · protocol.py (shared

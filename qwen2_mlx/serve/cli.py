@@ -8,6 +8,7 @@ qwen2-serve --model PATH [--host 127.0.0.1] [--port 8080] [--api-key KEY]
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from qwen2_mlx.arguments import (
     kv_cache_settings,
     long_context_overrides,
 )
+from qwen2_mlx.loading.paths import default_model_path
 
 PROG = "qwen2-serve"
 
@@ -53,9 +55,27 @@ def _count(minimum: int):
 _positive, _non_negative = _count(1), _count(0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from qwen2_mlx.loading.paths import default_model_path
+def port_in_use(host: str, port: int) -> Optional[str]:
+    """Why `host:port` cannot be listened on (uvicorn binds with SO_REUSEADDR too), or None."""
+    import socket
 
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"unknown host ({e.strerror})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            return "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Serve a Qwen2 model over OpenAI's and Anthropic's HTTP APIs "
@@ -141,12 +161,17 @@ def main(argv: Optional[list] = None) -> int:
             print(f"{PROG}: error: --chat {chat}: no such file", file=sys.stderr)
             return 2
     for label, path in (("--model", args.model), ("--draft-model", args.draft_model)):
-        if path is not None and not (Path(path) / "config.json").is_file():
-            print(
-                f"{PROG}: error: {label} {path}: no config.json there (convert a model with convert.py)",
-                file=sys.stderr,
-            )
+        if path is not None and not (Path(path).expanduser() / "config.json").is_file():
+            where = "no such folder" if not Path(path).expanduser().exists() else "no config.json there"
+            default = label == "--model" and path == str(default_model_path())
+            advice = " (run `python convert.py` to create the default model)" if default else ""
+            print(f"{PROG}: error: {label} {path}: {where}{advice}", file=sys.stderr)
             return 2
+    busy = port_in_use(args.host, args.port)
+    if busy:  # before loading: a big model takes minutes to load only to fail here
+        where = f"{args.host}:{args.port}"
+        print(f"{PROG}: error: cannot listen on {where}: {busy}; choose another --port", file=sys.stderr)
+        return 2
 
     from qwen2_mlx.runtime.blas import ensure_openblas
 

@@ -51,7 +51,7 @@ PREFILL_SHOWN = 512  # prompts at least this long (uncached tokens) show reading
 EMPTY_HINT = (
     "Ask anything, in any language.\n\n"
     "Enter sends · Shift+Enter, Alt+Enter or Ctrl+J add a line · ↑ recalls earlier prompts\n"
-    "Esc stops a reply · Ctrl+R regenerates · Tab moves to the messages (e edit, ← → branches, y copy)\n"
+    "Esc stops a reply · Ctrl+R regenerates · Shift+Tab moves to the messages (e edit, ← → branches, y copy)\n"
     "/help lists the slash commands · F1 the keys"
 )
 BUSY = "Still answering: press Esc to stop it first."
@@ -429,6 +429,7 @@ class ChatScreen(Screen):
         self._base_ctx = self.engine.count_tokens(history, self.system)
         self._reading, self._progress = None, (0, 0)
         self.status.set_note("")
+        self.status.set_stats(None)  # the figures shown from now on are this reply's
         self.job = self.engine.submit(history, self.system, self.settings, chat_key=self.store.cache_key(self.chat_id))
         if loaded:  # while loading, the bar stays; the reply starts when the model is ready
             self.status.set_state("answering… (Esc stops)")
@@ -462,6 +463,7 @@ class ChatScreen(Screen):
                 await view.write(ev.text)
             if self.app.loaded:
                 self.status.set_context(self._base_ctx + ev.stats.generation_tokens, self.app.context_limit)
+                self.status.set_stats(ev.stats)
             if time.monotonic() - self._last_save >= SAVE_EVERY:
                 self.store.update_message(self.reply_id, content=self.reply_text)
                 self._last_save = time.monotonic()

@@ -26,12 +26,17 @@ KEYS = [
 ]
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def help_markdown(
     keymap_path: str, bindings: list[tuple[str, str, str]] = (), commands: list[tuple[str, str]] = ()
 ) -> str:
     """The help page: keys, slash commands as (usage, what it does), and the rebindable binding ids."""
     rows = ["| Key | Does |", "|---|---|"] + [f"| {k} | {v} |" for k, v in KEYS]
-    cmds = ["| Command | Does |", "|---|---|"] + [f"| `{c}` | {d} |" for c, d in commands]
+    # A bare `|` ends a table cell even inside a code span (`/export [md|jsonl]`): escape it.
+    cmds = ["| Command | Does |", "|---|---|"] + [f"| `{_cell(c)}` | {_cell(d)} |" for c, d in commands]
     ids = ["| Binding id | Keys | Does |", "|---|---|---|"] + [f"| `{i}` | {k} | {d} |" for i, k, d in bindings]
     return "\n".join(
         [

@@ -14,6 +14,30 @@ def bar(fraction: float, width: int = 12) -> str:
     return "█" * full + "░" * (width - full)
 
 
+# Below this many new prompt tokens (a regenerate, a follow-up read from the cache) a rate says
+# nothing: 2 tokens in a second would show as "prompt 2 t/s".
+PROMPT_RATE_MIN = 16
+
+
+def stats_text(stats) -> str:
+    """Time to first token, prompt and generation speed, peak memory (fields of engine.Stats); with
+    speculative decoding, the share of proposed tokens accepted and tokens per forward pass."""
+    if not stats.generation_tokens:
+        return ""
+    prompt = (
+        f"prompt {stats.prompt_tps:.0f} t/s"
+        if stats.prompt_tokens >= PROMPT_RATE_MIN
+        else f"prompt {stats.prompt_tokens} new tok"
+    )
+    text = (
+        f"TTFT {stats.time_to_first_token:.2f}s · {prompt} · "
+        f"gen {stats.generation_tps:.1f} t/s · {stats.peak_memory:.2f} GB"
+    )
+    if getattr(stats, "forward_passes", 0):  # speculative decoding ran: how well it guessed
+        text += f" · accept {stats.acceptance_rate:.0%} · {stats.tokens_per_forward:.1f} t/fwd"
+    return text
+
+
 class StatusBar(Horizontal):
     state = "starting…"
     note = ""  # a line about the chat's cache on disk, shown after the state until the next reply
@@ -37,18 +61,8 @@ class StatusBar(Horizontal):
         self.set_state(f"Loading model {bar(fraction)} {fraction:4.0%}  {text}")
 
     def set_stats(self, stats) -> None:
-        """Time to first token, prompt and generation speed, peak memory (fields of engine.Stats); with
-        speculative decoding, the share of proposed tokens accepted and tokens per forward pass."""
-        if stats is None or not stats.generation_tokens:
-            self.query_one("#status-stats", Label).update("")
-            return
-        text = (
-            f"TTFT {stats.time_to_first_token:.2f}s · prompt {stats.prompt_tps:.0f} t/s · "
-            f"gen {stats.generation_tps:.1f} t/s · {stats.peak_memory:.2f} GB"
-        )
-        if getattr(stats, "forward_passes", 0):  # speculative decoding ran: how well it guessed
-            text += f" · accept {stats.acceptance_rate:.0%} · {stats.tokens_per_forward:.1f} t/fwd"
-        self.query_one("#status-stats", Label).update(text)
+        """The figures of the reply being written or last written (`stats_text`); None clears them."""
+        self.query_one("#status-stats", Label).update(stats_text(stats) if stats is not None else "")
 
     def set_context(self, used: int, limit: int) -> None:
         label = self.query_one("#status-context", Label)
