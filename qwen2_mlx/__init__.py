@@ -40,6 +40,8 @@ _EXPORTS = {
     "can_trim_prompt_cache": "qwen2_mlx.generation.prompt_cache",
     "PromptCacheError": "qwen2_mlx.generation.prompt_cache",
     "CacheStore": "qwen2_mlx.generation.cache_store",
+    "read_attachment": "qwen2_mlx.generation.attachments",
+    "AttachmentError": "qwen2_mlx.generation.attachments",
     "display_stream": "qwen2_mlx.generation.notebook",
     "LookupSettings": "qwen2_mlx.generation.proposers",
     "default_model_path": "qwen2_mlx.loading.paths",
@@ -61,6 +63,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors: the names as plain imports
+    from qwen2_mlx.generation.attachments import AttachmentError, read_attachment
     from qwen2_mlx.generation.batch import BatchResponse, batch_generate
     from qwen2_mlx.generation.cache_store import CacheStore
     from qwen2_mlx.generation.chat import Chat, ChatFileError

@@ -27,6 +27,8 @@ class ServerProcess:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = log
         cmd = [sys.executable, "-m", "qwen2_mlx.serve", "--model", str(model), "--port", str(self.port)]
+        if "--cache-dir" not in args and "--no-cache-dir" not in args:  # never the user's data folder
+            args = (*args, "--cache-dir", str(log.parent / "serve-cache"))
         cmd += ["--log-level", "warning", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         deadline = time.time() + timeout

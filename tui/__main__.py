@@ -28,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help=f"converted model folder (default: {default_model_path()})")
     p.add_argument("--prompt", "-p", default=None, help="print one reply to this prompt on stdout and exit")
     p.add_argument("--system", "-s", default=None, help="system prompt for new chats")
+    p.add_argument(
+        "--file",
+        "-f",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="attach a file, folder or PDF to the first message (repeatable; /file in the app)",
+    )
     p.add_argument("--temp", type=float, default=None, help="sampling temperature (default 0.7)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default 20)")
@@ -165,6 +173,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if one_shot and not text.strip():
         print("qwen2-chat: error: the prompt is empty", file=sys.stderr)
         return 2
+    from qwen2_mlx.generation.attachments import AttachmentError, read_attachment, render_message
+
+    try:
+        attachments = [read_attachment(f) for f in args.file]
+    except AttachmentError as e:
+        print(f"qwen2-chat: error: --file {e}", file=sys.stderr)
+        return 2
     model_path = args.model or default_model_path()
     problem = check_model(model_path)
     if problem:
@@ -187,7 +202,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     backend = ModelBackend(model_path, dtype=args.dtype, overrides=long_context_overrides(args, parser), **draft)
     settings = settings_from(args)
     if one_shot:
-        return run_once(backend, text, args.system, settings)
+        return run_once(backend, render_message(attachments, text), args.system, settings)
 
     from .app import ChatApp
     from .store import Store
@@ -208,6 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         default_system=args.system,
         default_settings=settings,
         backend_factory=lambda path: ModelBackend(path, dtype=args.dtype, overrides=backend.overrides, **draft),
+        attachments=attachments,
     )
     code = app.run(inline=args.inline)
     store.close()

@@ -95,6 +95,7 @@ class ChatApp(App):
         model_label: str = "",
         animate: bool = True,
         backend_factory=None,
+        attachments: Optional[list] = None,
     ):
         super().__init__()
         cjk_wrap.install()
@@ -111,7 +112,12 @@ class ChatApp(App):
         if getattr(backend, "cache_budget", 0) is None:  # the backend keeps chat caches on disk
             backend.cache_budget = self.cache_disk
         self.chat = ChatScreen(
-            self.store, self.engine, chat_id, default_system, {**DEFAULT_SETTINGS, **(default_settings or {})}
+            self.store,
+            self.engine,
+            chat_id,
+            default_system,
+            {**DEFAULT_SETTINGS, **(default_settings or {})},
+            attachments=attachments,  # --file: chips waiting for the first message
         )
         if not animate:
             self.animation_level = "none"

@@ -29,6 +29,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "seed": None,
     "context_policy": "refuse",
 }
+# Prompt tokens per prefill step in the app: Esc stops a long read, and checkpoints land, at step ends,
+# so a step is a few seconds on a small machine rather than the library's 2048 tokens.
+PREFILL_STEP = 512
 DEFAULT_CACHE_DISK = 4_000_000_000  # bytes of chat caches kept on disk (cache_store.DEFAULT_BUDGET; /set cache-disk)
 
 
@@ -92,6 +95,9 @@ class ModelBackend:
         num_draft_tokens: int = 3,
         cache_root: Optional[Path] = None,
         cache_budget: Optional[int] = None,
+        checkpoint_seconds: float = 20.0,
+        checkpoint_tokens: Optional[int] = None,
+        prefill_step_size: Optional[int] = PREFILL_STEP,
     ):
         self.path = Path(path)
         self.draft_path = Path(draft_path) if draft_path else None  # a draft model for speculative decoding
@@ -117,6 +123,10 @@ class ModelBackend:
         self._persisted: tuple = (None, None)
         self._validity: Optional[tuple] = None  # (kv settings, validity) of the last computation
         self._announce_reuse = False
+        # A long read is checkpointed to the chat's cache file as it goes (generation/checkpoint.py).
+        self.checkpoint_seconds, self.checkpoint_tokens = checkpoint_seconds, checkpoint_tokens
+        self.prefill_step_size = prefill_step_size  # None: the library's default (2048)
+        self.checkpoints = 0  # checkpoints written during the last reply
 
     def load(self, progress: Callable[[float, str], None]) -> None:
         import mlx.core as mx
@@ -181,10 +191,13 @@ class ModelBackend:
             self._announce_reuse = False  # nothing loaded is reused: the cache was dropped
             self.cache_note = ("KV cache quantization changed: the chat's cache was rebuilt", False)
         # The chat's settings (draft model, KV cache) with this chat's sampling and limits on top.
+        step = {"prefill_step_size": self.prefill_step_size} if self.prefill_step_size else {}
         kw = {
-            "settings": chat.settings.replace(**turn_settings(settings)),
+            "settings": chat.settings.replace(**turn_settings(settings), **step),
             "prompt_progress_callback": self.prefill_progress,
+            "checkpoint": self._checkpointer(),  # after the KV settings: the file is tagged with them
         }
+        checkpoint = kw["checkpoint"]
         have = [m for m in chat.messages if m["role"] != "system"]
         offset = len(chat.messages) - len(have)
         n = len(prefix)
@@ -210,9 +223,38 @@ class ModelBackend:
         final = chat.messages[-1] if chat.messages else None
         if final is not None and final["role"] == "assistant":
             self.last_reply = final["content"]
+        self.checkpoints = checkpoint.writes if checkpoint is not None else 0
         if self._announce_reuse:  # the first reply after loading a chat's cache from disk
             self._announce_reuse = False
             self.cache_note = (f"reused {chat.last_cached_tokens:,} cached tokens", False)
+
+    def _checkpointer(self):
+        """What saves a long read as it goes: the chat's cache file, rewritten every few seconds."""
+        if not self._store_on() or self.active_key is None:
+            return None
+        from qwen2_mlx.generation.checkpoint import Checkpointer
+
+        key = self.active_key
+
+        def saved(tokens: list) -> None:
+            self._persisted = (key, tokens)  # persist() need not write the same tokens again
+
+        every = {"every_seconds": self.checkpoint_seconds, "every_tokens": self.checkpoint_tokens}
+        return Checkpointer(self.cache_store, key, self.validity(), self.model, on_save=saved, **every)
+
+    def measure_prefill(self, tokens: int = 256) -> float:
+        """This model's reading speed here (tokens/s): a short prefill into a throwaway cache, after a
+        warm-up, so the chat can estimate how long an attachment takes to read before it is sent."""
+        import time
+
+        from qwen2_mlx.generation.generate import prefill_prompt_cache
+
+        ids = self.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * (tokens // 4))
+        ids = (ids * (tokens // max(len(ids), 1) + 1))[:tokens]
+        prefill_prompt_cache(self.model, self.tokenizer, ids[:16])  # first-call costs are not reading speed
+        tic = time.perf_counter()
+        prefill_prompt_cache(self.model, self.tokenizer, ids)
+        return len(ids) / (time.perf_counter() - tic)
 
     # --- chat caches on disk ----------------------------------------------------------------------
     def _chat(self):

@@ -8,6 +8,7 @@ coming from those tools find them where they expect.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -141,6 +142,14 @@ def parse(text: str) -> Optional[Command]:
             fmt = "jsonl" if parts[0].lower().startswith("json") else "md"
             parts = parts[1:]
         return Command("export", parts[0] if parts else "", "format", fmt)
+    if name == "file":
+        try:
+            paths = shlex.split(rest)
+        except ValueError as e:
+            raise CommandError(f"/file: {e} (quote paths with spaces)") from None
+        if not paths:
+            raise CommandError("usage: /file PATH… (files, folders or PDFs), or /file clear")
+        return Command("file", rest, "paths", "clear" if paths == ["clear"] else paths)
     if name == "rename" and not rest:
         raise CommandError("usage: /rename TITLE")
     if name == "copy" and rest not in ("", "code"):

@@ -86,6 +86,14 @@ class Failed:
     context: bool = False  # the conversation no longer fits the context window (policy "refuse")
 
 
+@dataclass
+class PrefillRate:
+    """How fast this model reads a prompt on this machine (tokens/s), measured by a short calibration."""
+
+    tokens_per_s: float
+    source: str = "a short calibration"
+
+
 SHUTDOWN_WAIT = 3.0  # seconds quitting waits for the generation thread (a reply's stop, the cache's save)
 
 
@@ -153,6 +161,10 @@ class Engine:
     def set_cache_budget(self, nbytes: int) -> None:
         self.jobs.put(_Task("set_cache_budget", (nbytes,)))
 
+    def measure_prefill(self) -> None:
+        """Time a short read on the generation thread; a PrefillRate event follows (backends without it: none)."""
+        self.jobs.put(_Task("measure_prefill"))
+
     def cancel(self, job: Optional[Job] = None) -> None:
         """Stop `job` (default: the one running); queued jobs are dropped when cancelled too."""
         job = job or self.current
@@ -192,8 +204,11 @@ class Engine:
         try:
             note = fn(*args)
         except Exception as e:
-            note = (f"chat cache: {method} failed ({type(e).__name__}: {e})", True)
-        if note:
+            what = "reading speed" if method == "measure_prefill" else "chat cache"
+            note = (f"{what}: {method} failed ({type(e).__name__}: {e})", True)
+        if isinstance(note, (int, float)) and not isinstance(note, bool):  # measure_prefill's tokens/s
+            self.post(PrefillRate(float(note)))
+        elif note:
             self.post(CacheNote(*note))
 
     def _load(self, backend: Backend, initial: bool) -> bool:
@@ -209,6 +224,7 @@ class Engine:
         if not initial:
             self._call("persist")  # the outgoing model's cache, before it is dropped
         self.backend = backend
+        self.loaded.set()  # before Loaded is out: the UI counts tokens (context meter, attachments) on it
         self.post(Loaded(backend.name, backend.context_limit, time.perf_counter() - tic))
         return True
 

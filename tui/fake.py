@@ -89,6 +89,10 @@ class FakeBackend:
         r = self.replies[idx]
         return r(text) if callable(r) else r
 
+    def measure_prefill(self) -> float:
+        """A fixed reading speed (tokens/s), as ModelBackend measures one."""
+        return 500.0
+
     def count_tokens(self, history, system) -> int:
         return sum(len(split_tokens(m["content"])) + 4 for m in history) + (len(split_tokens(system)) if system else 0)
 

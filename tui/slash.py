@@ -36,6 +36,8 @@ class ChatActions(Protocol):
     def set_cache_disk(self, budget: int) -> None: ...
     def show_help(self) -> None: ...
     def quit_app(self) -> None: ...
+    async def attach(self, paths: list[str]) -> None: ...
+    def clear_attachments(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,14 @@ async def copy(chat: ChatActions, cmd: Command) -> None:
     chat.copy_last_reply(code=cmd.arg == "code")
 
 
+async def attach(chat: ChatActions, cmd: Command) -> None:
+    if cmd.value == "clear":
+        chat.clear_attachments()
+        chat.notify("Attachments removed.", timeout=2)
+        return
+    await chat.attach(cmd.value)
+
+
 async def settings(chat: ChatActions, cmd: Command) -> None:
     chat.open_settings()
 
@@ -141,6 +151,12 @@ COMMANDS: dict[str, SlashCommand] = {
     "rename": SlashCommand("/rename TITLE", "rename this chat", rename),
     "export": SlashCommand(
         "/export [md|jsonl] [PATH]", "write this chat to a file (default: Markdown in the current folder)", export
+    ),
+    "file": SlashCommand(
+        "/file PATH…",
+        "attach files, folders (their text files, .gitignore respected) or PDFs to the next message; "
+        "/file clear removes them",
+        attach,
     ),
     "copy": SlashCommand("/copy [code]", "copy the last reply (or its code blocks) to the clipboard", copy),
     "settings": SlashCommand("/settings", "open the settings panel (system prompt and sampling)", settings),

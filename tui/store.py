@@ -4,6 +4,10 @@ Messages form a tree (`parent_id`): a regenerated reply or an edited prompt is a
 message it replaces, so nothing is ever overwritten. A chat's `leaf_id` names the end of the path
 shown on screen. Each write commits at once, so a crash loses at most the tokens since the last
 flush of a streaming reply. Prompt history (for Up-arrow recall) lives in the same file.
+
+Files attached to a user message (`qwen2_mlx.generation.attachments`) are rows of `attachments`
+holding the text as it was sent, so a reopened chat reads exactly what the model read. The table
+came with schema version 1; an older file gains it when opened and its chats stay as they were.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from qwen2_mlx.generation.attachments import Attachment, AttachmentError, render_message
 from qwen2_mlx.loading.paths import data_dir
 
 SCHEMA = """
@@ -40,12 +45,21 @@ CREATE TABLE IF NOT EXISTS messages (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_parent ON messages(chat_id, parent_id);
+CREATE TABLE IF NOT EXISTS attachments (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attachments_message ON attachments(message_id, position);
 CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY,
     text TEXT NOT NULL,
     created REAL NOT NULL
 );
 """
+
+SCHEMA_VERSION = 1  # 0: no attachments table (files written before it; CREATE ... IF NOT EXISTS adds it)
 
 # Status of a stored assistant reply. "streaming" left in the file means the app died mid-reply.
 FINISHED = {"stop": "done", "length": "length", "context": "context", "cancelled": "stopped"}
@@ -61,9 +75,11 @@ class Message:
     status: str = "done"
     stats: dict = field(default_factory=dict)
     created: float = 0.0
+    attachments: list[Attachment] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"role": self.role, "content": self.content}
+        """The message as the model reads it: attached files first, then the typed text."""
+        return {"role": self.role, "content": render_message(self.attachments, self.content)}
 
 
 @dataclass
@@ -95,6 +111,8 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.db.close()
@@ -161,16 +179,37 @@ class Store:
             row["status"],
             json.loads(row["stats"] or "{}"),
             row["created"],
+            self.attachments(row["id"]) if row["role"] == "user" else [],
         )
+
+    def attachments(self, message_id: int) -> list[Attachment]:
+        """The files attached to a message, in the order they were sent (a damaged row is left out)."""
+        rows = self.db.execute(
+            "SELECT data FROM attachments WHERE message_id=? ORDER BY position", (message_id,)
+        ).fetchall()
+        out = []
+        for r in rows:
+            try:
+                out.append(Attachment.from_dict(json.loads(r["data"])))
+            except (ValueError, AttachmentError):
+                continue
+        return out
 
     def message(self, message_id: int) -> Optional[Message]:
         row = self.db.execute("SELECT * FROM messages WHERE id=?", (message_id,)).fetchone()
         return self._message(row) if row else None
 
     def add_message(
-        self, chat_id: int, parent_id: Optional[int], role: str, content: str, status: str = "done"
+        self,
+        chat_id: int,
+        parent_id: Optional[int],
+        role: str,
+        content: str,
+        status: str = "done",
+        attachments: Optional[list[Attachment]] = None,
     ) -> Message:
-        """Append a message under `parent_id` and make it the chat's leaf, in one transaction."""
+        """Append a message (with its attachments) under `parent_id` and make it the chat's leaf, in one
+        transaction."""
         now = time.time()
         with self.db:
             self.db.execute("BEGIN")
@@ -178,6 +217,11 @@ class Store:
                 "INSERT INTO messages(chat_id, parent_id, role, content, status, created) VALUES (?,?,?,?,?,?)",
                 (chat_id, parent_id, role, content, status, now),
             )
+            for i, a in enumerate(attachments or []):
+                self.db.execute(
+                    "INSERT INTO attachments(message_id, position, data) VALUES (?,?,?)",
+                    (cur.lastrowid, i, json.dumps(a.to_dict(), ensure_ascii=False)),
+                )
             self.db.execute("UPDATE chats SET leaf_id=?, updated=? WHERE id=?", (cur.lastrowid, now, chat_id))
         return self.message(cur.lastrowid)
 

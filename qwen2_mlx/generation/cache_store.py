@@ -212,6 +212,18 @@ class CacheStore:
             pass
         return Loaded(key, cache, tokens, seconds=time.perf_counter() - tic, nbytes=size)
 
+    def peek(self, key: str) -> Optional[tuple[dict, list]]:
+        """(validity, token ids) the file under `key` lists, from its header only; None if unreadable."""
+        try:
+            header, _ = _read_header(self.path(key))
+            meta = header.get("__metadata__") or {}
+            saved, tokens = json.loads(meta[f"0.{VALIDITY_KEY}"]), json.loads(meta[f"0.{TOKENS_KEY}"])
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if not isinstance(saved, dict) or not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            return None
+        return saved, tokens
+
     # --- writing -------------------------------------------------------------------------------
     def save(self, key: str, cache: list, tokens: list, validity: dict, model: Optional[nn.Module] = None) -> Saved:
         """Write `cache` (holding exactly `tokens`) under `key`, then evict past the budget.

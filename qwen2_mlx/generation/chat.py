@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 import mlx.nn as nn
 
+from .attachments import Attachment, read_attachment, render_message
 from .chat_cache import ChatCaches
 from .chat_cache import common_prefix as _common_prefix  # noqa: F401 (the name tests and callers import)
 from .chat_file import ChatFileError, read_chat, write_chat  # noqa: F401 (ChatFileError: public here)
@@ -121,6 +122,7 @@ class Chat:
         if messages and system is not None and isinstance(messages[0], dict) and messages[0].get("role") == "system":
             raise ValueError("messages[0]: a system message and system= were both given")
         self.messages = list(messages or [])
+        self.attachments: list[Attachment] = []  # read by attach(), sent with the next message
 
     # --- settings ------------------------------------------------------------------------------
     @property
@@ -351,26 +353,36 @@ class Chat:
         *,
         settings: Optional[GenerationSettings] = None,
         prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+        checkpoint: Optional[Callable[[list, list[int]], Any]] = None,
         **kw: Any,
     ) -> ReplyStream:
         """Send a user message and stream the reply; the last response carries `finish_reason`.
 
         A reply cut short (cancel event, closing the iterator, Ctrl-C) keeps its partial text in
         the history with finish reason "cancelled". Raises ContextOverflowError (the message is
-        not added) when the conversation does not fit and the policy is "refuse".
+        not added) when the conversation does not fit and the policy is "refuse". Files given to
+        `attach` go before `text`. `checkpoint` (e.g. checkpoint.Checkpointer) is called after each
+        prefill step with the model's cache layers and the prompt ids they hold, to save a long read.
         """
         self._check_idle()
         if not isinstance(text, str):
             raise TypeError("the message must be a string")
         turn = self._turn_settings(settings, kw)
         leaf = self._tree.leaf()
-        node = leaf.append(Node("user", text))
+        node = leaf.append(Node("user", render_message(self.attachments, text)))
         try:
             ids = self._fit(node, turn.max_tokens)
         except BaseException:
             self._tree.remove(leaf, node)
             raise
-        return self._reply(node, ids, cancel, turn, prompt_progress_callback)
+        self.attachments = []  # sent: they are part of the message now
+        return self._reply(node, ids, cancel, turn, prompt_progress_callback, checkpoint)
+
+    def attach(self, path: Union[str, Path, Attachment]) -> Attachment:
+        """Read a file, folder or PDF (attachments.py); its text goes before the next message sent."""
+        attachment = path if isinstance(path, Attachment) else read_attachment(path)
+        self.attachments.append(attachment)
+        return attachment
 
     def send(self, text: str, **kw: Any) -> Reply:
         """Send a user message and return the whole reply (a str with `.finish_reason`, `.stats`)."""
@@ -382,6 +394,7 @@ class Chat:
         *,
         settings: Optional[GenerationSettings] = None,
         prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+        checkpoint: Optional[Callable[[list, list[int]], Any]] = None,
         **kw: Any,
     ) -> ReplyStream:
         """Stream a new reply to the last user message; an old reply stays reachable as a branch."""
@@ -389,7 +402,7 @@ class Chat:
         turn = self._turn_settings(settings, kw)
         node = self._tree.last_user()
         ids = self._fit(node, turn.max_tokens)
-        return self._reply(node, ids, cancel, turn, prompt_progress_callback)
+        return self._reply(node, ids, cancel, turn, prompt_progress_callback, checkpoint)
 
     @staticmethod
     def _collect(responses: Iterator[GenerationResponse]) -> Reply:
@@ -398,9 +411,13 @@ class Chat:
             parts.append(last.text)
         return Reply("".join(parts), last.finish_reason if last else "cancelled", GenerationStats.from_response(last))
 
-    def _reply(self, parent: Node, ids: list[int], cancel: Any, turn: GenerationSettings, progress) -> ReplyStream:
+    def _reply(
+        self, parent: Node, ids: list[int], cancel: Any, turn: GenerationSettings, progress, checkpoint=None
+    ) -> ReplyStream:
         stream = ReplyStream(self)
-        stream._gen = self._run(_Turn(parent, ids, cancel, turn, progress), stream)
+        state = _Turn(parent, ids, cancel, turn, progress)
+        state.checkpoint = checkpoint
+        stream._gen = self._run(state, stream)
         self._busy = stream
         return stream
 
@@ -417,6 +434,7 @@ class Chat:
         cached = len(turn.ids) - len(suffix)
         self.last_cached_tokens = cached
         turn.run_list = self._caches.run_list(draft)
+        progress = _checkpointing(turn, len(self._caches.cache)) if turn.checkpoint is not None else turn.progress
         return stream_generate(
             self.model,
             self.tokenizer,
@@ -424,7 +442,7 @@ class Chat:
             settings=s.replace(draft_model=draft, lookup=lookup, max_context=self.context_limit),
             prompt_cache=turn.run_list,
             cancel=turn.cancel,
-            prompt_progress_callback=turn.progress,
+            prompt_progress_callback=progress,
             context_tokens=turn.ids[:cached] if lookup is not None else (),
         )
 
@@ -491,6 +509,20 @@ class _Turn:
         self.last: Optional[GenerationResponse] = None
         self.recorded = False
         self.run_list: list = []
+        self.checkpoint = None  # called with (cache layers, prompt ids they hold) after each prefill step
+
+
+def _checkpointing(turn: _Turn, layers: int) -> Callable[[int, int], None]:
+    """The turn's progress callback, then its checkpoint with what the cache holds, while reading."""
+
+    def progress(done: int, total: int) -> None:
+        if turn.progress is not None:
+            turn.progress(done, total)
+        held = getattr(turn.run_list[0], "offset", 0)
+        if done < total and 0 < held <= len(turn.ids):  # while reading, not once decoding has begun
+            turn.checkpoint(turn.run_list[:layers], turn.ids[:held])
+
+    return progress
 
 
 def _given(settings: Optional[GenerationSettings], kw: dict) -> dict:

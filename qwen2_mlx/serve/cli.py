@@ -129,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--prompt-cache-bytes", type=_size, default=4 << 30, help="prefix cache size in bytes (default 4GB)")
     g.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="keep long prompts' KV caches here so they survive a restart "
+        "(default: $XDG_DATA_HOME/qwen2-mlx/serve-cache)",
+    )
+    g.add_argument("--no-cache-dir", action="store_true", help="keep the prefix cache in memory only")
+    g.add_argument(
+        "--cache-dir-bytes", type=_size, default=4 << 30, help="disk kept for the prefix cache (default 4GB)"
+    )
+    g.add_argument(
         "--prefill-step-size", type=_positive, default=2048, help="prompt tokens per prefill step (default 2048)"
     )
     g.add_argument(
@@ -203,6 +215,24 @@ def main(argv: Optional[list] = None) -> int:
     return serve(args, overrides)
 
 
+def _disk_cache(args: argparse.Namespace, model):
+    """The prefix cache on disk (serve/disk_cache.py), or None with --no-cache-dir or an unusable folder."""
+    if args.no_cache_dir:
+        return None
+    from qwen2_mlx.generation.cache_store import cache_validity
+
+    from .disk_cache import DiskPrefixCache, default_dir
+
+    kv = kv_cache_settings(args)
+    validity = cache_validity(model, args.model, kv["kv_bits"], kv["kv_group_size"], kv["quantized_kv_start"])
+    root = args.cache_dir or default_dir()
+    try:
+        return DiskPrefixCache(root, validity, model, args.cache_dir_bytes)
+    except OSError as e:  # an unwritable folder costs the disk cache, never the server
+        print(f"{PROG}: warning: --cache-dir {root}: {e}; the prefix cache stays in memory", file=sys.stderr)
+        return None
+
+
 def serve(args: argparse.Namespace, overrides: dict) -> int:
     import logging
 
@@ -238,6 +268,7 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
         draft_model=draft,
         num_draft_tokens=args.num_draft_tokens,
         kv=kv_cache_settings(args),
+        disk_cache=_disk_cache(args, model),
     )
     from qwen2_mlx.generation.chat import Chat, ChatFileError
     from qwen2_mlx.generation.prompt_cache import PromptCacheError, PromptCacheMismatch

@@ -140,6 +140,7 @@ class Engine:
         draft_model=None,
         num_draft_tokens: int = 3,
         kv: Optional[dict] = None,
+        disk_cache=None,
     ):
         self.model, self.tokenizer = model, as_wrapper(tokenizer)
         self.model_name = model_name
@@ -156,6 +157,7 @@ class Engine:
         plain_ok = self.dca is None or self.dca.plain_exact  # DCA batches only where it is plain attention
         self.batching = plain_ok and draft_model is None and not lookup and not self.kv
         self.cache = LRUPromptCache(max_size=cache_entries, max_bytes=cache_bytes)
+        self.disk = disk_cache  # disk_cache.DiskPrefixCache: prefixes that outlive a restart, or None
         self._incoming: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0  # submitted and not finished
@@ -277,6 +279,8 @@ class Engine:
     def _fetch(self, prompt: list[int]):
         """The cache of the longest cached prefix and the tokens left to prefill (at least one)."""
         cache, rest = self.cache.fetch_nearest_cache(self.model_name, prompt)
+        if self.disk is not None and self.disk.load_into(self.cache, self.model_name, prompt, len(prompt) - len(rest)):
+            cache, rest = self.cache.fetch_nearest_cache(self.model_name, prompt)
         if cache is not None and not rest:  # the whole prompt is cached: recompute its last token
             if can_trim_prompt_cache(cache):
                 trim_prompt_cache(cache, 1)
@@ -297,6 +301,8 @@ class Engine:
                 return
             trim_prompt_cache(cache, held - len(tokens))
         self.cache.insert_cache(self.model_name, list(tokens), cache)
+        if self.disk is not None:
+            self.disk.keep(list(tokens), cache)
 
     def _token_event(self, a: _Active, token: int, logprobs, text: str) -> None:
         entry = None

@@ -11,6 +11,7 @@ here (`job_event`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,13 +23,21 @@ from textual.message import Message as TMessage
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Static
 
+from qwen2_mlx.generation.attachments import (
+    Attachment,
+    AttachmentError,
+    paste_attachment,
+    read_attachment,
+    render_message,
+)
 from qwen2_mlx.loading.paths import models_dir
 
 from .. import commands, slash
-from ..engine import CacheNote, Engine, Failed, Finished, Job, Prefill, Stats, Token
+from ..engine import CacheNote, Engine, Failed, Finished, Job, Prefill, PrefillRate, Stats, Token
 from ..export import export_chat
 from ..model_folders import list_models
 from ..store import FINISHED, Message, Store
+from ..widgets.attachments import AttachmentBar, chip, duration
 from ..widgets.prompt import PromptInput
 from ..widgets.status import StatusBar, bar
 from ..widgets.transcript import MessageView, Transcript
@@ -59,6 +68,7 @@ class ChatScreen(Screen):
         chat_id: Optional[int] = None,
         default_system: Optional[str] = None,
         default_settings: Optional[dict] = None,
+        attachments: Optional[list[Attachment]] = None,
     ):
         super().__init__()
         self.store = store
@@ -77,11 +87,17 @@ class ChatScreen(Screen):
         self.last_stats: Optional[Stats] = None
         self._base_ctx = 0
         self._last_save = 0.0
+        self.pending: list[Attachment] = list(attachments or [])  # go with the next message sent
+        self.prefill_rate: Optional[tuple[float, str]] = None  # (tokens/s, how it was measured)
+        self._measuring = False
+        self._reading: Optional[tuple[float, int]] = None  # (time, tokens done) when this read began
+        self._progress = (0, 0)  # (done, total) of the last read reported
 
     # layout
     def compose(self) -> ComposeResult:
         yield Header()
         yield Transcript(id="transcript")
+        yield AttachmentBar(id="attachments")
         yield PromptInput(
             self.store.history(), id="prompt", placeholder="Message Qwen…  (Enter sends, Shift+Enter new line, /help)"
         )
@@ -111,6 +127,7 @@ class ChatScreen(Screen):
             self.notify(f"No chat {self.chat_id}; starting a new one.", severity="warning")
             self.chat_id = None
         await self.open_chat(self.chat_id)
+        self.show_attachments()
         self.prompt.focus()
         self.status.set_loading(0.0, "starting")
         self.post_message(self.Ready())
@@ -140,6 +157,21 @@ class ChatScreen(Screen):
         self.status.set_note("")
         self.engine.open_chat(self.store.cache_key(self.chat_id), replied, self.settings.get("kv_bits"))
         await self.render_transcript()
+        if self.interrupted_read():
+            self.notify(
+                "Reading your last message was cut short. Ctrl+R continues from where it stopped "
+                "(what was read is kept on disk).",
+                severity="warning",
+                timeout=10,
+            )
+
+    def interrupted_read(self) -> Optional[Message]:
+        """The user message whose reply was stopped or cut off before a word of it came: its read can go on."""
+        path = self.path()
+        if len(path) >= 2 and path[-1].role == "assistant" and not path[-1].content:
+            if path[-1].status in ("stopped", "interrupted") and path[-2].role == "user":
+                return path[-2]
+        return None
 
     def _ensure_chat(self, first_text: str) -> int:
         if self.chat_id is None:
@@ -172,7 +204,10 @@ class ChatScreen(Screen):
     def _view_for(self, m: Message) -> MessageView:
         sibs = self.store.siblings(m)
         k = next((i for i, s in enumerate(sibs) if s.id == m.id), 0) + 1
-        return MessageView(m.role, m.content, m.id, m.status, (k, len(sibs)), error=m.stats.get("error", ""))
+        shown = m.content
+        if m.attachments:  # chips, not the files' thousands of lines
+            shown = "   ".join(f"`{chip(a.summary())}`" for a in m.attachments) + "\n\n" + m.content
+        return MessageView(m.role, shown, m.id, m.status, (k, len(sibs)), error=m.stats.get("error", ""))
 
     def update_context(self) -> None:
         if not self.app.loaded:
@@ -180,6 +215,55 @@ class ChatScreen(Screen):
         msgs = [m.as_dict() for m in self.path()]
         used = self.engine.count_tokens(msgs, self.system) if msgs else 0
         self.status.set_context(used, self.app.context_limit)
+        self.show_attachments()
+
+    # attachments
+    async def attach(self, paths: list[str]) -> None:
+        """Read files, folders or PDFs (off the UI thread) into chips for the next message."""
+        for path in paths:
+            try:
+                att = await asyncio.to_thread(read_attachment, path)
+            except AttachmentError as e:
+                self.notify(str(e), severity="error", timeout=8)
+                continue
+            self.pending.append(att)
+            skipped = ", ".join(f"{p} ({why})" for p, why in att.skipped[:3])
+            self.notify(f"Attached {att.summary()}" + (f": skipped {skipped}" if skipped else ""), timeout=4)
+        self.show_attachments()
+
+    def add_attachment(self, att: Attachment) -> None:
+        self.pending.append(att)
+        self.show_attachments()
+
+    def clear_attachments(self) -> None:
+        self.pending = []
+        self.show_attachments()
+
+    def show_attachments(self) -> None:
+        """The chips and, once the model is loaded, the tokens, share of the context and reading time."""
+        bar = self.query_one("#attachments", AttachmentBar)
+        chips = [chip(a.summary()) for a in self.pending]
+        if not self.pending or not self.app.loaded:
+            bar.show(chips, "the tokens are counted once the model is loaded" if chips else "")
+            return
+        msgs = [m.as_dict() for m in self.path()]
+        before = self.engine.count_tokens(msgs, self.system) if msgs else 0
+        with_files = msgs + [{"role": "user", "content": render_message(self.pending, "")}]
+        after = self.engine.count_tokens(with_files, self.system)
+        tokens, limit = after - before, self.app.context_limit or 1
+        files = sum(len(a.files) for a in self.pending)
+        preview = f"{files} file{'s' * (files != 1)} · {tokens:,} tokens · {after / limit:.0%} of the context"
+        if after >= limit:
+            preview += " ⚠ more than the context window holds"
+        if self.prefill_rate is None:
+            preview += " · measuring this machine's reading speed…"
+            if not self._measuring:
+                self._measuring = True
+                self.engine.measure_prefill()
+        else:
+            rate, source = self.prefill_rate
+            preview += f" · ~{duration(tokens / rate)} to read at {rate:,.0f} tokens/s ({source})"
+        bar.show(chips, preview + " · /file clear removes them")
 
     async def new_chat(self) -> None:
         if self.job is not None:
@@ -281,6 +365,10 @@ class ChatScreen(Screen):
         self.notify(f"Exported to {path}")
         return path
 
+    @on(PromptInput.LongPaste)
+    def on_long_paste(self, event: PromptInput.LongPaste) -> None:
+        self.add_attachment(paste_attachment(event.text))
+
     # sending
     @on(PromptInput.Submitted)
     async def on_prompt_submitted(self, event: PromptInput.Submitted) -> None:
@@ -306,11 +394,13 @@ class ChatScreen(Screen):
         chat_id = self._ensure_chat(text)
         editing = self.edit_target
         parent = editing.parent_id if editing is not None else self.store.chat(chat_id).leaf_id
-        user = self.store.add_message(chat_id, parent, "user", text)  # saved before generation starts
+        attached = (editing.attachments if editing is not None else []) + self.pending  # an edit keeps its files
+        user = self.store.add_message(chat_id, parent, "user", text, attachments=attached)  # before generation
         self.store.add_history(raw or text)
         self.prompt.remember(raw or text)
         self.prompt.set_text("")
         self._set_editing(None)
+        self.clear_attachments()
         await self.start_reply(user, rerender=editing is not None)
 
     async def start_reply(self, user: Message, rerender: bool = False) -> None:
@@ -337,6 +427,7 @@ class ChatScreen(Screen):
         self.reply_view.set_status("streaming" if loaded else "waiting")
         self.reply_view.start_stream()
         self._base_ctx = self.engine.count_tokens(history, self.system)
+        self._reading, self._progress = None, (0, 0)
         self.status.set_note("")
         self.status.set_stats(None)  # the figures shown from now on are this reply's
         self.job = self.engine.submit(history, self.system, self.settings, chat_key=self.store.cache_key(self.chat_id))
@@ -356,16 +447,16 @@ class ChatScreen(Screen):
         if isinstance(ev, CacheNote):
             self.status.set_note(ev.text, ev.warning)
             return
+        if isinstance(ev, PrefillRate):
+            self._measuring = False
+            self.prefill_rate = (ev.tokens_per_s, ev.source)
+            self.show_attachments()
+            return
         if self.job is None or getattr(ev, "job", None) != self.job.id:
             return
         view = self.reply_view
         if isinstance(ev, Prefill):
-            if ev.total >= PREFILL_SHOWN and ev.done < ev.total and not self.stopping:
-                self.status.set_state(
-                    f"reading the prompt {bar(ev.done / ev.total)} {ev.done:,}/{ev.total:,} tokens  (Esc stops)"
-                )
-            elif ev.done >= ev.total and not self.stopping:
-                self.status.set_state("answering… (Esc stops)")
+            self.show_reading(ev)
         elif isinstance(ev, Token):
             self.reply_text += ev.text
             if view is not None and view.is_attached:
@@ -395,6 +486,13 @@ class ChatScreen(Screen):
             self.update_context()
             if status in ("length", "context"):
                 self.notify(view.note_text() if view is not None else status, severity="warning")
+            done, total = self._progress
+            if status == "stopped" and not ev.text and 0 < done < total:
+                self.notify(
+                    f"Reading stopped with at least {done:,} of {total:,} tokens read (the step under way when you "
+                    "stopped is kept too). Ctrl+R continues from there, now or after a restart.",
+                    timeout=10,
+                )
         elif isinstance(ev, Failed):
             status = "context" if ev.context else "error"
             self.store.update_message(self.reply_id, content=self.reply_text, status=status, stats={"error": ev.error})
@@ -411,6 +509,29 @@ class ChatScreen(Screen):
                 self.notify(
                     f"The model failed: {ev.error}. Your message is saved; Ctrl+R retries.", severity="error", timeout=8
                 )
+
+    def show_reading(self, ev: Prefill) -> None:
+        """A long read in the status bar: done/total, tokens/s and the time left; its rate is remembered
+        as this machine's measured reading speed for the next attachment's estimate."""
+        now = time.monotonic()
+        self._progress = (ev.done, ev.total)
+        if self._reading is None:
+            self._reading = (now, ev.done)
+        if self.stopping:
+            return
+        if ev.done >= ev.total:
+            self.status.set_state("answering… (Esc stops)")
+            return
+        if ev.total < PREFILL_SHOWN:
+            return
+        t0, d0 = self._reading
+        rate = (ev.done - d0) / (now - t0) if now > t0 and ev.done > d0 else 0.0
+        figures = f"{bar(ev.done / ev.total)} {ev.done:,}/{ev.total:,} tokens"
+        if rate > 0:
+            figures += f" · {rate:,.0f} t/s · {duration((ev.total - ev.done) / rate)} left"
+            if ev.done - d0 >= PREFILL_SHOWN:
+                self.prefill_rate = (rate, f"measured on the last read of {ev.done - d0:,} tokens")
+        self.status.set_state(f"reading the prompt {figures}  (Esc stops, what was read is kept)")
 
     def _end_job(self) -> None:
         self.job = None

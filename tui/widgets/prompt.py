@@ -2,6 +2,8 @@
 
 Up on the first line walks back through earlier prompts (Down walks forward to the draft), and
 Ctrl+G opens the text in $VISUAL / $EDITOR. Every binding has an id, so a keymap can move it.
+A paste of more than `LONG_PASTE_LINES` lines or `LONG_PASTE_CHARS` characters is not inserted: it
+is posted as `LongPaste`, and the chat keeps it as an attachment chip.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from textual import events
 from textual.app import SuspendNotSupported
 from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import TextArea
+
+LONG_PASTE_LINES = 40
+LONG_PASTE_CHARS = 4000
 
 
 class PromptInput(TextArea):
@@ -33,6 +39,11 @@ class PromptInput(TextArea):
         def __init__(self, prompt: PromptInput, text: str):
             super().__init__()
             self.prompt = prompt
+            self.text = text
+
+    class LongPaste(Message):
+        def __init__(self, text: str):
+            super().__init__()
             self.text = text
 
     def __init__(self, history: list[str] | None = None, **kwargs):
@@ -63,6 +74,14 @@ class PromptInput(TextArea):
             getattr(self, f"action_{action}")()
             return
         await super()._on_key(event)
+
+    async def _on_paste(self, event: events.Paste) -> None:
+        # Textual runs TextArea's own handler after this one (it walks the classes), unless prevented.
+        text = event.text
+        if text.count("\n") >= LONG_PASTE_LINES or len(text) > LONG_PASTE_CHARS:
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.LongPaste(text))
 
     def remember(self, text: str) -> None:
         if text.strip() and (not self.prompt_history or self.prompt_history[-1] != text):
