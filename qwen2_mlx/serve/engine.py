@@ -36,6 +36,7 @@ from qwen2_mlx.generation.generate import (
     stream_generate,
 )
 from qwen2_mlx.generation.prompt_cache import make_prompt_cache, to_dca_cache, to_plain_cache
+from qwen2_mlx.generation.settings import GenerationSettings
 from qwen2_mlx.models.dca import DCAGeometry
 
 from .protocol import APIError, DoneEvent, ErrorEvent, Job, Sampling, TokenEvent
@@ -150,6 +151,14 @@ class Engine:
         self.lookup, self.draft_model, self.num_draft_tokens = lookup, draft_model, num_draft_tokens
         # KV-cache quantization (kv_bits, kv_group_size, quantized_kv_start): stream_generate's settings
         self.kv = {k: v for k, v in (kv or {}).items() if v is not None} if (kv or {}).get("kv_bits") else {}
+        # What every request shares; each one's sampling and stopping go on top (`_settings`).
+        self.settings = GenerationSettings.build(
+            prefill_step_size=prefill_step_size,
+            draft_model=draft_model,
+            num_draft_tokens=num_draft_tokens,
+            lookup=lookup,
+            **self.kv,
+        )
         self.window = context_limit(model)
         self.eos = set(self.tokenizer.eos_token_ids or [])
         dca = getattr(model.args, "dual_chunk_attention_config", None)
@@ -474,11 +483,14 @@ class Engine:
                 self.model,
                 self.tokenizer,
                 tokens[-1:],
-                job.max_tokens - job.generated,
-                sampler=make_request_sampler(s),
+                settings=self.settings.replace(
+                    max_tokens=job.max_tokens - job.generated,
+                    sampler=make_request_sampler(s),
+                    draft_model=None,
+                    lookup=None,
+                ),
                 cancel=job.cancel,
                 prompt_cache=cache,
-                prefill_step_size=self.prefill_step_size,
                 context_tokens=tokens[:-1],
             ):
                 if resp.token < 0:
@@ -538,19 +550,16 @@ class Engine:
             self.model,
             self.tokenizer,
             rest,
-            job.max_tokens,
-            sampler=make_request_sampler(Sampling(s.temperature, s.top_p, s.top_k, s.min_p)),
-            seed=seed,
-            logits_processors=[job.grammar] if job.grammar is not None else None,
-            stop=job.stop,
+            settings=self.settings.replace(
+                max_tokens=job.max_tokens,
+                sampler=make_request_sampler(Sampling(s.temperature, s.top_p, s.top_k, s.min_p)),
+                seed=seed,
+                logits_processors=[job.grammar] if job.grammar is not None else None,
+                stop=job.stop,
+            ),
             cancel=job.cancel,
             prompt_cache=cache,
-            prefill_step_size=self.prefill_step_size,
-            draft_model=self.draft_model,
-            num_draft_tokens=self.num_draft_tokens,
-            lookup=self.lookup,
             context_tokens=job.prompt[: job.cached_tokens],
-            **self.kv,
         ):
             if a.first_token is None:
                 a.first_token = time.perf_counter()
