@@ -346,7 +346,10 @@ def test_bad_anthropic_requests_get_anthropic_errors(server, claude):
         assert r.json()["type"] == "error" and words in r.json()["error"]["message"]
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(model="claude-9", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
-    assert claude.messages.create(**ok).stop_reason == "max_tokens"
+    # The server still answers: a reply of at most 5 tokens. Which way it ends depends on whether an
+    # earlier test's request is still in the batch (a random tiny model's argmax follows batch numerics).
+    reply = claude.messages.create(**ok)
+    assert reply.stop_reason in ("max_tokens", "end_turn") and 1 <= reply.usage.output_tokens <= 5
 
 
 def test_a_prompt_longer_than_the_window_is_refused_with_its_sizes(oai):
