@@ -437,6 +437,14 @@ def write_json(path: str, res: dict) -> None:
     os.replace(tmp, path)
 
 
+def report_identical(out: dict, json_path) -> int:
+    """Print a benchmark's figures (and write them to `json_path`); exit 0 only when its replies matched."""
+    print(json.dumps(out, indent=1))
+    if json_path:
+        write_json(str(json_path), out)
+    return 0 if out["identical_reply"] else 1
+
+
 def main(argv: Optional[list] = None) -> int:
     from qwen2_mlx.runtime.blas import ensure_openblas
 

@@ -11,7 +11,6 @@ Prints the tokens read the second time, both times, and whether the two answers 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .compare import write_json
+from .compare import report_identical
 from .serve import conversation
 
 QUESTION = "\n\nWhat does stream_generate return?"
@@ -116,10 +115,7 @@ def main(argv: Optional[list] = None) -> int:
         "uninterrupted_reply_s": round(whole_s, 2),
         "identical_reply": str(resumed) == str(whole),
     }
-    print(json.dumps(out, indent=1))
-    if args.json:
-        write_json(str(args.json), out)
-    return 0 if out["identical_reply"] else 1
+    return report_identical(out, args.json)
 
 
 if __name__ == "__main__":

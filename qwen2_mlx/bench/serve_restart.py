@@ -9,12 +9,11 @@ the cached tokens the second reply reports, and whether the two replies are iden
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .compare import write_json
+from .compare import report_identical
 from .serve import Server, conversation, stream_chat
 
 
@@ -50,10 +49,7 @@ def main(argv: Optional[list] = None) -> int:
         "ratio": round(warm["ttft"] / cold["ttft"], 4),
         "identical_reply": cold["text"] == warm["text"],
     }
-    print(json.dumps(out, indent=1))
-    if args.json:
-        write_json(str(args.json), out)
-    return 0 if out["identical_reply"] else 1
+    return report_identical(out, args.json)
 
 
 if __name__ == "__main__":
