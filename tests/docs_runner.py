@@ -7,6 +7,7 @@ blocks after it; `pip install` lines are checked against pyproject.toml's extras
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import re
 import shlex
@@ -69,6 +70,7 @@ def run_bash(code: str, timeout: float) -> None:
 
 
 def main(spec_path: str) -> int:
+    faulthandler.enable()  # a crash inside MLX shows where it happened (stderr reaches the test's message)
     spec = json.loads(Path(spec_path).read_text())
     root, port, timeout = Path(spec["root"]), spec["port"], spec["timeout"]
     namespace: dict = {"__name__": "__main__"}

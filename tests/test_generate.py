@@ -130,6 +130,26 @@ def test_finish_reason_context(mt):
     assert rs[-1].finish_reason == "context"
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_before_any_work(mt):
+    # MLX neither bounds-checks the scatter of logit_bias nor the embedding lookup: an id past the
+    # vocabulary once corrupted the heap (a segfault a few runs later), so both are checked up front.
+    from qwen2_mlx import batch_generate
+
+    model, tok = mt
+    vocab = model.args.vocab_size
+    for bias in ({vocab: 1.0}, {-1: 1.0}, {"7": 1.0}, {True: 1.0}, {3: float("nan")}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            run(model, tok, max_tokens=2, logit_bias=bias)
+        with pytest.raises(ValueError, match="logit_bias"):
+            batch_generate(model, tok, [PROMPT], max_tokens=2, logit_bias=bias)
+    with pytest.raises(ValueError, match=f"token id {vocab} is outside"):
+        run(model, tok, [1, 2, vocab])
+    with pytest.raises(ValueError, match=r"prompts\[1\]: token id -3 is outside"):
+        batch_generate(model, tok, [[1, 2], [-3]], max_tokens=2)
+    text, rs = run(model, tok, max_tokens=3, logit_bias={vocab - 1: 0.5})  # the last id is a token
+    assert rs[-1].generation_tokens <= 3
+
+
 def test_prompt_longer_than_the_window_is_refused(mt):
     model, tok = mt
     prompt = tok.encode(PROMPT, add_special_tokens=False)

@@ -152,14 +152,18 @@ def batch_generate(
     encoded = [_encode(tokenizer, p, i) for i, p in enumerate(prompts)]
     limits = _limits(list(max_tokens) if per_prompt else [s.max_tokens] * len(encoded), len(encoded))
     window = context_limit(model)
+    vocab = model.args.vocab_size
     for i, ids in enumerate(encoded):
+        wrong = next((t for t in ids if not 0 <= t < vocab), None)
+        if wrong is not None:  # the embedding lookup is not bounds-checked
+            raise ValueError(f"prompts[{i}]: token id {wrong} is outside the vocabulary (0..{vocab - 1})")
         if len(ids) >= window:
             raise ContextOverflowError(
                 f"prompts[{i}] ({len(ids)} tokens) does not fit the context window of {window} tokens"
             )
     if s.seed is not None:
         mx.random.seed(s.seed)
-    sample, procs = build_sampler(s)
+    sample, procs = build_sampler(s, model.args.vocab_size)
     eos = set(tokenizer.eos_token_ids or [])
     stats = BatchStats()
     results: list[Optional[_Row]] = [None] * len(encoded)

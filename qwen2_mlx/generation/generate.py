@@ -10,6 +10,8 @@ into the text, a `finish_reason` that always says why it ended ("stop", "length"
 
 from __future__ import annotations
 
+import math
+
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,8 +38,24 @@ def context_limit(model: nn.Module) -> int:
     return getattr(model, "max_context", None) or default_context_limit(model.args)
 
 
-def build_sampler(settings: GenerationSettings, extra_processors: Sequence[Callable] = ()):
+def check_logit_bias(logit_bias, vocab_size: int) -> None:
+    """Every biased id is a token of the model: MLX does not bounds-check the scatter that applies it."""
+    for token, bias in (logit_bias or {}).items():
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise ValueError(f"logit_bias: token id {token!r} is outside the vocabulary (0..{vocab_size - 1})")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+            raise ValueError(f"logit_bias: the bias of token {token} must be a finite number, not {bias!r}")
+
+
+def check_prompt_ids(ids: mx.array, vocab_size: int) -> None:
+    """Token ids given by the caller index the embedding table, which MLX does not bounds-check."""
+    if ids.size and int(ids.max().item()) >= vocab_size:
+        raise ValueError(f"prompt: token id {int(ids.max().item())} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def build_sampler(settings: GenerationSettings, vocab_size: int, extra_processors: Sequence[Callable] = ()):
     """mlx-lm's sampler and logits processors from the settings (a given `sampler` wins)."""
+    check_logit_bias(settings.logit_bias, vocab_size)
     sampler = settings.sampler
     if sampler is None:
         sampler = make_sampler(
@@ -416,10 +434,11 @@ def prepare_run(
     known = s.sampler is None and s.temperature > 0
     distribution = make_distribution(s.temperature, s.top_p, s.top_k, s.min_p) if known else None
     spec = SpeculativeStats() if s.speculative else None
-    sampler, procs = build_sampler(s, extra)
+    sampler, procs = build_sampler(s, model.args.vocab_size, extra)
     ids = encode_prompt(tokenizer, prompt)
     if ids.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
+    check_prompt_ids(ids, model.args.vocab_size)
     if cache is None:  # with a draft model, mlx-lm's layout: the model's layers, then the draft's
         cache = make_prompt_cache(model) + (make_prompt_cache(s.draft_model) if s.draft_model is not None else [])
     start_offset = getattr(cache[0], "offset", 0) if cache else 0
