@@ -4,7 +4,8 @@ Run under `mlx.launch`. Several models go through one launch because starting th
 mlx-lm, transformers and torch) costs more than the tiny models themselves. For model i rank 0
 writes `out/i.npz`: the logits of every prompt position, the greedy tokens, every rank's sampled tokens,
 the rank count, each rank's parameter count, KV-cache layer count and peak memory after loading in GB
-(MLX allocator, process RSS), greedy tokens again with a prefill in chunks of 8, and a two-prompt batch's tokens.
+(MLX allocator, process RSS), greedy tokens again with a prefill in chunks of 8, with prompt lookup and with
+an 8-bit KV cache (`extra_runs`), and a two-prompt batch's tokens.
 """
 
 import argparse
@@ -22,6 +23,15 @@ from qwen2_mlx.generation.generate import generate_step
 from qwen2_mlx.loading.sharded import sharded_load
 
 
+def extra_runs(model, tokens: mx.array, n: int) -> dict:
+    """Greedy tokens with an 8-bit KV cache (where head_dim allows 32-wide groups) and with prompt lookup."""
+    out = {"lookup": np.array([t for t, *_ in generate_step(tokens, model, max_tokens=n, lookup=True)])}
+    if model.args.head_dim % 32 == 0:
+        kv = dict(kv_bits=8, kv_group_size=32, prefill_step_size=8)
+        out["kv8"] = np.array([t for t, _ in generate_step(tokens, model, max_tokens=n, **kv)])
+    return out
+
+
 def run(path: str, prompt: list, n: int, out: Path, group, parallel: str) -> None:
     mx.reset_peak_memory()
     model, tokenizer = sharded_load(path, group, dtype=mx.float32, parallel=parallel)
@@ -31,6 +41,7 @@ def run(path: str, prompt: list, n: int, out: Path, group, parallel: str) -> Non
     greedy = [t for t, _ in generate_step(tokens, model, max_tokens=n)]
     # Chunked prefill evaluates only the caches: the pipeline's sends must still happen.
     chunked = [t for t, _ in generate_step(tokens, model, max_tokens=n, prefill_step_size=8)]
+    extras = extra_runs(model, tokens, n)
     batch = batch_generate(model, tokenizer, [prompt, prompt[:12]], max_tokens=n)
     # Sampling at temperature 1 with the same seed must pick the same tokens on every rank (4 suffice).
     mx.random.seed(7)
@@ -52,6 +63,7 @@ def run(path: str, prompt: list, n: int, out: Path, group, parallel: str) -> Non
             sampled=np.array(sampled),
             cache_layers=np.array(cache_layers),
             chunked=np.array(chunked),
+            **extras,
             batch=np.array([t[:n] + [-1] * (n - len(t[:n])) for t in batch.token_ids]),
         )
 

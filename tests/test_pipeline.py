@@ -8,6 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from dist_worker import extra_runs
 from mlx.utils import tree_flatten
 from test_distributed import PROMPT, WORKER, FakeGroup, RankGroup, mlx_launch, moe_4bit, reference
 from tiny import DENSE, MOE, make_checkpoint
@@ -46,6 +47,8 @@ def assert_pipeline_parity(path: Path, got: dict, n: int) -> Model:
     assert err <= 1e-4, f"max abs logit error {err}"
     assert got["greedy"].tolist() == ref_greedy
     assert got["chunked"].tolist() == ref_greedy
+    want = extra_runs(model, mx.array(PROMPT, dtype=mx.uint32), N_TOKENS)
+    assert {k: got[k].tolist() for k in want} == {k: v.tolist() for k, v in want.items()}
     assert all(s == got["sampled"][0].tolist() for s in got["sampled"].tolist())  # the ranks stay in step
     _, tok = load(path, lazy=True)
     batch = batch_generate(model, tok, [PROMPT, PROMPT[:12]], max_tokens=N_TOKENS).token_ids
@@ -63,8 +66,9 @@ def two_rank_runs(tmp_path_factory):
     """Dense, MoE, 4-bit MoE, DCA and YaRN checkpoints, and their results on two ranks (one launch)."""
     tmp = tmp_path_factory.mktemp("pipe")
     paths = {
-        # Four layers: two on each rank, so a rank runs more than one layer of the slice.
-        "dense": make_checkpoint(tmp / "dense", DENSE, num_hidden_layers=4)[0],
+        # Four layers: two on each rank, so a rank runs more than one layer of the slice; head_dim 32
+        # lets the KV cache be quantized in 32-wide groups.
+        "dense": make_checkpoint(tmp / "dense", DENSE, num_hidden_layers=4, hidden_size=128)[0],
         # Layer 1 is a dense MLP inside a MoE model: the two ranks hold different kinds of block.
         "moe": make_checkpoint(tmp / "moe", MOE, mlp_only_layers=[1])[0],
         "moe-4bit": moe_4bit(tmp),
@@ -84,6 +88,8 @@ def test_two_ranks_match_one_process(two_rank_runs, kind):
     model = assert_pipeline_parity(*two_rank_runs[kind], n=2)
     if kind == "moe":
         assert hasattr(model.layers[0].mlp, "switch_mlp") and not hasattr(model.layers[1].mlp, "switch_mlp")
+    if kind == "dense":
+        assert model.args.head_dim == 32  # so the 8-bit KV cache ran too
     if kind == "dca":
         assert model.layers[0].self_attn.dca is not None
 
@@ -151,3 +157,22 @@ def test_cli_more_ranks_than_layers_fails_with_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     assert "exited with code 2" in r.stderr
     assert r.stdout == ""
+
+
+@pytest.mark.real_model
+def test_real_model_two_ranks_match_one_process(real_model_path, tmp_path):
+    """Qwen2.5-Coder-0.5B's 24 layers, 12 on each rank: the same logits and tokens as one process."""
+    _, tok = load(real_model_path, lazy=True)
+    messages = [{"role": "user", "content": "Write a Python function that returns the square of a number."}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)[-30:]
+    _, ref_logits, ref_greedy = reference(real_model_path, N_TOKENS, prompt=prompt)
+    args = [str(WORKER), str(tmp_path), json.dumps(prompt), str(N_TOKENS), str(real_model_path)]
+    r = mlx_launch(2, *args, "--parallel", "pipeline")
+    assert (tmp_path / "0.npz").exists(), f"the ranks failed:\n{r.stdout}\n{r.stderr}"
+    got = dict(np.load(tmp_path / "0.npz"))
+    err = np.abs(got["logits"] - ref_logits).max()
+    assert err <= 1e-3, f"max abs logit error {err}"
+    assert got["greedy"].tolist() == ref_greedy and got["chunked"].tolist() == ref_greedy
+    outside, per_layer = layer_params(load(real_model_path, lazy=True)[0])
+    assert got["params"].tolist() == [outside + sum(per_layer[:12]), outside + sum(per_layer[12:])]
+    assert got["cache_layers"].tolist() == [12, 12]

@@ -159,9 +159,13 @@ def main(argv=None) -> int:
         if mx.distributed.init().rank() == 0:
             Path(args.out).write_text(json.dumps(figures))
         return 0
+    from qwen2_mlx.loading.loader import ModelLoadError, resolve_path
+    from qwen2_mlx.loading.paths import default_model_path
+
     try:
+        resolve_path(args.model or default_model_path())  # a missing folder: one line, before any launch
         rows = [_run_mode(m, args, argv) for m in modes]
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(_table(rows, args))
