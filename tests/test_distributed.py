@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,33 +21,11 @@ from qwen2_mlx.loading.loader import load
 from qwen2_mlx.models.config import ModelArgs
 from qwen2_mlx.models.model import Model
 from qwen2_mlx.models.sharding import ShardingError, check_shardable
+from qwen2_mlx.runtime.ports import free_ports as _free_ports  # test_serve_distributed imports this name
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 PROMPT = list(range(5, 40))
-
-
-def _free_ports(n: int) -> int:
-    """A first port p with p..p+n-1 free (the ring backend listens on consecutive ports)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            start = s.getsockname()[1]
-        if start + n > 65535:
-            continue
-        try:
-            socks = []
-            for p in range(start, start + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return start
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def mlx_launch(n: int, *command: str, input: str = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -94,9 +71,12 @@ def mlx_launch(n: int, *command: str, input: str = None, timeout: int = 600) -> 
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def run_sharded(paths: list, tmp: Path, n_tokens: int = 8, prompt=PROMPT) -> list[dict]:
-    """Each model's rank-0 results from one two-rank launch."""
-    r = mlx_launch(2, str(WORKER), str(tmp), json.dumps(prompt), str(n_tokens), *map(str, paths))
+def run_sharded(
+    paths: list, tmp: Path, n_tokens: int = 8, prompt=PROMPT, ranks: int = 2, parallel: str = "tensor"
+) -> list[dict]:
+    """Each model's rank-0 results from one launch of `ranks` ranks."""
+    args = [str(WORKER), str(tmp), json.dumps(prompt), str(n_tokens), *map(str, paths), "--parallel", parallel]
+    r = mlx_launch(ranks, *args)
     outs = [tmp / f"{i}.npz" for i in range(len(paths))]
     assert all(o.exists() for o in outs), f"the ranks failed:\n{r.stdout}\n{r.stderr}"
     return [dict(np.load(o)) for o in outs]
@@ -298,11 +278,16 @@ def test_cli_indivisible_model_fails_with_one_line(tmp_path):
     assert r.stdout == ""
 
 
+def real_prompt(path: Path) -> list[int]:
+    """The last 30 tokens of a chat prompt for the real model."""
+    _, tok = load(path, lazy=True)
+    messages = [{"role": "user", "content": "Write a Python function that returns the square of a number."}]
+    return tok.apply_chat_template(messages, add_generation_prompt=True)[-30:]
+
+
 @pytest.mark.real_model
 def test_real_model_two_ranks_match_one_process(real_model_path, tmp_path):
-    _, tok = load(real_model_path, lazy=True)
-    messages = [{"role": "user", "content": "Write a Python function that returns the square of a number."}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)[-30:]
+    prompt = real_prompt(real_model_path)
     _, ref_logits, ref_greedy = reference(real_model_path, prompt=prompt)
     got = run_sharded([real_model_path], tmp_path, prompt=prompt)[0]
     err = np.abs(got["logits"] - ref_logits).max()

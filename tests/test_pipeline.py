@@ -2,7 +2,6 @@
 contiguous slice of the layers and must reproduce one process's logits, greedy tokens (decoded with a
 cache, with the prefill whole or in chunks) and batches, on every rank."""
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from dist_worker import extra_runs
 from mlx.utils import tree_flatten
-from test_distributed import PROMPT, WORKER, FakeGroup, RankGroup, mlx_launch, moe_4bit, reference
+from test_distributed import PROMPT, FakeGroup, RankGroup, mlx_launch, moe_4bit, real_prompt, reference, run_sharded
 from tiny import DENSE, MOE, make_checkpoint
 
 from qwen2_mlx.generation.batch import batch_generate
@@ -24,13 +23,9 @@ from qwen2_mlx.models.sharding import ShardingError
 N_TOKENS = 8
 
 
-def run_pipelined(n: int, paths: list, tmp: Path) -> list[dict]:
+def run_pipelined(n: int, paths: list, tmp: Path, prompt=PROMPT) -> list[dict]:
     """Each model's rank-0 results from one n-rank pipeline launch."""
-    args = [str(WORKER), str(tmp), json.dumps(PROMPT), str(N_TOKENS), *map(str, paths), "--parallel", "pipeline"]
-    r = mlx_launch(n, *args)
-    outs = [tmp / f"{i}.npz" for i in range(len(paths))]
-    assert all(o.exists() for o in outs), f"the ranks failed:\n{r.stdout}\n{r.stderr}"
-    return [dict(np.load(o)) for o in outs]
+    return run_sharded(paths, tmp, N_TOKENS, prompt, ranks=n, parallel="pipeline")
 
 
 def layer_params(model: Model) -> tuple[int, list[int]]:
@@ -162,17 +157,31 @@ def test_cli_more_ranks_than_layers_fails_with_one_line(tmp_path):
 @pytest.mark.real_model
 def test_real_model_two_ranks_match_one_process(real_model_path, tmp_path):
     """Qwen2.5-Coder-0.5B's 24 layers, 12 on each rank: the same logits and tokens as one process."""
-    _, tok = load(real_model_path, lazy=True)
-    messages = [{"role": "user", "content": "Write a Python function that returns the square of a number."}]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)[-30:]
+    prompt = real_prompt(real_model_path)
     _, ref_logits, ref_greedy = reference(real_model_path, N_TOKENS, prompt=prompt)
-    args = [str(WORKER), str(tmp_path), json.dumps(prompt), str(N_TOKENS), str(real_model_path)]
-    r = mlx_launch(2, *args, "--parallel", "pipeline")
-    assert (tmp_path / "0.npz").exists(), f"the ranks failed:\n{r.stdout}\n{r.stderr}"
-    got = dict(np.load(tmp_path / "0.npz"))
+    got = run_pipelined(2, [real_model_path], tmp_path, prompt=prompt)[0]
     err = np.abs(got["logits"] - ref_logits).max()
     assert err <= 1e-3, f"max abs logit error {err}"
     assert got["greedy"].tolist() == ref_greedy and got["chunked"].tolist() == ref_greedy
     outside, per_layer = layer_params(load(real_model_path, lazy=True)[0])
     assert got["params"].tolist() == [outside + sum(per_layer[:12]), outside + sum(per_layer[12:])]
     assert got["cache_layers"].tolist() == [12, 12]
+
+
+def test_a_rank_reads_only_its_layers(tmp_path):
+    """Loaded lazily then pipelined, a rank's memory holds its own weights only: the rest is never read."""
+    from qwen2_mlx.loading.loader import materialize
+
+    path, _ = make_checkpoint(tmp_path / "dense", DENSE, num_hidden_layers=4, hidden_size=128)
+    full = sum(v.nbytes for _, v in tree_flatten(load(path, lazy=True)[0].parameters()))
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model, _ = load(path, lazy=True)
+    model.pipeline(RankGroup(2, 1))
+    own = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    layer = max(sum(v.nbytes for _, v in tree_flatten(m.parameters())) for m in model.layers)
+    materialize(model)
+    assert mx.get_active_memory() - before == own < full
+    # At most one layer's stacking copy on top: the two dropped layers were never read.
+    assert mx.get_peak_memory() - before <= own + layer < full

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from qwen2_mlx.runtime.ports import free_ports
 
 MODES = ("single", "tensor", "pipeline")
 
@@ -86,25 +87,6 @@ def _work(args) -> dict:
     }
 
 
-def _free_ports(n: int) -> int:
-    """A first port p with p..p+n-1 free: the ring backend listens on consecutive ports."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            start = s.getsockname()[1]
-        socks = [socket.socket() for _ in range(n)]
-        try:
-            for i, s in enumerate(socks):
-                s.bind(("127.0.0.1", start + i))
-            return start
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
 def _run_mode(mode: str, args, argv: list[str]) -> dict:
     """Start one mode's processes and return rank 0's figures."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,7 +97,7 @@ def _run_mode(mode: str, args, argv: list[str]) -> dict:
             cmd = worker
         else:
             launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; main()"]
-            ring = ["-n", str(args.ranks), "--backend", "ring", "--starting-port", str(_free_ports(args.ranks))]
+            ring = ["-n", str(args.ranks), "--backend", "ring", "--starting-port", str(free_ports(args.ranks))]
             cmd = launcher + ring + ["--"] + worker
             env["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.ranks))  # the ranks share cores
         print(f"[bench.parallel] {mode} ...", file=sys.stderr, flush=True)
