@@ -7,7 +7,10 @@ Each mode loads the model (`sharded_load(parallel=)`, one process for "single"),
 decodes `--streams` prompts together (`batch_generate`, the batched forward the server's continuous
 batching runs) and reports their aggregate decode rate. Rank 0 reports its peak memory (MLX allocator
 and process RSS). The ranks run under `mlx.launch --backend ring` on this machine; they share its cores.
-Prints one table on stdout; progress goes to stderr.
+With `--measure server` (or `both`), each mode is also served by `qwen2-serve` (one process, or `--parallel` under
+`mlx.launch`) and `--streams` concurrent streamed requests measure its aggregate decode rate
+(bench/serve.py), with the serving process's peak RSS from `/health`.
+Prints the tables on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens decoded alone (default: %(default)s)")
     p.add_argument("--streams", type=int, default=4, help="prompts decoded together (default: %(default)s)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
+    p.add_argument(
+        "--measure",
+        choices=("direct", "server", "both"),
+        default="direct",
+        help="direct: generation in the ranks; server: qwen2-serve with --streams clients (default: %(default)s)",
+    )
     p.add_argument("--dtype", default="float32", help="weights' dtype (default: %(default)s, fastest on a CPU)")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)  # one rank's part, run by the driver
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -107,6 +116,43 @@ def _run_mode(mode: str, args, argv: list[str]) -> dict:
         return json.loads(out.read_text())
 
 
+def _serve_rows(args, modes: list[str]) -> list[dict]:
+    """Each mode served by qwen2-serve, under `--streams` concurrent streamed requests."""
+    import httpx
+
+    from .serve import Server, bench_streams
+    from .serve_ranks import LaunchedServer
+
+    name = Path(args.model).resolve().name
+    rows = []
+    with tempfile.TemporaryDirectory() as logs:
+        for mode in modes:
+            print(f"[bench.parallel] qwen2-serve, {mode} ...", file=sys.stderr, flush=True)
+            if mode == "single":
+                server = Server("qwen2-serve", args.model, ["--no-cache-dir"], Path(logs))
+            else:
+                server = LaunchedServer(args.model, args.ranks, Path(logs), mode)
+            try:
+                figures = bench_streams(server, name, [args.streams], args.gen_tokens)[args.streams]
+                peak = httpx.get(server.url + "/health", timeout=30).json()["peak_rss_gb"]
+            finally:
+                server.stop()
+            rows.append(dict(figures, mode=mode, peak_rss_gb=peak))
+    return rows
+
+
+def _serve_table(rows: list[dict], args) -> str:
+    lines = [
+        f"qwen2-serve, {args.streams} concurrent streams x up to {args.gen_tokens} tok",
+        f"{'mode':10}{'tokens':>8}{'wall s':>9}{'tok/s':>8}{'rank 0 RSS':>13}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['mode']:10}{r['tokens']:>8}{r['wall_s']:>9.1f}{r['tokens_per_s']:>8.1f}{r['peak_rss_gb']:>10.2f} GB"
+        )
+    return "\n".join(lines)
+
+
 def _table(rows: list[dict], args) -> str:
     lines = [
         f"prompt {args.prompt_tokens} tok, decode {args.gen_tokens} tok, "
@@ -146,11 +192,14 @@ def main(argv=None) -> int:
 
     try:
         resolve_path(args.model or default_model_path())  # a missing folder: one line, before any launch
-        rows = [_run_mode(m, args, argv) for m in modes]
+        if args.measure in ("direct", "both"):
+            print(_table([_run_mode(m, args, argv) for m in modes], args), flush=True)
+        if args.measure in ("server", "both"):
+            args.model = str(resolve_path(args.model or default_model_path()))
+            print(_serve_table(_serve_rows(args, modes), args), flush=True)
     except (RuntimeError, ValueError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(_table(rows, args))
     return 0
 
 
