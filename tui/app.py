@@ -217,7 +217,10 @@ class ChatApp(App):
     def switch_model(self, target: str) -> None:
         """Load another converted model in place of this one (the chats stay as they are)."""
         if self.backend_factory is None:
-            self.notify("This app was started without a model loader; restart with --model PATH.", severity="warning")
+            why = getattr(self.engine.backend, "local_only", lambda _: None)("model")
+            self.notify(
+                why or "This app was started without a model loader; restart with --model PATH.", severity="warning"
+            )
             return
         if self.chat.job is not None or not self.loaded:
             self.notify("Wait for the reply (or the load) to finish first.", severity="warning")
