@@ -341,3 +341,103 @@ def test_in_a_real_terminal_esc_cancels_on_the_server_and_a_killed_server_costs_
         srv.stop()
         if restarted is not None:
             restarted.stop()
+
+
+@pytest.fixture
+def strict_server():
+    """A server as strict as OpenAI's own API: a field it does not define (top_k, …) is a 400 naming it.
+    It serves one model and streams a fixed two-piece reply with `usage`, over real HTTP (uvicorn)."""
+    import json
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    known = {"model", "messages", "temperature", "top_p", "max_tokens", "seed", "stream", "stream_options"}
+    bodies: list[dict] = []
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": "strict", "object": "model", "created": 0}]})
+
+    async def chat(request):
+        body = await request.json()
+        bodies.append(body)
+        unknown = sorted(set(body) - known)
+        if unknown:
+            error = {"message": f"Unrecognized request argument supplied: {', '.join(unknown)}", "type": "invalid"}
+            return JSONResponse({"error": error}, status_code=400)
+
+        def chunk(delta, finish=None, usage=None):
+            choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            c = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "strict", "choices": choices}
+            return f"data: {json.dumps(c | ({'usage': usage} if usage else {}))}\n\n"
+
+        usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+        parts = [chunk({"role": "assistant", "content": "o"}), chunk({"content": "k"}), chunk({}, "stop")]
+        parts += [chunk({}, usage=usage), "data: [DONE]\n\n"]
+        return StreamingResponse(iter(parts), media_type="text/event-stream")
+
+    routes = [Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])]
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes), port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.config.port}", bodies
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_a_strict_server_that_refuses_top_k_is_asked_again_without_the_extras(strict_server):
+    import threading
+
+    from tui.backend import DEFAULT_SETTINGS
+
+    url, bodies = strict_server
+    backend = RemoteBackend(url)
+    backend.load(lambda *_: None)
+    assert backend.name.startswith("strict @ ") and backend.context_limit == 0  # no window said: none shown
+    replies = list(backend.generate([{"role": "user", "content": "hi"}], None, DEFAULT_SETTINGS, threading.Event()))
+    assert backend.last_reply == "ok" and replies[-1].finish_reason == "stop" and backend.context_used == 9
+    assert set(bodies[0]) > {"top_k", "min_p", "repetition_penalty"} and "top_k" not in bodies[1]
+    assert backend.cache_note == ("the server refused top_k, min_p, repetition_penalty; sent without them", True)
+    list(backend.generate([{"role": "user", "content": "again"}], None, DEFAULT_SETTINGS, threading.Event()))
+    assert len(bodies) == 3 and "top_k" not in bodies[2] and backend.cache_note is None  # said once
+
+
+def test_settings_that_need_a_local_model_are_kept_and_say_why_they_do_nothing():
+    import asyncio
+
+    from tui import commands, slash
+
+    backend = RemoteBackend("http://127.0.0.1:9")
+
+    class Chat:  # the part of ChatScreen the handler uses, with a server's backend
+        settings: dict = {}
+        notes: list = []
+
+        def save_chat_settings(self):
+            pass
+
+        def notify(self, text, **kw):
+            self.notes.append(text)
+
+        def local_only(self, key):
+            return backend.local_only(key)
+
+        def set_cache_disk(self, budget):
+            raise AssertionError("no disk budget is set for a server's model")
+
+    chat = Chat()
+    for text in ("/set kv-bits 4", "/set cache-disk 1GB", "/set temp 0.3"):
+        cmd = commands.parse(text)
+        asyncio.run(slash.find(cmd.name).handler(chat, cmd))
+    assert chat.settings == {"kv_bits": 4, "temperature": 0.3}
+    assert chat.notes[0] == "kv_bits does nothing here: " + backend.local_only("kv_bits")
+    assert "prefix cache" in chat.notes[1] and chat.notes[2] == "temperature = 0.3"
+    # a chat that has them set says so once, at its next reply, and is answered without them
+    assert backend._ignored({"kv_bits": 4, "lookup": True})[0].startswith("ignored here: KV-cache quantization")
+    assert backend._ignored({"kv_bits": 4, "lookup": True}) is None

@@ -117,8 +117,8 @@ class RemoteBackend:
         client = AsyncOpenAI(base_url=self.base, api_key=self.api_key or "none", max_retries=0, timeout=timeout)
         try:
             cards = self._call(self._models(client))
-        except ServerError:
-            if self.model_id is None:
+        except ServerError as e:
+            if self.model_id is None or getattr(e.__cause__, "status_code", None) != 404:
                 raise
             cards = []  # a server without /v1/models: the model named on the command line
         self._choose(cards)
