@@ -22,7 +22,7 @@ HINT = "hint: run `python convert.py` to create the default model, or pass --mod
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwen2-chat",
-        description="Chat with a Qwen2 model in the terminal (MLX, in-process). "
+        description="Chat with a Qwen2 model in the terminal (MLX in-process, or on a server with --server URL). "
         "With --prompt or piped stdin, print one reply and exit.",
     )
     p.add_argument("--model", type=Path, default=None, help=f"converted model folder (default: {default_model_path()})")

@@ -209,7 +209,7 @@ class ChatApp(App):
             self.exit(
                 return_code=2,
                 message=f"qwen2-chat: cannot load the model: {ev.error}\n"
-                "hint: run `python convert.py` to create the default model",
+                + getattr(self.backend, "load_hint", "hint: run `python convert.py` to create the default model"),
             )
         else:  # a reply's event: in turn with the chat screen's own messages
             self.chat.call_later(self.chat.job_event, ev)

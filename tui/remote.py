@@ -82,6 +82,7 @@ class RemoteBackend:
     """A model behind an OpenAI-compatible server. Every method runs on the engine's thread."""
 
     counts_tokens = False  # no tokenizer here: the context meter reads the server's `usage`
+    load_hint = "hint: start the server (qwen2-serve), or check --server and the API key"
 
     def __init__(self, url: str, api_key: Optional[str] = None, model_id: Optional[str] = None):
         self.url = url
