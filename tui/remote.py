@@ -31,6 +31,9 @@ LOCAL_ONLY = {
     "cache_disk": "chat caches on disk belong to a local model; the server keeps its own prefix cache",
     "model": "the model is the server's: restart qwen2-chat with --model-id (one of its /v1/models) or --model PATH",
 }
+# A fast server sends hundreds of chunks a second; the screen gets them in pieces at most this often (s),
+# or it would spend its time redrawing and fall behind the stream and the keyboard.
+PIECE_EVERY = 0.05
 MIN_RATE_SPAN = 0.25  # seconds of streaming before the status bar shows a generation rate
 _DONE = object()
 
@@ -222,24 +225,33 @@ class RemoteBackend:
         out: queue.Queue = queue.Queue()
         tally = _Tally(time.perf_counter())
         future = asyncio.run_coroutine_threadsafe(self._pump(body, out), self._loop)
+        pending: list[str] = []  # text come since the last piece handed on
+        shown = 0.0  # when the last piece was handed on
         try:
             while True:
                 if cancel.is_set():
                     future.cancel()  # the task closes the stream: the server sees the disconnect
-                    yield tally.response("", "cancelled")
+                    yield tally.response("".join(pending), "cancelled")
                     break
                 try:
-                    item = out.get(timeout=0.05)
+                    item = out.get(timeout=PIECE_EVERY if pending else 0.05)
                 except queue.Empty:
-                    continue
-                if item is _DONE:
-                    yield tally.response("", tally.finish or "stop")
-                    break
-                if isinstance(item, BaseException):
+                    item = None
+                if isinstance(item, BaseException) or item is _DONE:
+                    if pending:  # what came before the end is on screen before the end is said
+                        yield tally.response("".join(pending))
+                        pending = []
+                    if item is _DONE:
+                        yield tally.response("", tally.finish or "stop")
+                        break
                     raise self._error(item, streaming=tally.received)
-                text = tally.add(item)
+                text = tally.add(item) if item is not None else ""
                 if text:
-                    yield tally.response(text)
+                    pending.append(text)
+                if pending and (item is None or time.perf_counter() - shown >= PIECE_EVERY):
+                    shown = time.perf_counter()
+                    yield tally.response("".join(pending))
+                    pending = []
         finally:
             future.cancel()
             self.last_reply = "".join(tally.parts)
