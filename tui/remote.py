@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from qwen2_mlx.generation.responses import GenerationStats
+
 API_KEY_ENV = "QWEN2_CHAT_API_KEY"
 CONNECT_TIMEOUT = 10.0  # seconds; a reply itself may take minutes to its first token (a long prompt)
 # Sampling settings OpenAI's own API does not define; vLLM, mlx-lm and qwen2-serve take (or ignore) them.
@@ -47,18 +49,12 @@ class ContextOverflowError(ValueError):
 
 
 @dataclass
-class RemoteResponse:
-    """One piece of a reply, with the figures known so far (the fields of engine.Stats)."""
+class RemoteResponse(GenerationStats):
+    """One piece of a reply with the figures known so far (no memory figure: the server's is not ours)."""
 
-    text: str
+    text: str = ""
     finish_reason: Optional[str] = None
-    prompt_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    peak_memory: float = 0.0
-    time_to_first_token: float = 0.0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache supplied (`usage`)
     server: bool = True
 
 
@@ -318,8 +314,8 @@ class _Tally:
         # Chunks can arrive in bursts: a rate over a fraction of a second would be noise, so none is shown.
         tps = (self.generation_tokens - 1) / span if span >= MIN_RATE_SPAN and self.generation_tokens > 1 else 0.0
         return RemoteResponse(
-            text,
-            finish,
+            text=text,
+            finish_reason=finish,
             prompt_tokens=self.prompt_tokens,
             generation_tokens=self.generation_tokens,
             generation_tps=tps,
