@@ -233,6 +233,7 @@ class Server:
         return {"prompt_tokens": len(job.prompt), "cached_tokens": job.cached_tokens, "completion_tokens": 0}
 
     async def _stream(self, job: Job, fmt, splitter):
+        ended = False
         try:
             started = False
             while True:
@@ -248,14 +249,18 @@ class Server:
                         yield s
                 elif isinstance(event, DoneEvent):
                     rest, calls = splitter.finish() if splitter else ("", [])
+                    ended = True
                     for s in fmt.end(rest, calls, event.reason, event.info):
                         yield s
                     return
                 else:
+                    ended = True
                     for s in fmt.error(event.error):
                         yield s
                     return
         finally:
+            if not ended:  # the line a user (or a test) finds in the log when a client hangs up
+                log.info("a streaming client went away after %d tokens: its generation is cancelled", job.generated)
             job.cancel.set()  # the client went away mid-stream (a no-op once the job is done)
 
     async def _collect(self, request: Request, job: Job, fmt, splitter):
