@@ -224,6 +224,7 @@ class Server:
             sampling=sampling,
             stop=spec.stop,
             grammar=grammar,
+            schema=spec.schema,
             logprobs=spec.logprobs,
             top_logprobs=spec.top_logprobs,
         )
