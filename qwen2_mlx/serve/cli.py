@@ -88,6 +88,17 @@ def port_in_use(host: str, port: int) -> Optional[str]:
     return None
 
 
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("under mlx.launch (docs/several-macs.md)")
+    g.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="end the job when one engine step waits this long on the other ranks (default 120)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -161,13 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_long_context_args(p)
     add_kv_cache_args(p)
-    p.add_argument(
-        "--rank-timeout",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="under mlx.launch: end the job when one engine step waits this long on the other ranks (default 120)",
-    )
+    _add_launch_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 

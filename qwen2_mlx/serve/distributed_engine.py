@@ -45,6 +45,10 @@ class RanksLost(RuntimeError):
     """The other ranks stopped answering: the job cannot go on."""
 
 
+class RanksOutOfStep(RuntimeError):
+    """The ranks no longer run the same collectives: a bug, which ends the job."""
+
+
 class PlanChannel:
     """Rank 0's plan (a JSON object) to every rank: its byte length `all_sum`-ed, then its bytes (the
     other ranks add zeros). An empty plan, the common case in a decode step, costs only the length."""
@@ -52,13 +56,24 @@ class PlanChannel:
     def __init__(self, group):
         self.group = group
         self.lead = group.rank() == 0
+        self.turn = 0
 
     def _sum(self, a: np.ndarray) -> np.ndarray:
-        return np.array(mx.distributed.all_sum(mx.array(a), group=self.group, stream=mx.cpu))
+        # On the engine's stream (the default inside its loop), behind the model's own collectives: the
+        # batch generator evaluates the next step asynchronously, and collectives on two streams could
+        # reach the ranks in different orders.
+        return np.array(mx.distributed.all_sum(mx.array(a), group=self.group))
 
     def share(self, plan: Optional[dict]) -> Optional[dict]:
         data = json.dumps(plan, separators=(",", ":")).encode() if self.lead and plan else b""
-        (n,) = self._sum(np.array([len(data)], dtype=np.int32))
+        # The header also carries every rank's turn count, each in its own slot: ranks out of step (a
+        # collective met by a different one elsewhere) are caught here rather than computing garbage.
+        self.turn = (self.turn + 1) % (1 << 30)
+        header = np.zeros(1 + self.group.size(), dtype=np.int32)
+        header[0], header[1 + self.group.rank()] = len(data), self.turn
+        n, *turns = self._sum(header)
+        if any(t != self.turn for t in turns):
+            raise RanksOutOfStep(f"rank {self.group.rank()} is at turn {self.turn}, the ranks at {turns}")
         if n == 0:
             return None
         mine = np.frombuffer(data, dtype=np.uint8) if self.lead else np.zeros(int(n), dtype=np.uint8)
@@ -218,9 +233,9 @@ class DistributedEngine(Engine):
         try:
             with mx.stream(generation_stream):
                 self._batch_loop()
-        except Exception:  # noqa: BLE001 - the ranks can no longer be in step
+        except Exception as e:  # noqa: BLE001 - the ranks can no longer be in step
             log.exception("the engine loop failed on rank %d", self.rank)
-            fatal(f"the engine loop failed on rank {self.rank}")
+            fatal(f"the engine loop failed on rank {self.rank}: {e}")
         self.watchdog.since = None
 
     # --- lifetime ---------------------------------------------------------------------------------
