@@ -366,7 +366,7 @@ def _follow(engine) -> int:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    engine.follow()
+    engine.follow()  # ends the process when rank 0 says stop
     return 0
 
 

@@ -68,10 +68,13 @@ class PlanChannel:
         data = json.dumps(plan, separators=(",", ":")).encode() if self.lead and plan else b""
         # The header also carries every rank's turn count, each in its own slot: ranks out of step (a
         # collective met by a different one elsewhere) are caught here rather than computing garbage.
-        self.turn = (self.turn + 1) % (1 << 30)
+        self.turn = self.turn % (1 << 30) + 1  # never 0: a 0 is a rank that added nothing
         header = np.zeros(1 + self.group.size(), dtype=np.int32)
         header[0], header[1 + self.group.rank()] = len(data), self.turn
         n, *turns = self._sum(header)
+        gone = [r for r, t in enumerate(turns) if t == 0]
+        if gone:  # the ring backend gives up on a closed link and fails the collective with zeros
+            raise RanksLost(f"rank {gone[0]} is gone (its link closed: it died or its host went away)")
         if any(t != self.turn for t in turns):
             raise RanksOutOfStep(f"rank {self.group.rank()} is at turn {self.turn}, the ranks at {turns}")
         if n == 0:
@@ -109,10 +112,18 @@ class Watchdog:
                 fatal(f"rank {self.rank} waited {self.timeout:g} s for the other ranks (one died or hung)")
 
 
+def leave(code: int) -> None:
+    """End this rank now, skipping C++ destructors: the ring backend's can abort once a peer has gone."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def fatal(why: str) -> None:
     """One line, then exit 1 at once: a thread blocked in a collective can be neither joined nor woken."""
     print(f"qwen2-serve: error: {why}; ending the job", file=sys.stderr, flush=True)
-    os._exit(1)
+    leave(1)
 
 
 class DistributedEngine(Engine):
@@ -233,6 +244,8 @@ class DistributedEngine(Engine):
         try:
             with mx.stream(generation_stream):
                 self._batch_loop()
+        except RanksLost as e:
+            fatal(str(e))
         except Exception as e:  # noqa: BLE001 - the ranks can no longer be in step
             log.exception("the engine loop failed on rank %d", self.rank)
             fatal(f"the engine loop failed on rank {self.rank}: {e}")
@@ -240,11 +253,12 @@ class DistributedEngine(Engine):
 
     # --- lifetime ---------------------------------------------------------------------------------
     def follow(self) -> None:
-        """A rank other than 0: run the loop on this thread until rank 0 says stop."""
+        """A rank other than 0: run the loop on this thread until rank 0 says stop, then end the process."""
         self._main()
+        leave(0)
 
     def close(self) -> None:
-        """Rank 0: tell every rank to stop; RanksLost if the loop cannot get that far (a rank is gone).
+        """Rank 0: tell every rank to stop and end the process; RanksLost if the loop cannot get that far.
 
         The stop goes out at the loop's next turn, so it may wait for the turn under way: a few seconds
         more than twice the longest turn so far (a big model's long prefill step) before giving up."""
@@ -253,3 +267,4 @@ class DistributedEngine(Engine):
         self._thread.join(timeout=grace)
         if self._thread.is_alive():
             raise RanksLost(f"rank 0 waited {grace:.0f} s for the other ranks to stop (one died or hung)")
+        leave(0)
