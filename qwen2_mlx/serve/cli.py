@@ -93,9 +93,9 @@ def _add_launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--rank-timeout",
         type=float,
-        default=120.0,
+        default=600.0,
         metavar="SECONDS",
-        help="end the job when one engine step waits this long on the other ranks (default 120)",
+        help="end the job when the engine makes no progress this long, waiting on the other ranks (default 600)",
     )
 
 

@@ -129,7 +129,7 @@ def fatal(why: str) -> None:
 class DistributedEngine(Engine):
     """`Engine` whose loop turns are planned by rank 0 and run identically on every rank of `group`."""
 
-    def __init__(self, model, tokenizer, *, group, rank_timeout: float = 120.0, **kwargs):
+    def __init__(self, model, tokenizer, *, group, rank_timeout: float = 600.0, **kwargs):
         super().__init__(model, tokenizer, disk_cache=None, **kwargs)
         if not self.batching:
             raise ValueError(
@@ -224,6 +224,7 @@ class DistributedEngine(Engine):
         return not plan["stop"]
 
     def _token_event(self, a, token: int, logprobs, text: str) -> None:
+        self.watchdog.since = time.monotonic()  # progress: a reply going on alone is one long turn
         a.job.digest = zlib.crc32(token.to_bytes(4, "little"), a.job.digest)
         super()._token_event(a, token, logprobs, text)
 
