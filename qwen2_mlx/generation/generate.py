@@ -11,7 +11,6 @@ into the text, a `finish_reason` that always says why it ended ("stop", "length"
 from __future__ import annotations
 
 import math
-
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
