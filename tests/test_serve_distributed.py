@@ -29,14 +29,14 @@ DONE = re.compile(r"rank (\d): request (\d+) (\w+) after (\d+) tokens \(crc (\w+
 class LaunchedServer:
     """`mlx.launch -n 2 --backend ring -- python -m qwen2_mlx.serve ...` in its own process group."""
 
-    def __init__(self, model: Path, log: Path, timeout: float = 240):
+    def __init__(self, model: Path, log: Path, *args: str, timeout: float = 240):
         self.port, self.log = free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")  # two ranks share two cores
         launcher = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; main()"]
         cmd = launcher + ["-n", "2", "--backend", "ring", "--starting-port", str(_free_ports(2)), "--"]
         cmd += [sys.executable, "-m", "qwen2_mlx.serve", "--model", str(model), "--port", str(self.port)]
-        cmd += ["--log-level", "info", "--rank-timeout", "60"]
+        cmd += ["--log-level", "info", "--rank-timeout", "60", *args]
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
@@ -126,9 +126,10 @@ def replies(url: str, model: str) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=["dense", "moe"])
+@pytest.fixture(scope="module", params=["dense", "moe", "moe-pipeline"])
 def served(request, tmp_path_factory):
-    """A tiny model's replies from the single-process server, and the distributed server left running."""
+    """A tiny model's replies from the single-process server, and the distributed server left running
+    (tensor parallel, or with `--parallel pipeline`: each rank a slice of the layers)."""
     tmp = tmp_path_factory.mktemp(request.param)
     base, extra = (DENSE, {}) if request.param == "dense" else (MOE, {"mlp_only_layers": [1]})
     path, _ = make_checkpoint(tmp / "model", base, **extra)
@@ -137,9 +138,11 @@ def served(request, tmp_path_factory):
         expected = replies(single.url, "model")
     finally:
         single.stop()
-    server = LaunchedServer(path, tmp / "launch.log")
+    server = LaunchedServer(
+        path, tmp / "launch.log", *(["--parallel", "pipeline"] if "pipeline" in request.param else [])
+    )
     yield server, expected
-    if server.proc.poll() is None:  # (MoE; the dense server's rank 1 was killed) a clean stop
+    if server.proc.poll() is None:  # (the others; the dense server's rank 1 was killed) a clean stop
         pids = server.pids()
         server.stop()
         log = server.log.read_text()
@@ -194,7 +197,7 @@ def test_a_disconnect_cancels_on_every_rank(served):
 
 @pytest.mark.parametrize("served", ["dense"], indirect=True)
 def test_a_killed_rank_ends_the_job_within_seconds(served):
-    """Last for the dense server (the MoE one is stopped cleanly by the fixture). mlx.launch sees rank 1
+    """Last for the dense server (the others are stopped cleanly by the fixture). mlx.launch sees rank 1
     die and stops rank 0, which says so and exits 1."""
     server, _ = served
     pids = server.pids()

@@ -91,6 +91,13 @@ def port_in_use(host: str, port: int) -> Optional[str]:
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("under mlx.launch (docs/several-macs.md)")
     g.add_argument(
+        "--parallel",
+        choices=("tensor", "pipeline"),
+        default="tensor",
+        help="split every layer over the ranks (tensor, the default) or give each rank a slice of the layers "
+        "(pipeline: one transfer per rank boundary, for Ethernet links)",
+    )
+    g.add_argument(
         "--rank-timeout",
         type=float,
         default=600.0,
@@ -276,7 +283,7 @@ def _load(args: argparse.Namespace, overrides: dict, group):
     if group.size() > 1:
         from qwen2_mlx.loading.sharded import sharded_load
 
-        return (*sharded_load(args.model, group, dtype=dtype, **overrides), None)
+        return (*sharded_load(args.model, group, dtype=dtype, parallel=args.parallel, **overrides), None)
     model, tokenizer = load(args.model, dtype=dtype, **overrides)
     draft = load(args.draft_model, dtype=dtype)[0] if args.draft_model else None
     return model, tokenizer, draft
