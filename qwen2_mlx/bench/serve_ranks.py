@@ -21,14 +21,15 @@ from .serve import Server, _free_port, stream_chat
 class LaunchedServer(Server):
     """qwen2-serve on `ranks` local ranks of `mlx.launch --backend ring`, rank 0 on a free port."""
 
-    def __init__(self, model: str, ranks: int, log_dir: Path):
-        self.kind, self.port = f"qwen2-serve on {ranks} ranks", _free_port()
+    def __init__(self, model: str, ranks: int, log_dir: Path, parallel: str = "tensor"):
+        self.kind, self.port = f"qwen2-serve on {ranks} ranks ({parallel})", _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         root = Path(__file__).resolve().parents[2]
         env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         launcher = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
         cmd = launcher + ["-n", str(ranks), "--backend", "ring", "--starting-port", str(_free_port()), "--"]
         cmd += [sys.executable, "-m", "qwen2_mlx.serve", "--model", model, "--port", str(self.port)]
+        cmd += ["--parallel", parallel]
         self.log = log_dir / "launch.log"
         self.proc = subprocess.Popen(
             cmd + ["--log-level", "warning"],
@@ -66,15 +67,17 @@ def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qwen2_mlx.bench.serve_ranks", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--parallel", choices=("tensor", "pipeline"), default="tensor")
     p.add_argument("--question", default="用中文简单介绍一下长城。")
     p.add_argument("--max-tokens", type=int, default=64)
     a = p.parse_args(argv)
     name = Path(a.model).resolve().name
     with tempfile.TemporaryDirectory() as tmp:
         single = measure(Server("qwen2-serve", a.model, ["--no-cache-dir"], Path(tmp)), name, a.question, a.max_tokens)
-        split = measure(LaunchedServer(a.model, a.ranks, Path(tmp)), name, a.question, a.max_tokens)
+        launched = LaunchedServer(a.model, a.ranks, Path(tmp), a.parallel)
+        split = measure(launched, name, a.question, a.max_tokens)
     print(f"question: {a.question}")
-    for label, r in (("1 process", single), (f"{a.ranks} ranks", split)):
+    for label, r in (("1 process", single), (f"{a.ranks} ranks, {a.parallel}", split)):
         print(f"\n[{label}] {r['text']}")
         print(
             f"[{label}] {r['tokens']} tokens, time to first token {r['ttft']:.2f} s, decode {r['tok_s']:.1f} tok/s, "
