@@ -351,6 +351,8 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for line in getattr(args, "warnings", []) if lead else []:  # after the OpenBLAS re-run, so said once
         print(f"{PROG}: warning: {line}", file=sys.stderr)
+    if group.size() == 1 and args.parallel != "tensor":
+        print(f"{PROG}: warning: --parallel applies under mlx.launch only; serving in one process", file=sys.stderr)
     refused = _refused_across_ranks(args) if group.size() > 1 else None
     try:
         if refused:
