@@ -105,7 +105,9 @@ class Server:
 
     # --- plain routes ---------------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
-        status = self.engine.status()
+        from qwen2_mlx.distributed import peak_rss_gb
+
+        status = dict(self.engine.status(), peak_rss_gb=round(peak_rss_gb(), 3))  # this process (rank 0)
         ok = status["healthy"]
         return JSONResponse(
             dict(status="ok" if ok else "error", model=self.engine.model_name, **status), 200 if ok else 503
@@ -224,6 +226,7 @@ class Server:
             sampling=sampling,
             stop=spec.stop,
             grammar=grammar,
+            schema=spec.schema,
             logprobs=spec.logprobs,
             top_logprobs=spec.top_logprobs,
         )
