@@ -1,7 +1,8 @@
-"""Generate with a Qwen2 model split over the ranks of `mlx.launch` (tensor parallel, `mx.distributed`).
+"""Generate with a Qwen2 model split over the ranks of `mlx.launch` (tensor or pipeline parallel, `mx.distributed`).
 
-The sharding itself is the model's (`models/sharding.py`, `Model.shard`); the loading that reads only each
-rank's slices is `loading/sharded.py`. Run it on one machine or several (see docs/several-macs.md):
+The splitting itself is the model's (`models/sharding.py` and `models/pipeline.py`, `Model.shard`); the
+loading that reads only each rank's part is `loading/sharded.py`. Run it on one machine or several
+(see docs/several-macs.md):
 
     mlx.launch -n 2 --backend ring -- python -m qwen2_mlx.distributed --model PATH --prompt "hi"
 """
@@ -26,7 +27,7 @@ def peak_rss_gb() -> float:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m qwen2_mlx.distributed",
-        description="Generate with a Qwen2 model split over the ranks of `mlx.launch` (tensor parallel). "
+        description="Generate with a Qwen2 model split over the ranks of `mlx.launch` (tensor or pipeline parallel). "
         "Every rank runs this same command; rank 0 prints.",
         epilog="example: mlx.launch -n 2 --backend ring -- python -m qwen2_mlx.distributed --model PATH --prompt hi",
     )
@@ -44,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed; the same on every rank")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="cast floating weights (float32 is fastest on a CPU)")
+    p.add_argument(
+        "--parallel",
+        choices=("tensor", "pipeline"),
+        default="tensor",
+        help="tensor: every rank holds 1/N of every layer (two all_sums per layer per token, for fast links); "
+        "pipeline: every rank holds a contiguous slice of the layers (one send per rank boundary, for slow links)",
+    )
     p.add_argument("--backend", default="any", help="mx.distributed backend (default: whatever mlx.launch set up)")
     p.add_argument("--verbose", action="store_true", help="print speed and per-rank memory on stderr")
     return add_long_context_args(p)
@@ -96,7 +104,7 @@ def main(argv: Optional[list] = None) -> int:
     path = Path(args.model).expanduser() if args.model else default_model_path()
     say(f"[rank 0/{size}] loading {path}")
     try:
-        model, tokenizer = sharded_load(path, group, dtype=mlx_dtype(args.dtype), **overrides)
+        model, tokenizer = sharded_load(path, group, dtype=mlx_dtype(args.dtype), parallel=args.parallel, **overrides)
     except (ShardingError, ConfigError, ModelLoadError, TokenizerError) as e:
         say(f"error: {e}")
         return 2

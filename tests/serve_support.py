@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import httpx
 
@@ -21,8 +22,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path, *args: str, log: Path, timeout: float = 180):
-        self.port = free_port()
+    def __init__(self, model: Path, *args: str, log: Path, timeout: float = 180, port: Optional[int] = None):
+        self.port = port or free_port()  # a port given: the same server started again after a kill
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.log = log

@@ -145,3 +145,25 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert e.value.code == 2
+
+
+def test_beyond_window_rows_side_by_side(tmp_path_factory, tmp_path, capsys):
+    # The tiny model's trained window is 4,096: a 5,000-token prompt passes it.
+    from api_support import tiny_model
+
+    from qwen2_mlx.bench import beyond_window
+
+    tiny_path = tiny_model(tmp_path_factory)[2]
+    out = tmp_path / "rows.json"
+    argv = ["--model", str(tiny_path), "--length", "5000", "--engines", "off,ours,mlx-lm", "--json", str(out)]
+    assert beyond_window.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert 4096 < data["tokens"] <= 5000 and len(data["key"]) == 5
+    off, ours, theirs = data["rows"]
+    assert "does not fit the context window of 4096 tokens" in off["refused"]
+    assert ours["engine"] == "ours" and "refused" not in ours and isinstance(ours["ok"], bool) and ours["peak_gb"] > 0
+    assert theirs["engine"] == "mlx-lm" and isinstance(theirs["got"], str)
+    printed = capsys.readouterr().out
+    assert "off     refused" in printed and printed.count("peak") == 2
+    with pytest.raises(SystemExit):
+        beyond_window.main(["--model", str(tiny_path), "--engines", "ours,nope"])

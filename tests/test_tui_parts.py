@@ -157,6 +157,9 @@ def test_set_and_max_run_the_handler_that_stores_the_setting():
         def notify(self, text, **kw):
             self.notes.append(text)
 
+        def local_only(self, key):  # a model in the process: every setting acts
+            return None
+
     chat = Chat()
     for text in ("/max 64", "/set temp 0.2"):
         cmd = commands.parse(text)

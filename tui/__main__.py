@@ -22,7 +22,7 @@ HINT = "hint: run `python convert.py` to create the default model, or pass --mod
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qwen2-chat",
-        description="Chat with a Qwen2 model in the terminal (MLX, in-process). "
+        description="Chat with a Qwen2 model in the terminal (MLX in-process, or on a server with --server URL). "
         "With --prompt or piped stdin, print one reply and exit.",
     )
     p.add_argument("--model", type=Path, default=None, help=f"converted model folder (default: {default_model_path()})")
@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", type=int, default=None, metavar="ID", help="reopen a saved chat by id")
     p.add_argument("--last", action="store_true", help="reopen the most recent chat")
     p.add_argument("--db", type=Path, default=None, help="chat database (default: in the qwen2-mlx data folder)")
+    p.add_argument(
+        "--server",
+        metavar="URL",
+        default=None,
+        help="chat with a model on an OpenAI-compatible server (qwen2-serve, local or remote) instead of loading one",
+    )
+    p.add_argument(
+        "--api-key", default=None, help="the server's API key (default $QWEN2_CHAT_API_KEY, which stays out of `ps`)"
+    )
+    p.add_argument("--model-id", default=None, help="which of the server's models (default: the first it lists)")
     add_long_context_args(p)
     return p
 
@@ -168,6 +178,61 @@ def stdin_is_a_pipe() -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
+def local_backend(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """(the model folder's backend, a maker of others for /model), or the exit status of a bad folder."""
+    model_path = args.model or default_model_path()
+    problem = check_model(model_path)
+    if problem:
+        hint = f"\n{HINT}" if args.model is None and "convert.py" not in problem else ""
+        print(f"qwen2-chat: error: {problem}{hint}", file=sys.stderr)
+        return 2
+    if args.draft_model is not None:
+        problem = check_model(args.draft_model)
+        if problem:
+            print(f"qwen2-chat: error: --draft-model: {problem}", file=sys.stderr)
+            return 2
+    if args.num_draft_tokens < 1:
+        print("qwen2-chat: error: --num-draft-tokens must be at least 1", file=sys.stderr)
+        return 2
+    from .backend import ModelBackend
+
+    draft = {"draft_path": args.draft_model, "num_draft_tokens": args.num_draft_tokens}
+    overrides = long_context_overrides(args, parser)
+    backend = ModelBackend(model_path, dtype=args.dtype, overrides=overrides, **draft)
+    return backend, lambda path: ModelBackend(path, dtype=args.dtype, overrides=backend.overrides, **draft)
+
+
+# Switches that act on a model in this process: with --server they are the server's (qwen2-serve's) to set.
+LOCAL_SWITCHES = ("model", "draft_model", "dtype", "lookup", "kv_bits")
+
+
+def server_backend(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """(a connected RemoteBackend, None), or the exit status after one line: a bad URL, no server, a 401."""
+    from .remote import API_KEY_ENV, RemoteBackend, ServerError
+
+    local = [f"--{k.replace('_', '-')}" for k in LOCAL_SWITCHES if getattr(args, k)]
+    local += [f"--{k.replace('_', '-')}" for k, v in long_context_overrides(args, parser).items() if v]
+    if local:
+        print(
+            f"qwen2-chat: error: {', '.join(local)} acts on a local model; with --server, start the server "
+            "with it (qwen2-serve takes the same switches)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.api_key is not None:
+        print(
+            f"qwen2-chat: warning: --api-key shows in `ps` to every local user; prefer ${API_KEY_ENV}", file=sys.stderr
+        )
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    try:
+        backend = RemoteBackend(args.server, api_key=key, model_id=args.model_id)
+        backend.load(lambda *_: None)  # here, so a server that is not there costs one line, not the app
+    except (ValueError, ServerError) as e:
+        print(f"qwen2-chat: error: {e}", file=sys.stderr)
+        return 2
+    return backend, None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ensure_openblas(argv)  # Linux CPU: re-run with OpenBLAS preloaded (qwen2_mlx/blas.py)
     parser = build_parser()
@@ -189,26 +254,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except AttachmentError as e:
         print(f"qwen2-chat: error: --file {e}", file=sys.stderr)
         return 2
-    model_path = args.model or default_model_path()
-    problem = check_model(model_path)
-    if problem:
-        hint = f"\n{HINT}" if args.model is None and "convert.py" not in problem else ""
-        print(f"qwen2-chat: error: {problem}{hint}", file=sys.stderr)
-        return 2
-
-    if args.draft_model is not None:
-        problem = check_model(args.draft_model)
-        if problem:
-            print(f"qwen2-chat: error: --draft-model: {problem}", file=sys.stderr)
-            return 2
-    if args.num_draft_tokens < 1:
-        print("qwen2-chat: error: --num-draft-tokens must be at least 1", file=sys.stderr)
-        return 2
-
-    from .backend import ModelBackend
-
-    draft = {"draft_path": args.draft_model, "num_draft_tokens": args.num_draft_tokens}
-    backend = ModelBackend(model_path, dtype=args.dtype, overrides=long_context_overrides(args, parser), **draft)
+    made = server_backend(args, parser) if args.server is not None else local_backend(args, parser)
+    if isinstance(made, int):
+        return made
+    backend, factory = made
     settings = settings_from(args)
     if one_shot:
         return run_once(backend, render_message(attachments, text), args.system, settings)
@@ -231,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         chat_id=chat_id,
         default_system=args.system,
         default_settings=settings,
-        backend_factory=lambda path: ModelBackend(path, dtype=args.dtype, overrides=backend.overrides, **draft),
+        backend_factory=factory,
         attachments=attachments,
     )
     code = app.run(inline=args.inline)

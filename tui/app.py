@@ -209,7 +209,7 @@ class ChatApp(App):
             self.exit(
                 return_code=2,
                 message=f"qwen2-chat: cannot load the model: {ev.error}\n"
-                "hint: run `python convert.py` to create the default model",
+                + getattr(self.backend, "load_hint", "hint: run `python convert.py` to create the default model"),
             )
         else:  # a reply's event: in turn with the chat screen's own messages
             self.chat.call_later(self.chat.job_event, ev)
@@ -217,7 +217,10 @@ class ChatApp(App):
     def switch_model(self, target: str) -> None:
         """Load another converted model in place of this one (the chats stay as they are)."""
         if self.backend_factory is None:
-            self.notify("This app was started without a model loader; restart with --model PATH.", severity="warning")
+            why = getattr(self.engine.backend, "local_only", lambda _: None)("model")
+            self.notify(
+                why or "This app was started without a model loader; restart with --model PATH.", severity="warning"
+            )
             return
         if self.chat.job is not None or not self.loaded:
             self.notify("Wait for the reply (or the load) to finish first.", severity="warning")

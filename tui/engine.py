@@ -46,15 +46,19 @@ class LoadFailed:
 
 @dataclass
 class Stats(GenerationStats):
-    """A reply's figures (qwen2_mlx's GenerationStats) plus the context meter's reading."""
+    """A reply's figures (qwen2_mlx's GenerationStats) plus the context meter's reading; from a server
+    (`remote.RemoteResponse`), also the prompt tokens its cache supplied."""
 
     context_used: int = 0
     context_limit: int = 0
+    cached_tokens: int = 0
+    server: bool = False
 
     @classmethod
     def from_response(cls, r: Any, context_used: int, context_limit: int) -> Stats:
         base = GenerationStats.from_response(r)
-        return cls(**vars(base), context_used=context_used, context_limit=context_limit)
+        remote = {"cached_tokens": getattr(r, "cached_tokens", 0), "server": getattr(r, "server", False)}
+        return cls(**vars(base), context_used=context_used, context_limit=context_limit, **remote)
 
 
 @dataclass
@@ -184,7 +188,15 @@ class Engine:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def count_tokens(self, history: list[dict], system: Optional[str]) -> int:
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether the backend can count tokens here (a server's model cannot: no tokenizer)."""
+        return getattr(self.backend, "counts_tokens", True)
+
+    def count_tokens(self, history: list[dict], system: Optional[str]) -> Optional[int]:
+        """Tokens of this conversation; None when the backend has no tokenizer here (a server)."""
+        if not self.counts_tokens:
+            return None
         if not self.loaded.is_set() or self.load_error:
             return 0
         try:

@@ -1,7 +1,7 @@
 """`python -m qwen2_mlx.eval humaneval`: HumanEval pass@1 of a model folder (humaneval.py).
 
 `--engine qwen2-mlx` (the default) decodes through our `batch_generate`; `--engine mlx-lm` loads
-the same folder with `mlx_lm.load` and decodes each problem with `mlx_lm.stream_generate`, so the
+the same folder with `mlx_lm.load` and decodes with mlx-lm's own `BatchGenerator`, so the
 two can be compared problem by problem (both greedy; the replies are in the results). The result
 names the published figure when the folder is a known model (published.py).
 """
@@ -74,8 +74,8 @@ def _ours(args):
 
 
 def _mlx_lm(args):
-    """mlx-lm's own loader and generation loop on the same folder, one problem at a time."""
-    from mlx_lm import load, stream_generate
+    """mlx-lm's own loader and continuous batching (`BatchGenerator`) on the same folder."""
+    from mlx_lm import load
 
     from qwen2_mlx.loading.loader import ModelLoadError, resolve_path
     from qwen2_mlx.loading.paths import default_model_path
@@ -87,21 +87,51 @@ def _mlx_lm(args):
     except ModelLoadError as e:
         raise EvalError(str(e)) from None
     model, tokenizer = load(str(path))
-
-    def one(prompt: str, budget: int) -> Completion:
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        text, n, reason = "", 0, "length"
-        for r in stream_generate(model, tokenizer, ids, max_tokens=budget):
-            text, n = text + r.text, r.generation_tokens
-            hits = [i for i in (text.find(s) for s in STOP) if i >= 0]
-            if hits:
-                return Completion(text[: min(hits)], "stop", n)
-            if r.finish_reason is not None:
-                reason = r.finish_reason
-        return Completion(text, reason, n)
-
-    engine = lambda prompts, budgets: [one(p, b) for p, b in zip(prompts, budgets)]
+    engine = lambda prompts, budgets: mlx_lm_batch(model, tokenizer, prompts, budgets, args.batch_size)
     return engine, token_counter(tokenizer), {"model": str(path), "dtype": "checkpoint"}, path
+
+
+def _cut(text: str) -> int | None:
+    """Where the first of the authors' stop strings begins in `text`, if one does."""
+    hits = [i for i in (text.find(s) for s in STOP) if i >= 0]
+    return min(hits) if hits else None
+
+
+def mlx_lm_batch(model, tokenizer, prompts: list[str], budgets: list[int], batch_size: int) -> list[Completion]:
+    """Greedy replies through mlx-lm's BatchGenerator; a row leaves the batch at its first stop string
+    (mlx-lm's batch_generate has no stop strings, so every row would run to its whole budget)."""
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(
+        model,
+        stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+        completion_batch_size=batch_size,
+        prefill_batch_size=batch_size,
+    )
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    uids = gen.insert(ids, budgets)
+    detok = {u: tokenizer.detokenizer for u in uids}  # the streaming text mlx-lm's stream_generate shows
+    count = dict.fromkeys(uids, 0)
+    done: dict[int, Completion] = {}
+    try:
+        while len(done) < len(uids) and (responses := gen.next_generated()):
+            for r in responses:
+                if r.uid in done:
+                    continue
+                count[r.uid] += 1
+                if r.finish_reason != "stop":  # an end-of-turn token is not part of the reply
+                    detok[r.uid].add_token(r.token)
+                if r.finish_reason is not None:
+                    detok[r.uid].finalize()
+                cut = _cut(detok[r.uid].text)
+                if cut is not None:
+                    done[r.uid] = Completion(detok[r.uid].text[:cut], "stop", count[r.uid])
+                    gen.remove([r.uid])
+                elif r.finish_reason is not None:
+                    done[r.uid] = Completion(detok[r.uid].text, r.finish_reason, count[r.uid])
+    finally:
+        gen.close()
+    return [done[u] for u in uids]
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -146,8 +146,9 @@ def check_layers(cache: list, model: Any, tokens: Optional[int] = None) -> None:
     Raises IntegrityError naming the first layer that does not fit.
     """
     args = model.args
-    if len(cache) != args.num_hidden_layers:
-        raise IntegrityError(f"the cache has {len(cache)} layers, the model {args.num_hidden_layers}")
+    layers = len(model.layers)  # a pipeline rank runs (and caches) only its own slice
+    if len(cache) != layers:
+        raise IntegrityError(f"the cache has {len(cache)} layers, the model {layers}")
     want_dtype = model_dtype(model)
     first = getattr(cache[0], "offset", None) if cache else None
     for i, c in enumerate(cache):

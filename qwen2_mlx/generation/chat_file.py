@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,10 @@ def read_chat(chat_class, path: Path, model, tokenizer):
     tree.dropped = list(dropped)
     cache = data.get("cache")
     if cache:
-        chat._caches.cache, chat._caches.tokens = _cache_from(cache, path, model)
+        try:
+            chat._caches.cache, chat._caches.tokens = _cache_from(cache, path, model)
+        except PromptCacheError as e:  # the messages are sound: keep them, never use what cannot be proved
+            warnings.warn(f"{e}; the cache is not used: the next turn reads the history again", stacklevel=3)
     return chat
 
 

@@ -104,6 +104,9 @@ def model_signature(model: nn.Module) -> dict:
         "head_dim": args.head_dim,
     }
     sig.update(long_context_signature(args))
+    stage = getattr(getattr(model, "model", None), "stage", None)
+    if stage is not None:  # a pipeline rank's cache holds only its own layers
+        sig["pipeline_layers"] = [stage.start, stage.end]
     return json.loads(json.dumps(sig))  # the form it takes after a round trip through the file
 
 

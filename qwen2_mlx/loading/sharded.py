@@ -12,8 +12,6 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from qwen2_mlx.models.sharding import shard_model
-
 from .loader import materialize
 
 # safetensors dtypes numpy can memory-map (bfloat16 as its raw 16 bits, reinterpreted by MLX).
@@ -97,17 +95,23 @@ def sharded_load(
     rope_scaling: Optional[dict] = None,
     long_context: Optional[str] = "auto",
     max_context: Optional[int] = None,
+    parallel: str = "tensor",
 ):
     """Load a model folder split over `group`. Returns (model, tokenizer).
 
-    Each rank reads only its slice of every split tensor from disk (`read_own_slices`); tensors that
-    `sanitize` has to rebuild are read lazily and sliced before evaluation, one layer at a time. So
-    each rank keeps only its shard plus the replicated embeddings, norms and router.
-    A model that does not divide over the ranks fails before any weight is read. `dca`,
+    `parallel="tensor"`: each rank reads only its slice of every split tensor from disk
+    (`read_own_slices`); tensors that `sanitize` has to rebuild are read lazily and sliced before
+    evaluation, one layer at a time. So each rank keeps only its shard plus the replicated
+    embeddings, norms and router. `parallel="pipeline"`: each rank keeps a contiguous slice of the
+    layers plus the replicated embeddings, norm and head; the other layers are dropped while still
+    lazy, so their tensors are never read.
+    A model that does not split over the ranks fails before any weight is read. `dca`,
     `rope_scaling`, `long_context` and `max_context` are `load`'s long-context settings.
     """
     from qwen2_mlx.loading.loader import load, resolve_path, weight_files
 
+    if parallel not in ("tensor", "pipeline"):
+        raise ValueError(f'parallel must be "tensor" or "pipeline", not {parallel!r}')
     group = group or mx.distributed.init()
     model, tokenizer = load(
         path,
@@ -118,8 +122,8 @@ def sharded_load(
         long_context=long_context,
         max_context=max_context,
     )
-    shard_model(model, group)
-    if group.size() > 1:
+    model.shard(group, parallel=parallel)
+    if parallel == "tensor" and group.size() > 1:
         read_own_slices(model, weight_files(resolve_path(path)), group)
         model.stack_projections()  # over the slices just read
     materialize(model)

@@ -19,6 +19,7 @@ from .dca import effective_rope_scaling
 from .kv_cache import DCAKVCache
 from .mlp import MLP
 from .moe import SparseMoeBlock
+from .pipeline import pipeline_model
 from .sharding import shard_model
 
 
@@ -44,14 +45,25 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.stage = None  # set by pipeline.pipeline_model: this rank's slice of the layers
+
+    @property
+    def own_layers(self) -> list:
+        """The layers this process runs: all of them, or its pipeline stage's slice."""
+        return self.layers if self.stage is None else self.layers[self.stage.start :]
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        layers = self.own_layers
         if cache is None:
-            cache = [None] * len(self.layers)
+            cache = [None] * len(layers)
         mask = create_attention_mask(h, cache[0])
-        for layer, c in zip(self.layers, cache):
+        if self.stage is not None:
+            h = self.stage.receive(h)
+        for layer, c in zip(layers, cache):
             h = layer(h, mask, c)
+        if self.stage is not None:
+            h = self.stage.pass_on(h, cache)
         return self.norm(h)
 
 
@@ -74,11 +86,20 @@ class Model(nn.Module):
 
     @property
     def layers(self):
-        return self.model.layers
+        """The layers this process runs (a pipeline rank's slice); their caches are `make_cache()`'s."""
+        return self.model.own_layers
 
-    def shard(self, group: Optional[mx.distributed.Group] = None) -> Model:
-        """Split this model in place over `group` for tensor parallelism (sharding.py)."""
+    def shard(self, group: Optional[mx.distributed.Group] = None, parallel: str = "tensor") -> Model:
+        """Split this model in place over `group`: "tensor" (sharding.py) or "pipeline" (pipeline.py)."""
+        if parallel == "pipeline":
+            return pipeline_model(self, group)
+        if parallel != "tensor":
+            raise ValueError(f'parallel must be "tensor" or "pipeline", not {parallel!r}')
         return shard_model(self, group)
+
+    def pipeline(self, group: Optional[mx.distributed.Group] = None) -> Model:
+        """Keep only this rank's contiguous slice of the layers (pipeline parallelism, pipeline.py)."""
+        return pipeline_model(self, group)
 
     def stack_projections(self) -> None:
         """Stack q/k/v and gate/up now (after loading, quantizing or sharding), not at the next forward.

@@ -105,7 +105,9 @@ class Server:
 
     # --- plain routes ---------------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
-        status = self.engine.status()
+        from qwen2_mlx.distributed import peak_rss_gb
+
+        status = dict(self.engine.status(), peak_rss_gb=round(peak_rss_gb(), 3))  # this process (rank 0)
         ok = status["healthy"]
         return JSONResponse(
             dict(status="ok" if ok else "error", model=self.engine.model_name, **status), 200 if ok else 503
@@ -224,6 +226,7 @@ class Server:
             sampling=sampling,
             stop=spec.stop,
             grammar=grammar,
+            schema=spec.schema,
             logprobs=spec.logprobs,
             top_logprobs=spec.top_logprobs,
         )
@@ -233,6 +236,7 @@ class Server:
         return {"prompt_tokens": len(job.prompt), "cached_tokens": job.cached_tokens, "completion_tokens": 0}
 
     async def _stream(self, job: Job, fmt, splitter):
+        ended = False
         try:
             started = False
             while True:
@@ -248,14 +252,18 @@ class Server:
                         yield s
                 elif isinstance(event, DoneEvent):
                     rest, calls = splitter.finish() if splitter else ("", [])
+                    ended = True
                     for s in fmt.end(rest, calls, event.reason, event.info):
                         yield s
                     return
                 else:
+                    ended = True
                     for s in fmt.error(event.error):
                         yield s
                     return
         finally:
+            if not ended:  # the line a user (or a test) finds in the log when a client hangs up
+                log.info("a streaming client went away after %d tokens: its generation is cancelled", job.generated)
             job.cancel.set()  # the client went away mid-stream (a no-op once the job is done)
 
     async def _collect(self, request: Request, job: Job, fmt, splitter):

@@ -88,6 +88,24 @@ def port_in_use(host: str, port: int) -> Optional[str]:
     return None
 
 
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("under mlx.launch (docs/several-macs.md)")
+    g.add_argument(
+        "--parallel",
+        choices=("tensor", "pipeline"),
+        default="tensor",
+        help="split every layer over the ranks (tensor, the default) or give each rank a slice of the layers "
+        "(pipeline: one transfer per rank boundary, for Ethernet links)",
+    )
+    g.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="end the job when the engine makes no progress this long, waiting on the other ranks (default 600)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -161,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_long_context_args(p)
     add_kv_cache_args(p)
+    _add_launch_args(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -203,7 +222,8 @@ def main(argv: Optional[list] = None) -> int:
             advice = " (run `python convert.py` to create the default model)" if default else ""
             print(f"{PROG}: error: {label} {path}: {where}{advice}", file=sys.stderr)
             return 2
-    busy = port_in_use(args.host, args.port)
+    # Under mlx.launch only rank 0 listens (MLX_RANK is set by the launcher before MLX starts).
+    busy = port_in_use(args.host, args.port) if os.environ.get("MLX_RANK", "0") == "0" else None
     if busy:  # before loading: a big model takes minutes to load only to fail here
         where = f"{args.host}:{args.port}"
         print(f"{PROG}: error: cannot listen on {where}: {busy}; choose another --port", file=sys.stderr)
@@ -233,30 +253,47 @@ def _disk_cache(args: argparse.Namespace, model):
         return None
 
 
-def serve(args: argparse.Namespace, overrides: dict) -> int:
-    import logging
+def _refused_across_ranks(args: argparse.Namespace) -> Optional[str]:
+    """Why these switches cannot run under mlx.launch, or None."""
+    kv = kv_cache_settings(args)
+    given = [
+        name
+        for name, on in (
+            ("--lookup", args.lookup),
+            ("--draft-model", args.draft_model is not None),
+            ("--kv-bits", kv["kv_bits"] is not None),
+            ("--chat", bool(args.chat)),
+        )
+        if on
+    ]
+    if not given:
+        return None
+    return (
+        f"{', '.join(given)}: not available under mlx.launch (the ranks run one continuous batch, "
+        "with a float KV cache, from a cold prefix cache)"
+    )
 
-    import uvicorn
 
+def _load(args: argparse.Namespace, overrides: dict, group):
+    """(model, tokenizer, draft model or None); under mlx.launch each rank loads its shard."""
     from qwen2_mlx.arguments import mlx_dtype
-    from qwen2_mlx.loading.loader import ModelLoadError, load
-    from qwen2_mlx.models.config import ConfigError
+    from qwen2_mlx.loading.loader import load
 
-    from .app import create_app
+    dtype = mlx_dtype(args.dtype)
+    if group.size() > 1:
+        from qwen2_mlx.loading.sharded import sharded_load
+
+        return (*sharded_load(args.model, group, dtype=dtype, parallel=args.parallel, **overrides), None)
+    model, tokenizer = load(args.model, dtype=dtype, **overrides)
+    draft = load(args.draft_model, dtype=dtype)[0] if args.draft_model else None
+    return model, tokenizer, draft
+
+
+def _engine(args: argparse.Namespace, model, tokenizer, draft, group):
+    """The single-process engine, or under mlx.launch the one whose steps rank 0 plans for every rank."""
     from .engine import Engine
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for line in getattr(args, "warnings", []):  # after the OpenBLAS re-run, so said once
-        print(f"{PROG}: warning: {line}", file=sys.stderr)
-    try:
-        model, tokenizer = load(args.model, dtype=mlx_dtype(args.dtype), **overrides)
-        draft = load(args.draft_model, dtype=mlx_dtype(args.dtype))[0] if args.draft_model else None
-    except (ModelLoadError, ConfigError, OSError, ValueError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    engine = Engine(
-        model,
-        tokenizer,
+    common = dict(
         model_name=args.model_name or Path(args.model).resolve().name,
         max_concurrency=args.max_concurrency,
         queue_size=args.queue_size,
@@ -264,12 +301,25 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
         cache_bytes=args.prompt_cache_bytes,
         prefill_step_size=args.prefill_step_size,
         default_max_tokens=args.max_tokens,
+    )
+    if group.size() > 1:
+        from .distributed_engine import DistributedEngine
+
+        return DistributedEngine(model, tokenizer, group=group, rank_timeout=args.rank_timeout, **common)
+    return Engine(
+        model,
+        tokenizer,
         lookup=True if args.lookup else None,
         draft_model=draft,
         num_draft_tokens=args.num_draft_tokens,
         kv=kv_cache_settings(args),
         disk_cache=_disk_cache(args, model),
+        **common,
     )
+
+
+def _preload(args: argparse.Namespace, engine, model, tokenizer) -> bool:
+    """Warm the prefix cache from every --chat file; False (after one line) on a file that cannot load."""
     from qwen2_mlx.generation.chat import Chat, ChatFileError
     from qwen2_mlx.generation.prompt_cache import PromptCacheError, PromptCacheMismatch
 
@@ -281,15 +331,77 @@ def serve(args: argparse.Namespace, overrides: dict) -> int:
             continue
         except (ChatFileError, PromptCacheError, ValueError) as e:
             print(f"{PROG}: error: --chat {path}: {e}", file=sys.stderr)
-            return 2
+            return False
         if not engine.preload(chat._cache_tokens, chat._cache):
             print(f"{PROG}: warning: --chat {path}: saved without its KV cache; nothing to preload", file=sys.stderr)
+    return True
+
+
+def serve(args: argparse.Namespace, overrides: dict) -> int:
+    import logging
+
+    import mlx.core as mx
+
+    from qwen2_mlx.loading.loader import ModelLoadError
+    from qwen2_mlx.models.config import ConfigError
+    from qwen2_mlx.models.sharding import ShardingError
+
+    group = mx.distributed.init()  # size 1 unless started by mlx.launch
+    lead = group.rank() == 0
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for line in getattr(args, "warnings", []) if lead else []:  # after the OpenBLAS re-run, so said once
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
+    if group.size() == 1 and args.parallel != "tensor":
+        print(f"{PROG}: warning: --parallel applies under mlx.launch only; serving in one process", file=sys.stderr)
+    refused = _refused_across_ranks(args) if group.size() > 1 else None
+    try:
+        if refused:
+            raise ValueError(refused)
+        model, tokenizer, draft = _load(args, overrides, group)
+        engine = _engine(args, model, tokenizer, draft, group)
+    except (ModelLoadError, ConfigError, ShardingError, OSError, ValueError) as e:
+        if lead:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    if not lead:
+        return _follow(engine)
+    if not _preload(args, engine, model, tokenizer):
+        return 2
+    return _listen(args, engine, distributed=group.size() > 1)
+
+
+def _follow(engine) -> int:
+    """A rank other than 0: no clients, only rank 0's plans; Ctrl-C is rank 0's to handle (it stops us)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine.follow()  # ends the process when rank 0 says stop
+    return 0
+
+
+def _listen(args: argparse.Namespace, engine, distributed: bool) -> int:
+    """Serve HTTP until stopped; under mlx.launch, stopping also stops every rank, or says it could not."""
+    import signal
+
+    import uvicorn
+
+    from .app import create_app
+
+    if distributed:  # uvicorn raises the signal it stopped on again: let it return here instead
+        signal.signal(signal.SIGTERM, lambda *_: None)
     engine.start()
     app = create_app(engine, api_key=args.api_key, model_path=str(args.model), max_body_bytes=args.max_body_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
     try:
-        server.run()
+        uvicorn.Server(config).run()
     finally:
-        engine.close()
+        if not distributed:
+            engine.close()
+    if distributed:
+        from .distributed_engine import RanksLost, fatal
+
+        try:
+            engine.close()
+        except RanksLost as e:
+            fatal(str(e))
     return 0

@@ -112,6 +112,7 @@ class Job:
     sampling: Sampling = field(default_factory=Sampling)
     stop: list = field(default_factory=list)
     grammar: Any = None  # a logits processor (generation/structured.py) or None
+    schema: Any = None  # what `grammar` was compiled from (Spec.schema), for the other ranks under mlx.launch
     logprobs: bool = False
     top_logprobs: int = 0
     loop: Any = None

@@ -85,7 +85,7 @@ class ChatScreen(Screen):
         self.stopping = False
         self.edit_target: Optional[Message] = None
         self.last_stats: Optional[Stats] = None
-        self._base_ctx = 0
+        self._base_ctx: Optional[int] = 0  # None: not counted here (a server's model)
         self._last_save = 0.0
         self.pending: list[Attachment] = list(attachments or [])  # go with the next message sent
         self.prefill_rate: Optional[tuple[float, str]] = None  # (tokens/s, how it was measured)
@@ -212,8 +212,11 @@ class ChatScreen(Screen):
     def update_context(self) -> None:
         if not self.app.loaded:
             return
-        msgs = [m.as_dict() for m in self.path()]
-        used = self.engine.count_tokens(msgs, self.system) if msgs else 0
+        path = self.path()
+        used = self.engine.count_tokens([m.as_dict() for m in path], self.system) if path else 0
+        if used is None:  # a server's model: what its last reply's `usage` said, if the branch ends with one
+            last = path[-1].stats.get("context_used") if path[-1].role == "assistant" else None
+            used = last if isinstance(last, int) and last > 0 else None
         self.status.set_context(used, self.app.context_limit)
         self.show_attachments()
 
@@ -245,6 +248,14 @@ class ChatScreen(Screen):
         chips = [chip(a.summary()) for a in self.pending]
         if not self.pending or not self.app.loaded:
             bar.show(chips, "the tokens are counted once the model is loaded" if chips else "")
+            return
+        if not self.engine.counts_tokens:
+            files = sum(len(a.files) for a in self.pending)
+            bar.show(
+                chips,
+                f"{files} file{'s' * (files != 1)} · the model is on a server: its tokens and reading time "
+                "are not known here until it answers · /file clear removes them",
+            )
             return
         msgs = [m.as_dict() for m in self.path()]
         before = self.engine.count_tokens(msgs, self.system) if msgs else 0
@@ -341,6 +352,11 @@ class ChatScreen(Screen):
 
     def set_cache_disk(self, budget: int) -> None:
         self.app.set_cache_disk(budget)
+
+    def local_only(self, key: str) -> Optional[str]:
+        """Why setting `key` does nothing with this backend (a server's model), or None."""
+        why = getattr(self.engine.backend, "local_only", None)
+        return why(key) if why is not None else None
 
     def show_help(self) -> None:
         self.app.action_help()
@@ -462,7 +478,8 @@ class ChatScreen(Screen):
             if view is not None and view.is_attached:
                 await view.write(ev.text)
             if self.app.loaded:
-                self.status.set_context(self._base_ctx + ev.stats.generation_tokens, self.app.context_limit)
+                if self._base_ctx is not None:
+                    self.status.set_context(self._base_ctx + ev.stats.generation_tokens, self.app.context_limit)
                 self.status.set_stats(ev.stats)
             if time.monotonic() - self._last_save >= SAVE_EVERY:
                 self.store.update_message(self.reply_id, content=self.reply_text)

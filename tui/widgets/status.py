@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from textual.containers import Horizontal
 from textual.widgets import Label
 
@@ -24,6 +26,8 @@ def stats_text(stats) -> str:
     speculative decoding, the share of proposed tokens accepted and tokens per forward pass."""
     if not stats.generation_tokens:
         return ""
+    if getattr(stats, "server", False):
+        return server_stats_text(stats)
     prompt = (
         f"prompt {stats.prompt_tps:.0f} t/s"
         if stats.prompt_tokens >= PROMPT_RATE_MIN
@@ -36,6 +40,17 @@ def stats_text(stats) -> str:
     if getattr(stats, "forward_passes", 0):  # speculative decoding ran: how well it guessed
         text += f" · accept {stats.acceptance_rate:.0%} · {stats.tokens_per_forward:.1f} t/fwd"
     return text
+
+
+def server_stats_text(stats) -> str:
+    """A server's reply: time to first token and generation speed timed here, token counts from its
+    `usage` (the prompt's with the part its prefix cache supplied); no memory figure, it is not ours."""
+    text = f"TTFT {stats.time_to_first_token:.2f}s"
+    if stats.prompt_tokens:
+        text += f" · prompt {stats.prompt_tokens:,} tok ({stats.cached_tokens:,} cached)"
+    if stats.generation_tps:
+        text += f" · gen {stats.generation_tps:.1f} t/s"
+    return text + " · server"
 
 
 class StatusBar(Horizontal):
@@ -64,12 +79,16 @@ class StatusBar(Horizontal):
         """The figures of the reply being written or last written (`stats_text`); None clears them."""
         self.query_one("#status-stats", Label).update(stats_text(stats) if stats is not None else "")
 
-    def set_context(self, used: int, limit: int) -> None:
+    def set_context(self, used: Optional[int], limit: int) -> None:
+        """The meter; `used` None is unknown (a server's model before its first `usage`)."""
         label = self.query_one("#status-context", Label)
-        if not limit:
+        if used is None:
+            label.update(f"ctx —/{limit:,}" if limit else "ctx —")
+            limit = 0
+        elif not limit:
             label.update("")
-            return
-        share = used / limit
-        label.update(f"ctx {used:,}/{limit:,} {share:.0%}" + (" ⚠" if share >= WARN_AT else ""))
-        label.set_class(share >= WARN_AT, "-warn")
-        label.set_class(share >= 1.0, "-full")
+        else:
+            share = used / limit
+            label.update(f"ctx {used:,}/{limit:,} {share:.0%}" + (" ⚠" if share >= WARN_AT else ""))
+        label.set_class(bool(limit) and used / limit >= WARN_AT, "-warn")
+        label.set_class(bool(limit) and used / limit >= 1.0, "-full")
