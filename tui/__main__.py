@@ -203,7 +203,7 @@ def local_backend(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 
 # Switches that act on a model in this process: with --server they are the server's (qwen2-serve's) to set.
-LOCAL_SWITCHES = ("model", "draft_model", "dtype", "lookup", "kv_bits")
+LOCAL_SWITCHES = ("model", "draft_model", "dtype", "lookup", "kv_bits", "memory_budget")
 
 
 def server_backend(args: argparse.Namespace, parser: argparse.ArgumentParser):
