@@ -39,6 +39,7 @@ _EXPORTS = {
     "trim_prompt_cache": "qwen2_mlx.generation.prompt_cache",
     "can_trim_prompt_cache": "qwen2_mlx.generation.prompt_cache",
     "PromptCacheError": "qwen2_mlx.generation.prompt_cache",
+    "CacheIgnored": "qwen2_mlx.generation.prompt_cache",
     "CacheStore": "qwen2_mlx.generation.cache_store",
     "read_attachment": "qwen2_mlx.generation.attachments",
     "AttachmentError": "qwen2_mlx.generation.attachments",
@@ -80,6 +81,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the names as plain imports
     )
     from qwen2_mlx.generation.notebook import display_stream
     from qwen2_mlx.generation.prompt_cache import (
+        CacheIgnored,
         PromptCacheError,
         can_trim_prompt_cache,
         load_prompt_cache,

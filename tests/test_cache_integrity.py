@@ -17,7 +17,7 @@ import pytest
 from api_support import tiny_model
 from tui_helpers import backend_reply, model_backend
 
-from qwen2_mlx import CacheStore, Chat, PromptCacheError
+from qwen2_mlx import CacheIgnored, CacheStore, Chat, PromptCacheError
 from qwen2_mlx.generation import cache_integrity
 from qwen2_mlx.generation.cache_store import chat_cache_validity
 from qwen2_mlx.generation.prompt_cache import load_prompt_cache, save_prompt_cache
@@ -196,12 +196,12 @@ def test_chat_files_prove_their_cache_and_its_tokens(mtp, tmp_path):
     others[-3] = (others[-3] + 1) % 512
     loaded = Chat.load(tmp_path / "a.json", model, tok)
     save_prompt_cache(kv, loaded._cache, model=model, tokens=others)
-    with pytest.warns(UserWarning, match="other tokens"):
+    with pytest.warns(CacheIgnored, match="other tokens"):
         refused = Chat.load(tmp_path / "a.json", model, tok)
     assert refused._cache is None and refused.messages == chat.messages[:-2]
     header, payload = read(kv)
     write(kv, header, payload[:-8] + b"\x00" * 8)
-    with pytest.warns(UserWarning, match="checksum"):
+    with pytest.warns(CacheIgnored, match="checksum"):
         damaged = Chat.load(tmp_path / "a.json", model, tok)
     # the damaged cache is never used: the reply is the cold one, read from the messages again
     assert damaged._cache is None and damaged.send("More?") == refused.send("More?")

@@ -8,7 +8,7 @@ import threading
 import pytest
 from api_support import real_model_or_skip, scripted
 
-from qwen2_mlx import Chat, ChatFileError, ContextOverflowError, Reply
+from qwen2_mlx import CacheIgnored, Chat, ChatFileError, ContextOverflowError, Reply
 from qwen2_mlx.generation.chat import _common_prefix
 
 
@@ -250,7 +250,7 @@ def test_load_errors_name_the_file(mt, tmp_path):
             {"format": "qwen2-mlx-chat", "version": 1, "cache": {"file": "gone.kv.safetensors", "tokens": [1, 2]}}
         )
     )
-    with pytest.warns(UserWarning, match="gone.kv.safetensors.*the cache is not used"):
+    with pytest.warns(CacheIgnored, match="gone.kv.safetensors.*the cache is not used"):
         assert Chat.load(bad, model, tok)._cache is None  # the messages load; the missing cache is not needed
     with pytest.raises(ChatFileError, match="no such chat file"):
         Chat.load(tmp_path / "missing.json", model, tok)

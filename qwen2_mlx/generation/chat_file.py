@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .history import Node, validate_message
-from .prompt_cache import PromptCacheError, load_prompt_cache, save_prompt_cache
+from .prompt_cache import CacheIgnored, PromptCacheError, load_prompt_cache, save_prompt_cache
 from .settings import KV_KEYS, SAMPLING_KEYS
 
 FILE_FORMAT = "qwen2-mlx-chat"
@@ -96,7 +96,7 @@ def read_chat(chat_class, path: Path, model, tokenizer):
         try:
             chat._caches.cache, chat._caches.tokens = _cache_from(cache, path, model)
         except PromptCacheError as e:  # the messages are sound: keep them, never use what cannot be proved
-            warnings.warn(f"{e}; the cache is not used: the next turn reads the history again", stacklevel=3)
+            warnings.warn(CacheIgnored(e), stacklevel=3)
     return chat
 
 

@@ -46,6 +46,14 @@ class PromptCacheMismatch(PromptCacheError):
     """A whole prompt cache made for other settings (e.g. saved before long context was on by default)."""
 
 
+class CacheIgnored(UserWarning):
+    """A chat file's cache was not used (`error` says why); the chat reads its history again instead."""
+
+    def __init__(self, error: PromptCacheError):
+        super().__init__(f"{error}; the cache is not used: the next turn reads the history again")
+        self.error = error
+
+
 def make_prompt_cache(model: nn.Module) -> list:
     """One KV cache per layer, as the model wants them."""
     return model.make_cache()

@@ -12,6 +12,7 @@ import argparse
 import errno
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -321,17 +322,21 @@ def _engine(args: argparse.Namespace, model, tokenizer, draft, group):
 def _preload(args: argparse.Namespace, engine, model, tokenizer) -> bool:
     """Warm the prefix cache from every --chat file; False (after one line) on a file that cannot load."""
     from qwen2_mlx.generation.chat import Chat, ChatFileError
-    from qwen2_mlx.generation.prompt_cache import PromptCacheError, PromptCacheMismatch
+    from qwen2_mlx.generation.prompt_cache import CacheIgnored, PromptCacheError
 
     for path in args.chat:  # before the engine thread starts: nothing else touches the cache yet
         try:
-            chat = Chat.load(path, model, tokenizer)
-        except PromptCacheMismatch as e:  # e.g. saved under plain attention, before DCA was the default
-            print(f"{PROG}: warning: --chat {path}: {e}; the conversation starts cold", file=sys.stderr)
-            continue
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CacheIgnored)
+                chat = Chat.load(path, model, tokenizer)
         except (ChatFileError, PromptCacheError, ValueError) as e:
             print(f"{PROG}: error: --chat {path}: {e}", file=sys.stderr)
             return False
+        ignored = [w.message.error for w in caught if isinstance(w.message, CacheIgnored)]
+        for e in ignored:  # damaged, or made for other settings (e.g. plain attention, before DCA was the default)
+            print(f"{PROG}: warning: --chat {path}: {e}; the conversation starts cold", file=sys.stderr)
+        if ignored:
+            continue
         if not engine.preload(chat._cache_tokens, chat._cache):
             print(f"{PROG}: warning: --chat {path}: saved without its KV cache; nothing to preload", file=sys.stderr)
     return True
