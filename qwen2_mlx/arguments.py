@@ -120,7 +120,20 @@ def add_long_context_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 def add_kv_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add --kv-bits, --kv-group-size, --quantized-kv-start (mlx-lm's switches; absent: a float cache)."""
     g = parser.add_argument_group("KV cache", "Quantize the KV cache to fit longer contexts in memory")
-    g.add_argument("--kv-bits", type=int, choices=(4, 8), default=None, help="bits per cached key and value")
+    g.add_argument(
+        "--kv-bits",
+        type=kv_bits_arg,
+        default=None,
+        metavar="{4,8,auto}",
+        help="bits per cached key and value; auto: floats until the cache would pass --memory-budget, then 8",
+    )
+    g.add_argument(
+        "--memory-budget",
+        type=memory_budget_arg,
+        default=None,
+        metavar="SIZE",
+        help="for --kv-bits auto, e.g. 4GB (default: the device's recommended working set, else 3/4 of RAM)",
+    )
     g.add_argument(
         "--kv-group-size",
         type=int,
@@ -138,13 +151,36 @@ def add_kv_cache_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def kv_bits_arg(text: str):
+    """--kv-bits: 4, 8 or auto."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    if text.strip() in ("4", "8"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"takes 4, 8 or auto, not {text!r}")
+
+
+def memory_budget_arg(text: str) -> int:
+    """--memory-budget: a size such as 4GB, in bytes."""
+    from qwen2_mlx.generation.kv_budget import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("memory_budget", "--memory-budget")) from None
+
+
 def kv_cache_settings(args: argparse.Namespace) -> dict:
-    """`kv_bits`, `kv_group_size`, `quantized_kv_start` for generation calls (kv_bits None: a float cache)."""
-    return {
+    """`kv_bits`, `kv_group_size`, `quantized_kv_start` (and `memory_budget` when given) for generation calls
+    (kv_bits None: a float cache; "auto": 8 bits once the float cache would pass the budget)."""
+    kv = {
         "kv_bits": getattr(args, "kv_bits", None),
         "kv_group_size": getattr(args, "kv_group_size", 64),
         "quantized_kv_start": getattr(args, "quantized_kv_start", 0),
     }
+    if getattr(args, "memory_budget", None) is not None:
+        kv["memory_budget"] = args.memory_budget
+    return kv
 
 
 def long_context_overrides(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> dict:

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Optional, TextIO
 
-from qwen2_mlx.arguments import add_long_context_args, long_context_overrides
+from qwen2_mlx.arguments import add_long_context_args, kv_bits_arg, long_context_overrides, memory_budget_arg
 from qwen2_mlx.loading.paths import default_model_path
 from qwen2_mlx.runtime.blas import ensure_openblas
 
@@ -58,10 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--kv-bits",
-        type=int,
-        choices=(4, 8),
+        type=kv_bits_arg,
         default=None,
-        help="quantize the KV cache to 4 or 8 bits in new chats: longer chats in less memory (/set kv-bits)",
+        metavar="{4,8,auto}",
+        help="quantize the KV cache to 4 or 8 bits in new chats: longer chats in less memory (/set kv-bits); "
+        "auto: 8 bits once the float cache would pass --memory-budget",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=memory_budget_arg,
+        default=None,
+        metavar="SIZE",
+        help="for --kv-bits auto, e.g. 4GB (default: the device's recommended working set, else 3/4 of RAM)",
     )
     p.add_argument("--inline", "-i", action="store_true", help="run under the prompt instead of full screen")
     p.add_argument("--chat", type=int, default=None, metavar="ID", help="reopen a saved chat by id")
@@ -90,6 +98,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "lookup": True if args.lookup else None,
         "kv_bits": args.kv_bits,
+        "memory_budget": args.memory_budget,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 
@@ -194,7 +203,7 @@ def local_backend(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 
 # Switches that act on a model in this process: with --server they are the server's (qwen2-serve's) to set.
-LOCAL_SWITCHES = ("model", "draft_model", "dtype", "lookup", "kv_bits")
+LOCAL_SWITCHES = ("model", "draft_model", "dtype", "lookup", "kv_bits", "memory_budget")
 
 
 def server_backend(args: argparse.Namespace, parser: argparse.ArgumentParser):

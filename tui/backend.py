@@ -65,6 +65,13 @@ class Backend(Protocol):
     def count_tokens(self, history: list[dict], system: Optional[str]) -> int: ...
 
 
+def _quantized(chat) -> bool:
+    """Whether the chat's KV cache holds quantized layers (kv_bits="auto" switches during a reply)."""
+    from qwen2_mlx.generation.kv_quant import cache_bits
+
+    return chat._cache is not None and cache_bits(chat._cache) is not None
+
+
 def model_label(path: Path) -> str:
     """What the header calls a model: its folder name, or "default model" for convert.py's default."""
     from qwen2_mlx.loading.paths import default_model_path
@@ -187,7 +194,7 @@ class ModelBackend:
         if last["role"] != "user":
             raise ValueError("the conversation must end with a user message")
         chat = self._chat_for(system, settings)
-        if self._set_kv_bits(settings.get("kv_bits")) and self.cache_owner is not None:
+        if self._set_kv_bits(settings.get("kv_bits"), settings.get("memory_budget")) and self.cache_owner is not None:
             self._announce_reuse = False  # nothing loaded is reused: the cache was dropped
             self.cache_note = ("KV cache quantization changed: the chat's cache was rebuilt", False)
         # The chat's settings (draft model, KV cache) with this chat's sampling and limits on top.
@@ -212,6 +219,7 @@ class ModelBackend:
             chat = self._rebuild(chat, prefix, system, settings)
             replies = chat.stream(last["content"], cancel=cancel, **kw)
         self.last_reply = None
+        was_float = not _quantized(chat)
         # From here the cache holds this chat's turns (the previous owner's were saved by open_chat),
         # also when the reply fails or is stopped half-way.
         self.cache_owner = self.active_key
@@ -224,6 +232,12 @@ class ModelBackend:
         if final is not None and final["role"] == "assistant":
             self.last_reply = final["content"]
         self.checkpoints = checkpoint.writes if checkpoint is not None else 0
+        kv = chat.kv_quantization
+        if kv is not None and kv.auto and was_float and _quantized(chat):
+            self.cache_note = (
+                f"KV cache now {kv.bits}-bit: past {kv.start:,} tokens a float cache would pass the memory budget",
+                False,
+            )
         if self._announce_reuse:  # the first reply after loading a chat's cache from disk
             self._announce_reuse = False
             self.cache_note = (f"reused {chat.last_cached_tokens:,} cached tokens", False)
@@ -308,9 +322,13 @@ class ModelBackend:
         self._announce_reuse = True
         return (f"loaded {len(loaded.tokens):,} cached tokens from disk in {loaded.seconds:.1f}s", False)
 
-    def _set_kv_bits(self, kv_bits: Optional[int]) -> bool:
-        """Quantize the KV cache to `kv_bits` (4, 8, None: float). A change drops the cache: it is rebuilt."""
-        return self._chat().set_kv_quantization(kv_bits) if self.model is not None else False
+    def _set_kv_bits(self, kv_bits, memory_budget: Optional[int] = None) -> bool:
+        """Quantize the KV cache to `kv_bits` (4, 8, "auto", None: float). A change drops the cache: it is rebuilt."""
+        if self.model is None:
+            return False
+        if memory_budget is not None:  # open_chat does not carry it: the last one given holds
+            self._memory_budget = memory_budget
+        return self._chat().set_kv_quantization(kv_bits, memory_budget=getattr(self, "_memory_budget", None))
 
     def persist(self) -> Optional[tuple[str, bool]]:
         """Write the cache of `cache_owner` unless it holds the same tokens as the last write."""

@@ -259,7 +259,7 @@ def _roofline(ours, args, medians: dict, on_cpu: bool) -> dict:
     _, per_tok = weight_bytes(ours, ours.args)
     itemsize = ours.model.norm.weight.itemsize
     if kv_cache_settings(args)["kv_bits"]:  # packed values plus a scale and a bias per group
-        itemsize = args.kv_bits / 8 + 2 * itemsize / args.kv_group_size
+        itemsize = (8 if args.kv_bits == "auto" else args.kv_bits) / 8 + 2 * itemsize / args.kv_group_size
     context = args.prompt_tokens + args.gen_tokens / 2
     kv = kv_bytes_per_position(ours, itemsize) * context
     size = (256 << 20) if on_cpu else (2 << 30)
@@ -332,7 +332,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         libs.append(("mlx_lm", theirs, theirs_step))
     weights = {name: weight_bytes(m, ours.args)[0] for name, m, _ in libs}
     kv = kv_cache_settings(args)
-    if kv["kv_bits"] is not None:
+    if kv["kv_bits"] is not None:  # "auto" resolved for this model: mlx-lm takes the bits and the start
+        from qwen2_mlx.generation.kv_quant import KVQuantization
+
+        kv = KVQuantization.make(**kv, model=ours).to_dict()
         libs = [(name, m, functools.partial(step, **kv)) for name, m, step in libs]
 
     mx.random.seed(args.seed)

@@ -330,11 +330,13 @@ class Chat:
         kv = self.kv_quantization
         return kv.to_dict() if kv is not None else {"kv_bits": None, "kv_group_size": 64, "quantized_kv_start": 0}
 
-    def set_kv_quantization(self, kv_bits: Optional[int], kv_group_size: int = 64, quantized_kv_start: int = 0) -> bool:
+    def set_kv_quantization(
+        self, kv_bits: Any, kv_group_size: int = 64, quantized_kv_start: int = 0, memory_budget: Any = None
+    ) -> bool:
         """Change the KV-cache quantization; a cache built otherwise is dropped (the next turn prefills
         the history again). Returns whether it changed."""
         self._check_idle()
-        kv = KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, self.model)
+        kv = KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, self.model, memory_budget)
         if kv == self.kv_quantization:
             return False
         self.kv_quantization = kv
@@ -552,4 +554,4 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _kv_rest(kv: dict) -> dict:
-    return {k: kv[k] for k in ("kv_group_size", "quantized_kv_start") if k in kv}
+    return {k: kv[k] for k in ("kv_group_size", "quantized_kv_start", "memory_budget") if k in kv}

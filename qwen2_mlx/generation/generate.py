@@ -92,9 +92,10 @@ def generate_step(
     context_tokens: Sequence[int] = (),
     distribution: Optional[Callable] = None,
     speculative_stats: Optional[SpeculativeStats] = None,
-    kv_bits: Optional[int] = None,
+    kv_bits: Any = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    memory_budget: Any = None,
 ) -> Generator[tuple, None, None]:
     """Yield (token, logprobs) pairs. `max_tokens=None` never stops by count.
 
@@ -109,11 +110,12 @@ def generate_step(
     draws from, for the accept/resample rule at temperature > 0.
 
     `kv_bits` (with `kv_group_size`, `quantized_kv_start`: mlx-lm's names and rule) quantizes each
-    layer's cache, in place in `prompt_cache`, once it holds `quantized_kv_start` tokens (kv_quant.py).
+    layer's cache, in place in `prompt_cache`, once it holds `quantized_kv_start` tokens (kv_quant.py);
+    `kv_bits="auto"` does it at 8 bits once the float cache would pass `memory_budget` (kv_budget.py).
     """
     if prompt.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    quantize = quantizer(KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model))
+    quantize = quantizer(KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model, memory_budget))
     lookup = LookupSettings.coerce(lookup)
     progress = prompt_progress_callback or (lambda *_: None)
     if draft_model is not None or lookup is not None:
@@ -250,9 +252,10 @@ def prefill_prompt_cache(
     *,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
-    kv_bits: Optional[int] = None,
+    kv_bits: Any = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    memory_budget: Any = None,
 ) -> list:
     """Process a prompt (e.g. a long document) into a KV cache once, to reuse for many questions.
 
@@ -263,7 +266,7 @@ def prefill_prompt_cache(
     tokens = encode_prompt(tokenizer, prompt)
     if tokens.size == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    quantize = quantizer(KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model))
+    quantize = quantizer(KVQuantization.make(kv_bits, kv_group_size, quantized_kv_start, model, memory_budget))
     cache = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
     held = getattr(cache[0], "offset", 0) if cache else 0
     if held + tokens.size > context_limit(model):
@@ -418,7 +421,7 @@ def prepare_run(
     model, tokenizer, prompt, s: GenerationSettings, cache, cancel, progress, context_tokens
 ) -> PreparedRun:
     """Check what a run needs, build its sampler and processors and the (not yet started) token steps."""
-    KVQuantization.make(s.kv_bits, s.kv_group_size, s.quantized_kv_start, model)  # before any work
+    KVQuantization.make(**s.kv, model=model)  # before any work
     if s.seed is not None:
         mx.random.seed(s.seed)
     extra = []

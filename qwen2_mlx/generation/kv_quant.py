@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import BatchKVCache
 
+from .kv_budget import AUTO_BITS, auto_start
 from .settings import check_kv
 
 
@@ -22,18 +23,31 @@ class KVQuantization:
     bits: int
     group_size: int = 64
     start: int = 0
+    auto: bool = False  # kv_bits="auto": `start` is where the float cache would pass the memory budget
 
     @classmethod
     def make(
-        cls, kv_bits: Optional[int], kv_group_size: int = 64, quantized_kv_start: int = 0, model: Any = None
+        cls,
+        kv_bits: Any,
+        kv_group_size: int = 64,
+        quantized_kv_start: int = 0,
+        model: Any = None,
+        memory_budget: Any = None,
     ) -> Optional[KVQuantization]:
-        """The settings, checked (ValueError naming the argument), or None when `kv_bits` is None."""
+        """The settings, checked (ValueError naming the argument), or None when `kv_bits` is None.
+
+        `kv_bits="auto"` becomes 8 bits from the token count at which this model's float cache would pass
+        `memory_budget` (kv_budget.py), so the switch is mlx-lm's `quantized_kv_start` rule."""
         if kv_bits is None:
             return None
-        check_kv(kv_bits, kv_group_size, quantized_kv_start)
+        check_kv(kv_bits, kv_group_size, quantized_kv_start, memory_budget)
         head_dim = getattr(getattr(model, "args", None), "head_dim", None)
         if head_dim is not None and head_dim % kv_group_size:
             raise ValueError(f"kv_group_size {kv_group_size} does not divide the model's head size {head_dim}")
+        if kv_bits == "auto":
+            if model is None:
+                raise ValueError("kv_bits='auto' needs the model, to size its cache against the memory budget")
+            return cls(AUTO_BITS, kv_group_size, max(quantized_kv_start, auto_start(model, memory_budget)), True)
         return cls(kv_bits, kv_group_size, quantized_kv_start)
 
     def apply(self, cache: list) -> None:

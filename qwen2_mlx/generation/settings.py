@@ -32,10 +32,10 @@ SAMPLING_KEYS = (
     "seed",
     "stop",
 )
-KV_KEYS = ("kv_bits", "kv_group_size", "quantized_kv_start")
+KV_KEYS = ("kv_bits", "kv_group_size", "quantized_kv_start", "memory_budget")
 ALIASES = {"temp": "temperature"}  # mlx-lm's spelling
 # Settings that belong to a chat, not to one of its turns: its caches are built with them, or its window.
-CHAT_KEYS = ("draft_model", "num_draft_tokens", "max_context", "kv_bits", "kv_group_size", "quantized_kv_start")
+CHAT_KEYS = ("draft_model", "num_draft_tokens", "max_context", *KV_KEYS)
 
 
 def _number(name: str, value: Any, low: float, high: Optional[float] = None, integer: bool = False) -> None:
@@ -47,12 +47,18 @@ def _number(name: str, value: Any, low: float, high: Optional[float] = None, int
         raise ValueError(f"{name} must be {span}, not {value!r}")
 
 
-def check_kv(kv_bits: Optional[int], kv_group_size: int, quantized_kv_start: int) -> None:
-    """mlx-lm's KV-cache quantization settings, each refused with its name (nothing to check without bits)."""
+def check_kv(kv_bits: Any, kv_group_size: int, quantized_kv_start: int, memory_budget: Any = None) -> None:
+    """mlx-lm's KV-cache quantization settings, each refused with its name (nothing to check without bits).
+
+    `kv_bits="auto"` (kv_budget.py) quantizes to 8 bits once the float cache would pass `memory_budget`."""
+    if memory_budget is not None:
+        from .kv_budget import parse_size
+
+        parse_size(memory_budget)
     if kv_bits is None:
         return
-    if isinstance(kv_bits, bool) or kv_bits not in KV_BITS:
-        raise ValueError(f"kv_bits must be one of {KV_BITS} (or None for a float cache), not {kv_bits!r}")
+    if isinstance(kv_bits, bool) or (kv_bits not in KV_BITS and kv_bits != "auto"):
+        raise ValueError(f"kv_bits must be one of {KV_BITS}, 'auto' (or None for a float cache), not {kv_bits!r}")
     if isinstance(kv_group_size, bool) or kv_group_size not in KV_GROUP_SIZES:
         raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, not {kv_group_size!r}")
     if isinstance(quantized_kv_start, bool) or not isinstance(quantized_kv_start, int) or quantized_kv_start < 0:
@@ -68,7 +74,8 @@ class GenerationSettings:
     or a negative value as in mlx-lm: until the end of the turn or the context window), `stop`
     strings, `max_context` (a narrower window than the model's). Speculative decoding: `draft_model`
     with `num_draft_tokens`, or `lookup` (True, a dict or `LookupSettings`) for prompt lookup.
-    KV cache: `kv_bits` (None: float), `kv_group_size`, `quantized_kv_start`, mlx-lm's names.
+    KV cache: `kv_bits` (None: float), `kv_group_size`, `quantized_kv_start`, mlx-lm's names; `kv_bits="auto"`
+    switches to 8 bits once the float cache would pass `memory_budget` (bytes or "4GB"; default: the device's).
     Structured output: `json_schema` (a dict, a JSON string, or True for any JSON object).
     """
 
@@ -94,9 +101,10 @@ class GenerationSettings:
     num_draft_tokens: int = 3
     lookup: Any = None  # None/False, True, a dict or LookupSettings; `lookup_settings` is the checked form
     # KV-cache quantization
-    kv_bits: Optional[int] = None
+    kv_bits: Optional[Any] = None  # bits, "auto" or None
     kv_group_size: int = 64
     quantized_kv_start: int = 0
+    memory_budget: Any = None  # for kv_bits="auto": bytes or a size string
     # structured output
     json_schema: Any = None
 
@@ -150,7 +158,7 @@ class GenerationSettings:
             raise ValueError("json_schema cannot be combined with speculative decoding")
 
     def _check_kv(self) -> None:
-        check_kv(self.kv_bits, self.kv_group_size, self.quantized_kv_start)
+        check_kv(self.kv_bits, self.kv_group_size, self.quantized_kv_start, self.memory_budget)
 
     # --- views ---------------------------------------------------------------------------------
     @property
@@ -166,7 +174,7 @@ class GenerationSettings:
 
     @property
     def kv(self) -> dict:
-        """`kv_bits`, `kv_group_size`, `quantized_kv_start` as keyword arguments."""
+        """`kv_bits`, `kv_group_size`, `quantized_kv_start`, `memory_budget` as keyword arguments."""
         return {k: getattr(self, k) for k in KV_KEYS}
 
     @property

@@ -7,7 +7,8 @@ by its kernel count, not by bandwidth: stacking takes 29 % of the graph nodes of
 The results are bitwise equal with MLX's bundled CPU BLAS; OpenBLAS picks kernels by matrix width
 (single-row products then differ by ~1e-6) and so may CUDA (float32 logits differ by ~1e-3).
 Prefill takes the stacked matmul too (measured on a 2-core CPU, 0.5B in float32: 1.03x, 1.07x and
-0.95x the speed of separate matmuls at 128, 512 and 1,024 tokens, within noise): one path serves both.
+0.95x the speed of separate matmuls at 128, 512 and 1,024 tokens, within noise), except the MLP's gate and
+up above 16 rows: their stacked output held one more intermediate at the prefill's peak (mlp.py).
 
 The members stay the model's modules under the checkpoint's names (`q_proj`, ...), so saving,
 `mlx_lm.load` of our folders, `quant_predicate`, `shard()` and `load_weights` see what they always
