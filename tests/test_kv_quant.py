@@ -300,3 +300,18 @@ def test_bench_kv_prints_and_writes_its_figures(tmp_path, capsys, reads):
     assert "no such model folder" in capsys.readouterr().err
     assert main([*args, "--lengths", "100"]) == 2
     assert "too short" in capsys.readouterr().err
+
+
+def test_the_read_path_rule_per_device(reads):
+    """CPU: dequantize unless the flag asks for MLX's kernels; CUDA: always dequantize (its quantized matmul
+    refuses the cache's views: kv_cache.dequantize_reads); Metal: read as stored."""
+    from qwen2_mlx.models.kv_cache import dequantize_reads, reads_dequantized
+
+    assert dequantize_reads(on_cpu=True, on_cuda=False) is True
+    assert dequantize_reads(on_cpu=True, on_cuda=False, quantized_reads_on_cpu=True) is False
+    assert dequantize_reads(on_cpu=False, on_cuda=True) is True
+    assert dequantize_reads(on_cpu=False, on_cuda=True, quantized_reads_on_cpu=True) is True  # a CPU-only switch
+    assert dequantize_reads(on_cpu=False, on_cuda=False) is False  # Metal
+    on_cpu = mx.default_device() == mx.cpu
+    expected = (reads == "dequantized reads") if on_cpu else mx.cuda.is_available()
+    assert reads_dequantized() is expected

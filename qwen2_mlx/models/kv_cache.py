@@ -10,13 +10,23 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 # How attention reads a quantized cache. MLX's CPU quantized matmul is ~13x slower than dequantizing and
 # using BLAS (float32, 8 bits: 5.2 s vs 0.38 s for 3,584 query rows over 8,192 keys; 9.7 ms vs 0.8 ms for
 # one decode row), so on the CPU each layer's keys and values are dequantized when read, which costs
-# one layer's float copy at a time. GPUs read them as stored. Tests set this to run both paths anywhere.
+# one layer's float copy at a time. Metal reads them as stored. Tests set this to run both paths anywhere.
 QUANTIZED_READS_ON_CPU = False
 
 
+def dequantize_reads(on_cpu: bool, on_cuda: bool, quantized_reads_on_cpu: bool = False) -> bool:
+    """The rule: dequantize on the CPU (speed, unless the flag says otherwise) and on CUDA, never on Metal.
+    MLX 0.32's CUDA quantized matmul (backend/cuda/quantized/qmm/qmm.cu) has kernels only for packed
+    matrices contiguous as a whole, and attention reads `keys[..., :offset, :]` views of a cache's buffer:
+    on an H200 every read the suite made failed ("No implementation for problem shape", head sizes 32 and
+    64, 4 and 8 bits). Python cannot see contiguity, so the rule is per device; dequantize takes views."""
+    return not quantized_reads_on_cpu if on_cpu else on_cuda
+
+
 def reads_dequantized() -> bool:
-    """Whether attention dequantizes a quantized cache before reading it (see QUANTIZED_READS_ON_CPU)."""
-    return mx.default_device().type == mx.cpu and not QUANTIZED_READS_ON_CPU
+    """Whether attention dequantizes a quantized cache before reading it (see dequantize_reads)."""
+    on_cpu = mx.default_device().type == mx.cpu
+    return dequantize_reads(on_cpu, not on_cpu and mx.cuda.is_available(), QUANTIZED_READS_ON_CPU)
 
 
 class _DCASettings:
