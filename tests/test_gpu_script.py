@@ -207,3 +207,37 @@ def test_prepare_cuts_payloads_into_calls_under_the_limit(tmp_path):
     assert [p["name"] for p in m["payloads"]] == ["site", "gguf"]
     joined = b"".join((carry / f"call-{x['call']}" / x["file"]).read_bytes() for x in m["payloads"][1]["pieces"])
     assert joined == b.read_bytes()
+
+
+def test_carried_wheels_reach_every_child_as_if_installed(tmp_path):
+    """The first lease's children lost the wheels (a clean environment, `python -I`): after install_site a
+    `-I` interpreter reading the .pth imports them and the tree, console scripts run by name, and
+    site/nvidia points at the machine's CUDA libraries (libmlx.so's RPATH)."""
+    g = _gpu_run()
+    site, purelib, nvidia = tmp_path / "site", tmp_path / "purelib", tmp_path / "nvidia"
+    (site / "carried_pkg").mkdir(parents=True)
+    (site / "carried_pkg" / "__init__.py").write_text("def main():\n    print('carried')\n    return 3\n")
+    (site / "carried_pkg-1.0.dist-info").mkdir()
+    entry = "[console_scripts]\ncarried-cmd = carried_pkg:main\n[gui_scripts]\nnot-a-console-one = x:y\n"
+    (site / "carried_pkg-1.0.dist-info" / "entry_points.txt").write_text(entry)
+    nvidia.mkdir()
+    g.install_site(site, tmp_path / "bin", purelib, nvidia)
+    code = f"import site; site.addsitedir({str(purelib)!r}); import carried_pkg, qwen2_mlx.bench.presets"
+    r = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0
+    names = sorted(p.name for p in (tmp_path / "bin").iterdir())
+    assert names == ["carried-cmd", "qwen2-chat", "qwen2-convert", "qwen2-run", "qwen2-serve"]
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin", "PYTHONPATH": str(site)}
+    r = subprocess.run(["carried-cmd"], capture_output=True, text=True, env=env)
+    assert (r.returncode, r.stdout) == (3, "carried\n")
+    assert (site / "nvidia").resolve() == nvidia.resolve()
+    g.install_site(site, tmp_path / "bin", purelib, nvidia)  # a second unpack in the same lease: no error
+
+
+def test_the_suite_runs_every_file_with_the_slow_ones_last():
+    g = _gpu_run()
+    args = g.suite_order(g.REAL.tests)
+    files = [a for a in args if a.startswith("tests/test_") and a.endswith(".py")]
+    assert sorted(files) == sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
+    assert {Path(f).stem for f in files[-len(g.SLOW_LAST) :]} == set(g.SLOW_LAST)
+    assert args[args.index("-n") + 1] == "16" and "SUITE" not in args
