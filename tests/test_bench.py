@@ -77,6 +77,8 @@ def test_bench_end_to_end_against_mlx_lm(tmp_path, monkeypatch, capsys):
             "tiny-test",
             "--random-dir",
             str(tmp_path),
+            "--dtype",  # the figures below are float32's on any device (--random's default is bfloat16 on a GPU)
+            "float32",
             "--compare-mlx-lm",
             "--prompt-tokens",
             "12",

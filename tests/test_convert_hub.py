@@ -35,7 +35,8 @@ def _hub_cache(hf_home: Path, repo: str, files_from: Path) -> Path:
 
 
 def _convert(args: list, hf_home: Path, **env) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the carried packages stay
+    full_env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", PYTHONPATH=path, **env)
     full_env.pop("HF_HUB_CACHE", None)
     return subprocess.run(
         [sys.executable, str(ROOT / "convert.py"), *map(str, args)],

