@@ -754,7 +754,10 @@ def unpack(p: dict, state: Path) -> str | None:
         shutil.rmtree(state / "site", ignore_errors=True)
         (state / "site").mkdir()
         subprocess.run(["tar", "-xJf", str(out), "-C", str(state / "site")], check=True)
-        install_site(state / "site", state / "bin", site_packages(), nvidia_folder())
+        try:
+            install_site(state / "site", state / "bin", site_packages(), nvidia_folder())
+        except OSError as e:  # PYTHONPATH still carries the wheels to every child that keeps its environment
+            log(f"installing the wheels for clean child processes failed: {e}")
     elif p["name"] == "gguf":
         (state / "cache").mkdir(exist_ok=True)
         if not (state / "cache" / GGUF_NAME).exists():
