@@ -600,3 +600,17 @@ def test_gpu_half_precision(dtype, tol):
                 want = outs[0]
             for o in outs:
                 assert np.linalg.norm(o - want) / np.linalg.norm(want) < tol, (str(dtype), L, scale)
+
+
+def test_the_tile_budget_grows_with_a_gpu_memory_and_stays_on_the_cpu(monkeypatch):
+    """A GPU pays a few launches per key block (and a sync past the budget), so its tiles may take a share
+    of its memory; the CPU keeps the 32 MB budget the memory figures were measured with."""
+    from qwen2_mlx.models import dca
+
+    if mx.default_device() != mx.gpu:
+        assert dca.device_score_budget() == dca.SCORE_BUDGET
+    monkeypatch.setattr(dca.mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(dca, "_gpu_memory", lambda: 141 * 2**30)
+    assert dca.device_score_budget() == 141 * 2**30 // (4 * dca.GPU_SCORE_SHARE)
+    monkeypatch.setattr(dca, "_gpu_memory", lambda: 0)  # a backend that names no memory: the CPU's budget
+    assert dca.device_score_budget() == dca.SCORE_BUDGET

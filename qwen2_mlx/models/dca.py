@@ -10,6 +10,7 @@ O(tile x keys) and never L x L. Sequences of at most `M + 1` tokens are exactly 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,21 @@ from .kv_cache import reads_dequantized
 # Score elements (query heads x tile rows x keys) one tile may hold at once; about 32 MB in fp32.
 SCORE_BUDGET = 1 << 23
 TILE_Q = 256
+GPU_SCORE_SHARE = 256  # on a GPU, a tile's fp32 scores may take 1/256 of its memory
+
+
+@functools.cache
+def _gpu_memory() -> int:
+    info = mx.device_info()
+    return int(info.get("memory_size") or info.get("total_memory") or 0)  # Metal's name, CUDA's
+
+
+def device_score_budget() -> int:
+    """The tile budget for this device. On a GPU every key block is several kernel launches and, past the
+    budget, a sync; at 32 MB a 64K prefill runs thousands of them per layer, so a GPU gets a share of its memory."""
+    if mx.default_device() != mx.gpu:
+        return SCORE_BUDGET
+    return max(SCORE_BUDGET, _gpu_memory() // (4 * GPU_SCORE_SHARE))
 
 
 @dataclass(frozen=True)
@@ -352,7 +368,7 @@ def dca_attention(
     scale: float,
     geom: DCAGeometry,
     tile_q: int = TILE_Q,
-    score_budget: int = SCORE_BUDGET,
+    score_budget: Optional[int] = None,
 ) -> mx.array:
     """DCA for queries at `offset .. offset+T-1` over cached keys `0 .. offset+T-1`.
 
@@ -377,6 +393,7 @@ def dca_attention(
     # A lazy graph of many tiles may keep all their score buffers alive at once (a GPU frees them when
     # the command buffer completes), which would bring back the L x L term; past the budget, evaluate
     # tile by tile. A single query never needs it (and a sync would stall decoding).
+    score_budget = device_score_budget() if score_budget is None else score_budget
     bounded = T > 1 and Hq * T * (offset + T) > 2 * score_budget
     out = []
     b = offset
