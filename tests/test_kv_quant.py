@@ -194,6 +194,34 @@ def test_quantized_batch_cache_filters_rows():
     )
 
 
+@pytest.mark.parametrize("other_quantized", [True, False])
+@pytest.mark.parametrize("lengths", [(5, 3), (2, 6), (0, 4), (4, 0)])
+def test_quantized_batch_cache_takes_new_rows_as_mlx_lm_does(lengths, other_quantized):
+    """extend() aligns both sides as mlx-lm's float BatchKVCache.extend does (same padding, offsets and
+    columns), holding what a quantize of those columns holds; a float side is quantized on the way in."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    def filled(padding, n, seed, quantized):
+        c = QuantizedBatchKVCache(padding, 32, 8) if quantized else BatchKVCache(padding)
+        if n:
+            k = mx.array(rng(seed).standard_normal((len(padding), 2, n, 32)).astype(np.float32))
+            c.update_and_fetch(k, k * 2)
+        return c
+
+    (na, nb), pa, pb = lengths, [1, 0], [0]
+    want = filled(pa, na, 1, False)
+    want.extend(filled(pb, nb, 2, False))
+    got = filled(pa, na, 1, True)
+    got.extend(filled(pb, nb, 2, other_quantized))
+    assert got._idx == want._idx and got.left_padding.tolist() == want.left_padding.tolist()
+    assert got.offset.tolist() == want.offset.tolist()
+    for stored, ref in zip(got.keys_and_values(), want.keys_and_values()):
+        deq = np.array(mx.dequantize(*stored, group_size=32, bits=8))
+        np.testing.assert_allclose(deq, np.array(fake_quant(ref, 32, 8)), atol=1e-6)
+    with pytest.raises(ValueError, match="4-bit"):
+        got.extend(QuantizedBatchKVCache([0], 32, 4))
+
+
 def test_bad_settings_are_refused_before_any_work(wide):
     model, tok = wide
     for kw, field in (

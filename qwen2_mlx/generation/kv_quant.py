@@ -127,7 +127,35 @@ class QuantizedBatchKVCache(BatchKVCache):
             self.left_padding -= shift
 
     def extend(self, other) -> None:
-        raise NotImplementedError("a quantized batch cache does not take new rows")
+        """New rows join the batch (mlx-lm's `BatchKVCache.extend`): both sides right-aligned at the longer
+        one's column, the shorter side's new columns left padding. Float rows are quantized first."""
+        if type(other) is BatchKVCache:
+            other = QuantizedBatchKVCache.from_batch(other, self.group_size, self.bits)
+        if (other.group_size, other.bits) != (self.group_size, self.bits):
+            raise ValueError(
+                f"cannot join a {other.bits}-bit (group {other.group_size}) batch cache to a "
+                f"{self.bits}-bit (group {self.group_size}) one"
+            )
+        idx = max(self._idx, other._idx)
+        sides = [c for c in (self, other) if c.keys is not None]
+        if sides:
+            like = sides[0]
+            self.keys, self.values = (
+                tuple(mx.concatenate(parts) for parts in zip(*(c._aligned(which, idx, like) for c in (self, other))))
+                for which in ("keys", "values")
+            )
+        self.left_padding = mx.concatenate([self.left_padding + idx - self._idx, other.left_padding + idx - other._idx])
+        self.offset = mx.concatenate([self.offset, other.offset])
+        self._idx = idx
+
+    def _aligned(self, which: str, idx: int, like: QuantizedBatchKVCache) -> tuple:
+        """This cache's keys or values cut to `_idx` columns and left-padded with zeros to `idx`."""
+        B = self.left_padding.shape[0]
+        stored = getattr(self, which)
+        if stored is None:  # no columns yet: zeros shaped like the other side's
+            stored = tuple(mx.zeros((B, *t.shape[1:2], 0, t.shape[3]), t.dtype) for t in getattr(like, which))
+        pad = [(0, 0), (0, 0), (idx - self._idx, 0), (0, 0)]
+        return tuple(mx.pad(t[..., : self._idx, :], pad) for t in stored)
 
     @property
     def nbytes(self) -> int:
