@@ -204,6 +204,7 @@ def test_choice_goes_by_humaneval_pass_at_1_when_every_candidate_has_it():
     partial = [dict(r) for r in rows]
     del partial[5]["humaneval"]  # one candidate without the figure: agreement alone decides, as before
     assert pick(partial)[0]["name"] == "mixed_4_6_e8 g64"
+    assert "HumanEval" not in default_conversion("metal", partial).reason  # the best row has it; it did not decide
     assert "HumanEval" not in default_conversion("metal", ROWS).reason
 
 

@@ -50,14 +50,23 @@ def _table_size(row: dict) -> int:
     return row["size_bytes"]
 
 
+def candidates(rows: list[dict], base: dict, budget: float, size_of: Callable[[dict], int]) -> list[dict]:
+    """The quantized rows within `budget` times the plain 4-bit row's size."""
+    return [r for r in rows if (r.get("bits") or r.get("recipe")) and size_of(r) <= budget * size_of(base)]
+
+
+def by_task(fits: list[dict]) -> bool:
+    """HumanEval decides only when every candidate carries it (a subset would favour the rows measured)."""
+    return bool(fits) and all("humaneval" in r for r in fits)
+
+
 def pick(rows: list[dict], budget: float = SIZE_BUDGET, size_of: Callable[[dict], int] = _table_size) -> tuple:
     """(best row within the budget, the plain 4-bit row it is measured against)."""
     base = next((r for r in rows if _is_plain_4bit(r)), None)
     if base is None:
         raise ConvertError(f"{TABLE.name}: the quality table has no plain 4-bit (group size 64) row")
-    limit = budget * size_of(base)
-    fits = [r for r in rows if (r.get("bits") or r.get("recipe")) and size_of(r) <= limit]
-    if fits and all("humaneval" in r for r in fits):
+    fits = candidates(rows, base, budget, size_of)
+    if by_task(fits):
         top = max(fits, key=lambda r: r["humaneval"]["pass@1"])["humaneval"]
         fits = [r for r in fits if r["humaneval"]["pass@1"] >= top["pass@1"] - top["stderr"]]
     best = max(fits, key=lambda r: (r["agreement"], -r["kl"], -size_of(r)))
@@ -110,14 +119,15 @@ def default_conversion(
             "Keeping float32 (no quantization): on MLX's CPU backend quantized matmul is ~25x slower than "
             "float32 with OpenBLAS (0.35 vs 8.6 tok/s measured).",
         )
-    best, base = pick(load_table() if rows is None else rows, size_of=size_of)
+    rows = load_table() if rows is None else rows
+    best, base = pick(rows, size_of=size_of)
     ratio = size_of(best) / size_of(base)
     reason = (
         f"Quantizing to {best['name']}: the best next-token agreement with float32 in docs/converting.md's "
         f"quality table ({best['agreement']:.1%}; 4-bit: {base['agreement']:.1%}) within {SIZE_BUDGET:g}x "
         f"the 4-bit size ({ratio:.2f}x here)."
     )
-    if "humaneval" in best:
+    if by_task(candidates(rows, base, SIZE_BUDGET, size_of)):
         h = best["humaneval"]
         reason += (
             f" Chosen first by HumanEval pass@1 on {h['problems']} problems ({h['pass@1']:.1f} ± {h['stderr']:.1f}; "
