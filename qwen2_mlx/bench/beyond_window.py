@@ -42,10 +42,11 @@ def _ours(path: str, tokens: list[int], long_context: str) -> str:
     from qwen2_mlx.loading.loader import load
 
     model, tokenizer = load(path, long_context=long_context)
-    step = max(1, len(tokens) // 20)
+    step, shown = max(1, len(tokens) // 20), [0]
 
     def progress(done: int, total: int) -> None:
-        if done % step < 512 or done == total:
+        if done - shown[0] >= step or done == total:  # about every 5 %, whatever the prefill step
+            shown[0] = done
             _log(f"  prefill {done}/{total}")
 
     return str(generate(model, tokenizer, tokens, max_tokens=MAX_NEW_TOKENS, prompt_progress_callback=progress))
