@@ -137,9 +137,8 @@ class QuantizedBatchKVCache(BatchKVCache):
                 f"{self.bits}-bit (group {self.group_size}) one"
             )
         idx = max(self._idx, other._idx)
-        sides = [c for c in (self, other) if c.keys is not None]
-        if sides:
-            like = sides[0]
+        like = self if self.keys is not None else other
+        if like.keys is not None:
             self.keys, self.values = (
                 tuple(mx.concatenate(parts) for parts in zip(*(c._aligned(which, idx, like) for c in (self, other))))
                 for which in ("keys", "values")

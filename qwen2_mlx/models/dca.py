@@ -313,7 +313,7 @@ def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block, bound
 
 
 def _decode_step(q, keys, values, offset, rope, geom, groups):
-    """One new token (batch 1) over a quantized cache, or inside the first chunk: the query's
+    """One new token (batch 1) over a quantized cache, read as stored: the query's
     rotations in one rope call (positions as a batch of offsets), one matmul against all keys, each
     key range takes its scores from the matching rotation; one softmax over them all (docs/long-context.md §4)."""
     _, Hq, _, D = q.shape
@@ -341,7 +341,7 @@ def _decode_step(q, keys, values, offset, rope, geom, groups):
 
 
 def _decode_fused(q, keys, values, offset, rope, geom):
-    """One new token (batch 1) past the first chunk through `mx.fast.scaled_dot_product_attention`:
+    """One new token (batch 1) over a float cache through `mx.fast.scaled_dot_product_attention`:
     on a GPU a handful of launches per layer is what decoding costs, so few and fused ones matter.
 
     The query is rotated once, at its in-chunk position r; the older key ranges are turned instead by
@@ -351,7 +351,7 @@ def _decode_fused(q, keys, values, offset, rope, geom):
     c = geom.period
     n, r = divmod(offset, c)
     ranges = [(0, (n - 1) * c, r - geom.inter_position)] if n >= 2 else []
-    ranges.append(((n - 1) * c, n * c, r - geom.succ_position(r)))
+    ranges += [((n - 1) * c, n * c, r - geom.succ_position(r))] if n >= 1 else []
     # Copies before rope: MLX's CUDA rope (0.32) keeps an input view's strides in its output.
     parts = [rope_constant(rope, mx.contiguous(keys[..., a:b, :]), turn) for a, b, turn in ranges]
     keys = mx.concatenate([*parts, keys[..., n * c : offset + 1, :]], axis=-2)
@@ -386,10 +386,10 @@ def dca_attention(
         # units; the fused SDPA keeps scores in float32, so DCA does too (tests/test_dca_real_chunk.py).
         keys, q = keys.astype(mx.float32), q.astype(mx.float32)
     q = q * scale
-    if T == 1 and B == 1 and offset >= c and not isinstance(keys, QuantizedKV):
-        return _decode_fused(q, keys, values, offset, rope, geom).astype(dtype)
     if T == 1 and B == 1:  # its scores are linear in the length, like the KV cache itself
-        return _decode_step(q, keys, values, offset, rope, geom, groups).astype(dtype)
+        if isinstance(keys, QuantizedKV):
+            return _decode_step(q, keys, values, offset, rope, geom, groups).astype(dtype)
+        return _decode_fused(q, keys, values, offset, rope, geom).astype(dtype)
     # A lazy graph of many tiles may keep all their score buffers alive at once (a GPU frees them when
     # the command buffer completes), which would bring back the L x L term; past the budget, evaluate
     # tile by tile. A single query never needs it (and a sync would stall decoding).
