@@ -7,6 +7,8 @@ KV heads are never repeated in memory: `mx.fast.scaled_dot_product_attention` ta
 un-tiled keys and values and handles the GQA group itself (the Metal kernel on a Mac).
 With Dual Chunk Attention configured, the same module keeps the fused path while the sequence
 has at most `chunk_size + 1` tokens (DCA is plain attention there) and hands longer ones to dca.py.
+On the CPU a long prefill step runs the fused call in query tiles (`tiled_attention`), so its peak memory
+does not grow with the context.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from .stacked import StackedProjections
 
 DEQUANT_BLOCK = 1024  # keys a quantized cache is dequantized by, for a few new queries on the CPU
 DEQUANT_QUERIES = 16  # up to this many new tokens (decode, speculative verify) take that path
+# Scores a CPU prefill tile may hold (128 MB in float32): smaller tiles paid a per-tile overhead.
+PLAIN_TILE_SCORES = 1 << 25
 
 
 def dequantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_size: int, bits: int) -> mx.array:
@@ -55,6 +59,26 @@ def dequantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_s
         out = o if out is None else out + o
         mx.eval(out)
     return out.reshape(B, Hq, L, D)
+
+
+def tiled_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Optional[Any]) -> mx.array:
+    """MLX's attention on the CPU in query tiles of at most `PLAIN_TILE_SCORES` scores, each evaluated before
+    the next. The CPU kernel holds all (heads x queries x keys) scores at once, so a prefill step's peak grew
+    with the context; tiled it is bounded, at the same speed (the softmax's exp dominates either way).
+    A tile's keys stop at its last query (causal masks are bottom-right aligned). Metal and CUDA fuse it."""
+    B, Hq, L, _ = q.shape
+    N = k.shape[2]
+    T = max(1, PLAIN_TILE_SCORES // (B * Hq * N))
+    if L <= T or (mask is not None and not (isinstance(mask, str) and mask == "causal")):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)  # array masks: one call
+    parts = []
+    for a in range(0, L, T):
+        b = min(L, a + T)
+        n = N if mask is None else N - L + b
+        kk, vv = k[..., :n, :], v[..., :n, :]
+        parts.append(mx.fast.scaled_dot_product_attention(q[..., a:b, :], kk, vv, scale=scale, mask=mask))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts, axis=2)
 
 
 def plain_cache_fits(geom: DCAGeometry, cache: Optional[Any], L: int) -> bool:
@@ -117,6 +141,8 @@ class Attention(nn.Module):
                 return dequantized_attention(q, k, v, scale, cache.group_size, cache.bits)
             k, v = (mx.dequantize(*x, group_size=cache.group_size, bits=cache.bits) for x in (k, v))
             cache = None  # the fused kernel on floats
+        if not hasattr(cache, "bits") and mx.default_device() == mx.cpu:
+            return tiled_attention(q, k, v, scale, mask)
         return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
 
     def _dual_chunk(self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[Any], cache: Optional[Any]):
