@@ -169,3 +169,23 @@ def test_beyond_window_rows_side_by_side(tmp_path_factory, tmp_path, capsys):
     assert "off     refused" in printed and printed.count("peak") == 2
     with pytest.raises(SystemExit):
         beyond_window.main(["--model", str(tiny_path), "--engines", "ours,nope"])
+
+
+def test_long_read_resumes_and_reopens(tmp_path_factory, tmp_path, capsys):
+    """Past the tiny model's 4,096-token window: killed half-way, the resumed read reads only what the
+    checkpoint lacks and answers as the cold read does; the reopened chat reads only the follow-up."""
+    from api_support import tiny_model
+
+    from qwen2_mlx.bench import long_read
+
+    tiny_path = tiny_model(tmp_path_factory)[2]
+    out = tmp_path / "long.json"
+    argv = ["--model", str(tiny_path), "--tokens", "5000", "--every-seconds", "0", "--prefill-step-size", "256"]
+    assert long_read.main(argv + ["--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    total, saved = data["prompt_tokens"], data["checkpoint_tokens"]
+    assert 4096 < total <= 5000 and total / 2 <= saved < total
+    assert data["resumed"]["prompt_tokens_read"] == total - saved
+    assert data["cold"]["prompt_tokens_read"] == total and data["identical_reply"]
+    assert data["reopened"]["cache_used"] and data["reopened"]["prompt_tokens_read"] < 100
+    assert '"identical_reply": true' in capsys.readouterr().out

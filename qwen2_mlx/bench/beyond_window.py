@@ -1,7 +1,8 @@
 """`python -m qwen2_mlx.bench.beyond_window`: a pass key past the trained window, three ways, side by side.
 
 One prompt of about `--length` tokens (longer than the model's trained window) hides a 5-digit key at
-`--depth` of repetitive filler (eval/prompts.py, the passkey eval's prompt). It is answered by
+`--depth` of repetitive filler (eval/prompts.py, the passkey eval's), in the form a chat sends it: the
+user message through the chat template, no answer prefix (bench.long_read reads the same one). It is answered by
   ours     `load(path)` with no switch: long context is on by default (DCA, 4 windows);
   off      `load(path, long_context="off")`: plain attention, the trained window: expected to refuse;
   mlx-lm   `mlx_lm.load` and `mlx_lm.generate` on the same folder, with mlx-lm's defaults.
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 ENGINES = ("ours", "off", "mlx-lm")
-MAX_NEW_TOKENS = 8  # a space, five digits and a full stop, with room to spare
+MAX_NEW_TOKENS = 16  # "The pass key is 12345." with room to spare
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,7 +109,7 @@ def main(argv: Optional[list] = None) -> int:
     from qwen2_mlx.loading.tokenizer import load_tokenizer
 
     key = random_key(args.seed, 0)
-    prompt = passkey_prompt(load_tokenizer(Path(args.model)), args.length, args.depth, key)
+    prompt = passkey_prompt(load_tokenizer(Path(args.model)), args.length, args.depth, key, answer_prefix="")
     _log(f"prompt: {len(prompt.tokens)} tokens, key {key} at token {prompt.needle_token} ({args.depth:.0%})")
     rows = []
     for engine in engines:

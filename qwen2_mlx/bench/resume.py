@@ -46,19 +46,17 @@ def _child(model_path: str, store_dir: str, tokens: int, every: float, step: int
     time.sleep(3600)  # the parent kills it before this, mid-read
 
 
-def _kill_mid_read(args, store_dir: str, total: int) -> int:
-    """Run the reading child until a checkpoint holds `stop_at` of the prompt; kill -9 it; the tokens saved."""
+def kill_mid_read(cmd: list, store_dir: str, key: str, target: float) -> int:
+    """Run `cmd`, a reader checkpointing under `key` in `store_dir`, until a checkpoint holds `target`
+    tokens; kill -9 it; the tokens its last checkpoint holds."""
     from qwen2_mlx.generation.cache_store import CacheStore
 
-    cmd = [sys.executable, "-m", "qwen2_mlx.bench.resume", "--model", args.model, "--tokens", str(args.tokens)]
-    cmd += ["--every-seconds", str(args.every_seconds), "--prefill-step-size", str(args.prefill_step_size)]
-    cmd += ["--child", store_dir]
     child = subprocess.Popen(cmd, env=dict(os.environ))
     store, saved = CacheStore(store_dir), 0
     try:
-        while child.poll() is None and saved < args.stop_at * total:
+        while child.poll() is None and saved < target:
             time.sleep(0.5)
-            head = store.peek(KEY)
+            head = store.peek(key)
             saved = len(head[1]) if head else 0
     finally:
         ended = child.poll()
@@ -67,6 +65,12 @@ def _kill_mid_read(args, store_dir: str, total: int) -> int:
     if ended is not None:
         print(f"the reader ended by itself (exit status {ended}) before it was killed", file=sys.stderr)
     return saved
+
+
+def _kill_mid_read(args, store_dir: str, total: int) -> int:
+    cmd = [sys.executable, "-m", "qwen2_mlx.bench.resume", "--model", args.model, "--tokens", str(args.tokens)]
+    cmd += ["--every-seconds", str(args.every_seconds), "--prefill-step-size", str(args.prefill_step_size)]
+    return kill_mid_read(cmd + ["--child", store_dir], store_dir, KEY, args.stop_at * total)
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -85,11 +85,13 @@ NIAH_FILLER = (
 
 @dataclass
 class HaystackPrompt:
-    """A rendered prompt: token ids, where the needle starts (token index) and the expected answer."""
+    """A rendered prompt: token ids, where the needle starts (token index) and the expected answer;
+    `user` is the user message the template rendered (what a chat would send)."""
 
     tokens: list[int]
     needle_token: int
     expected: str
+    user: str = ""
 
 
 def render(tokenizer, user: str, answer_prefix: str) -> str:
@@ -143,7 +145,7 @@ def build_haystack_prompt(
         else:
             hi = mid - 1
     tokens = encode(lo)
-    before, _ = parts(lo)
+    before, after = parts(lo)
     prefix = render(tokenizer, before, "")
     # The template may add text after the user turn; the needle's start is the length of what precedes it.
     needle_token = (
@@ -151,10 +153,13 @@ def build_haystack_prompt(
         if before in prefix
         else 0
     )
-    return HaystackPrompt(tokens=tokens, needle_token=needle_token, expected=expected)
+    return HaystackPrompt(tokens, needle_token, expected, before + needle + after)
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> HaystackPrompt:
+def passkey_prompt(
+    tokenizer, length: int, depth: float, key: str, answer_prefix: str = PASSKEY_ANSWER
+) -> HaystackPrompt:
+    """The pass-key prompt; `answer_prefix=""` gives the prompt a chat sends for the same user message."""
     return build_haystack_prompt(
         tokenizer,
         length,
@@ -164,7 +169,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> HaystackPr
         [PASSKEY_FILLER],
         PASSKEY_INTRO,
         PASSKEY_QUESTION,
-        PASSKEY_ANSWER,
+        answer_prefix,
     )
 
 
