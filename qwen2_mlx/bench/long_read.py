@@ -56,11 +56,11 @@ def _prompt(args):
     return passkey_prompt(load_tokenizer(Path(args.model)), args.tokens, args.depth, random_key(0, 0), "")
 
 
-def _chat(model_path: str, lazy: bool = False, messages: Optional[list] = None):
+def _chat(model_path: str, lazy: bool = False):
     from qwen2_mlx import Chat, load
 
     model, tokenizer = load(model_path, lazy=lazy)  # the defaults: long context on, no switch
-    return Chat(model, tokenizer, messages=messages, temperature=0.0, max_tokens=MAX_TOKENS)
+    return Chat(model, tokenizer, temperature=0.0, max_tokens=MAX_TOKENS)
 
 
 def _timed_send(chat, text: str, **kw) -> dict:
