@@ -171,9 +171,10 @@ def test_beyond_window_rows_side_by_side(tmp_path_factory, tmp_path, capsys):
         beyond_window.main(["--model", str(tiny_path), "--engines", "ours,nope"])
 
 
-def test_long_read_resumes_and_reopens(tmp_path_factory, tmp_path, capsys):
-    """Past the tiny model's 4,096-token window: killed half-way, the resumed read reads only what the
-    checkpoint lacks and answers as the cold read does; the reopened chat reads only the follow-up."""
+@pytest.mark.parametrize("interrupt", ["kill", "quit"])
+def test_long_read_resumes_and_reopens(tmp_path_factory, tmp_path, capsys, interrupt):
+    """Past the tiny model's 4,096-token window: killed (or quit) half-way, the resumed read reads only
+    what the checkpoint lacks and answers as the cold read does; the reopened chat reads only the follow-up."""
     from api_support import tiny_model
 
     from qwen2_mlx.bench import long_read
@@ -181,11 +182,12 @@ def test_long_read_resumes_and_reopens(tmp_path_factory, tmp_path, capsys):
     tiny_path = tiny_model(tmp_path_factory)[2]
     out = tmp_path / "long.json"
     argv = ["--model", str(tiny_path), "--tokens", "5000", "--every-seconds", "0", "--prefill-step-size", "256"]
-    assert long_read.main(argv + ["--json", str(out)]) == 0
+    assert long_read.main(argv + ["--interrupt", interrupt, "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     total, saved = data["prompt_tokens"], data["checkpoint_tokens"]
     assert 4096 < total <= 5000 and total / 2 <= saved < total
     assert data["resumed"]["prompt_tokens_read"] == total - saved
     assert data["cold"]["prompt_tokens_read"] == total and data["identical_reply"]
     assert data["reopened"]["cache_used"] and data["reopened"]["prompt_tokens_read"] < 100
-    assert '"identical_reply": true' in capsys.readouterr().out
+    assert data["reader_exit"] == (0 if interrupt == "quit" else -9)  # a quit ends the reader by itself
+    assert data["interrupt"] == interrupt and '"identical_reply": true' in capsys.readouterr().out

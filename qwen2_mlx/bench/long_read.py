@@ -3,7 +3,8 @@
 The document is the pass-key prompt of bench.beyond_window (`--tokens` long, the key at `--depth`), sent as
 one chat message with the default settings: no long-context switch.
 1. A reader process reads it, checkpointing its KV cache (generation/checkpoint.py), and is killed with
-   SIGKILL once a checkpoint holds `--stop-at` of the prompt.
+   SIGKILL once a checkpoint holds `--stop-at` of the prompt (`--interrupt quit`: sent SIGTERM instead, it
+   stops at its next step and saves what it read, as the chat app does when quit).
 2. Here, a chat adopts that checkpoint and sends the same message: it reads only what the checkpoint lacks.
    The chat's cache is saved to a `CacheStore`, as the chat app does after a reply.
 3. "Restart": a fresh chat with the same history loads the cache from disk and asks a follow-up question;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from .resume import kill_mid_read
 KEY = "long-read"
 FOLLOW_UP = "Repeat the pass key, digits only."
 MAX_TOKENS = 16
+QUIT_WAIT = 3600.0  # seconds a quit reader may take to finish its step and save (a step at 36K: minutes)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=36000, help="prompt tokens (default %(default)s)")
     p.add_argument("--depth", type=float, default=0.5, help="where the key sits, 0..1 (default %(default)s)")
     p.add_argument("--stop-at", type=float, default=0.5, help="share read when the reader is killed (default 0.5)")
+    p.add_argument("--interrupt", choices=("kill", "quit"), default="kill", help="how the reader is stopped")
     p.add_argument("--every-seconds", type=float, default=20.0, help="checkpoint interval (default 20)")
     p.add_argument("--prefill-step-size", type=int, default=2048, help="tokens a prefill step (default 2048)")
     p.add_argument("--cold", choices=("after", "alongside", "skip"), default="after", help="the uninterrupted read")
@@ -91,21 +95,29 @@ def _role(args) -> None:
     store = CacheStore(args.out)
     validity = chat_cache_validity(chat, args.model)
     point = Checkpointer(store, KEY, validity, chat.model, every_seconds=args.every_seconds)
-    chat.send(text, checkpoint=point, prefill_step_size=args.prefill_step_size)
+    quit_ = threading.Event()
+    if args.interrupt == "quit":  # a quit: stop at the next step, then save what was read
+        signal.signal(signal.SIGTERM, lambda *_: quit_.set())
+    chat.send(text, checkpoint=point, cancel=quit_, prefill_step_size=args.prefill_step_size)
+    if quit_.is_set():
+        store.save(KEY, *chat.export_cache(), validity, chat.model)
+        return
     time.sleep(3600)  # the parent kills it before this, mid-read
 
 
 def _command(args, role: str, out: str) -> list:
     cmd = [sys.executable, "-m", "qwen2_mlx.bench.long_read", "--model", args.model, "--tokens", str(args.tokens)]
-    cmd += ["--depth", str(args.depth), "--every-seconds", str(args.every_seconds)]
+    cmd += ["--depth", str(args.depth), "--every-seconds", str(args.every_seconds), "--interrupt", args.interrupt]
     return cmd + ["--prefill-step-size", str(args.prefill_step_size), "--role", role, "--out", out]
 
 
-def _kill_mid_read(args, store_dir: str, total: int) -> tuple[int, float]:
-    """Run the reader until a checkpoint holds `stop_at` of the prompt; kill -9 it; (tokens saved, seconds)."""
+def _kill_mid_read(args, store_dir: str, total: int, out: dict) -> int:
+    """Run the reader until a checkpoint holds `stop_at` of the prompt, stop it; the tokens saved."""
     tic = time.perf_counter()
-    saved = kill_mid_read(_command(args, "reader", store_dir), store_dir, KEY, args.stop_at * total)
-    return saved, round(time.perf_counter() - tic, 1)
+    wait = QUIT_WAIT if args.interrupt == "quit" else None
+    saved, status = kill_mid_read(_command(args, "reader", store_dir), store_dir, KEY, args.stop_at * total, wait)
+    out["killed_after_s"], out["reader_exit"] = round(time.perf_counter() - tic, 1), status
+    return saved
 
 
 def _resume_and_reopen(args, text: str, out: dict) -> Optional[dict]:
@@ -115,7 +127,8 @@ def _resume_and_reopen(args, text: str, out: dict) -> Optional[dict]:
     chat = _chat(args.model, lazy=True)  # its weights are read after the reader is gone
     out["prompt_tokens"] = total = len(chat._tokens([{"role": "user", "content": text}], True))
     with tempfile.TemporaryDirectory(prefix="qwen2-long-read-") as store_dir:
-        out["checkpoint_tokens"], out["killed_after_s"] = _kill_mid_read(args, store_dir, total)
+        out["interrupt"] = args.interrupt
+        out["checkpoint_tokens"] = _kill_mid_read(args, store_dir, total, out)
         store, validity = CacheStore(store_dir), chat_cache_validity(chat, args.model)
         loaded = store.load(KEY, validity, chat.model)
         if not loaded.ok:

@@ -46,9 +46,14 @@ def _child(model_path: str, store_dir: str, tokens: int, every: float, step: int
     time.sleep(3600)  # the parent kills it before this, mid-read
 
 
-def kill_mid_read(cmd: list, store_dir: str, key: str, target: float) -> int:
+def kill_mid_read(
+    cmd: list, store_dir: str, key: str, target: float, quit_wait: Optional[float] = None
+) -> tuple[int, int]:
     """Run `cmd`, a reader checkpointing under `key` in `store_dir`, until a checkpoint holds `target`
-    tokens; kill -9 it; the tokens its last checkpoint holds."""
+    tokens; kill -9 it; (the tokens its last checkpoint holds, its exit status: -9 when killed).
+
+    `quit_wait`: send SIGTERM instead (the reader stops at its next step and saves what it read, as the
+    chat app does at a quit) and wait this long for it to end, before a SIGKILL."""
     from qwen2_mlx.generation.cache_store import CacheStore
 
     child = subprocess.Popen(cmd, env=dict(os.environ))
@@ -56,21 +61,31 @@ def kill_mid_read(cmd: list, store_dir: str, key: str, target: float) -> int:
     try:
         while child.poll() is None and saved < target:
             time.sleep(0.5)
-            head = store.peek(key)
-            saved = len(head[1]) if head else 0
+            saved = _held(store, key)
     finally:
         ended = child.poll()
+        if quit_wait is not None and ended is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(quit_wait)
+            except subprocess.TimeoutExpired:
+                print(f"the reader did not stop within {quit_wait:.0f}s of SIGTERM: killed", file=sys.stderr)
         child.send_signal(signal.SIGKILL)
         child.wait()
     if ended is not None:
-        print(f"the reader ended by itself (exit status {ended}) before it was killed", file=sys.stderr)
-    return saved
+        print(f"the reader ended by itself (exit status {ended}) before it was stopped", file=sys.stderr)
+    return _held(store, key), child.returncode
+
+
+def _held(store, key: str) -> int:
+    head = store.peek(key)
+    return len(head[1]) if head else 0
 
 
 def _kill_mid_read(args, store_dir: str, total: int) -> int:
     cmd = [sys.executable, "-m", "qwen2_mlx.bench.resume", "--model", args.model, "--tokens", str(args.tokens)]
     cmd += ["--every-seconds", str(args.every_seconds), "--prefill-step-size", str(args.prefill_step_size)]
-    return kill_mid_read(cmd + ["--child", store_dir], store_dir, KEY, args.stop_at * total)
+    return kill_mid_read(cmd + ["--child", store_dir], store_dir, KEY, args.stop_at * total)[0]
 
 
 def main(argv: Optional[list] = None) -> int:
