@@ -72,3 +72,18 @@ def test_model_logits_unchanged(monkeypatch, tmp_path_factory):
     whole = logits()
     monkeypatch.setattr(attention, "PLAIN_TILE_SCORES", 1)  # one query a tile
     np.testing.assert_allclose(logits(), whole, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("L,N,B", [(1, 700, 1), (1, 300, 3), (5, 400, 2), (16, 16, 1)])
+def test_few_queries_by_matmul_equal_the_fused_call(L, N, B):
+    """Decode steps and speculative checks on the CPU: two matmuls and a softmax, the fused call's output
+    (causal for several queries, GQA heads each reading their own KV head)."""
+    q, k, v = _qkv(L, N)
+    q, k, v = (mx.concatenate([x] * B) if B > 1 else x for x in (q, k, v))
+    v = v + 10.0 * mx.arange(2).reshape(1, 2, 1, 1)  # KV heads far apart: the wrong head cannot pass
+    mask = "causal" if L > 1 else None
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    got = attention.few_query_attention(q, k, v, 0.125, causal=L > 1)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=1e-5)
+    routed = attention.tiled_attention(q, k, v, 0.125, mask)  # the CPU's route for a few queries
+    np.testing.assert_allclose(np.array(routed), np.array(got), atol=0, rtol=0)

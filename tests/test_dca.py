@@ -14,6 +14,8 @@ from qwen2_mlx.models.attention import Attention
 from qwen2_mlx.models.config import ConfigError, DCAConfig, ModelArgs, parse_dca
 from qwen2_mlx.models.dca import (
     DCAGeometry,
+    _decode_fused,
+    _decode_step,
     dca_attention,
     dca_pair_positions,
     dca_temperature,
@@ -189,6 +191,10 @@ def test_decode_step_matches_tiled_path(Hq, Hkv):
         tiled = np.array(dca_attention(*args2, score_budget=Hq * 3)[1, :, 0])  # key blocks of 3
         np.testing.assert_allclose(fast, want[:, t], atol=1e-5, rtol=1e-4, err_msg=f"t={t}")
         np.testing.assert_allclose(tiled, fast, atol=1e-5, err_msg=f"t={t}")
+        # Both single-token paths, whichever this device takes (the CPU the matmul step, a GPU the fused one)
+        one = (qm[:, :, t : t + 1] * 8**-0.5, keys[:, :, : t + 1], vm[:, :, : t + 1], t, rope, geom)
+        for out in (_decode_fused(*one), _decode_step(*one, Hq // Hkv)):
+            np.testing.assert_allclose(np.array(out[0, :, 0]), want[:, t], atol=1e-5, rtol=1e-4, err_msg=f"t={t}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,10 +48,7 @@ def dequantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_s
     for a in blocks:  # each block evaluated before the next is dequantized: one float block at a time
         parts.append(qg @ block(k, a).swapaxes(-1, -2))
         mx.eval(parts[-1])
-    s = mx.concatenate(parts, axis=-1)
-    if L > 1:  # row g*L + i is query i: it sees keys up to N - L + i
-        rows = N - L + mx.arange(s.shape[2]) % L
-        s = mx.where(mx.arange(N)[None] <= rows[:, None], s, mx.array(-mx.inf, s.dtype))
+    s = _causal_rows(mx.concatenate(parts, axis=-1), L)
     p = mx.softmax(s, axis=-1, precise=True)
     out = None
     for a in blocks:
@@ -61,13 +58,38 @@ def dequantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, group_s
     return out.reshape(B, Hq, L, D)
 
 
+def _causal_rows(s: mx.array, L: int) -> mx.array:
+    """Scores (.., G*L, N) of the last L positions, row g*L + i being query i: it sees keys up to N - L + i."""
+    if L == 1:
+        return s
+    N = s.shape[-1]
+    rows = N - L + mx.arange(s.shape[-2]) % L
+    return mx.where(mx.arange(N)[None] <= rows[:, None], s, mx.array(-mx.inf, s.dtype))
+
+
+def few_query_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+    """A few new queries (decode, a speculative check) over float keys by two matmuls and one softmax.
+
+    On the CPU MLX's attention kernel is slower than this for few queries, the more so the longer the
+    cache (`python -m qwen2_mlx.bench.decode_attention`); the scores are only (heads x L x keys)."""
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    qg = (q * scale).reshape(B, Hkv, (Hq // Hkv) * L, D)  # a KV head's query heads share its keys (GQA)
+    s = qg @ k.swapaxes(-1, -2)
+    p = mx.softmax(_causal_rows(s, L) if causal else s, axis=-1, precise=True)
+    return (p @ v).reshape(B, Hq, L, D)
+
+
 def tiled_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Optional[Any]) -> mx.array:
     """MLX's attention on the CPU in query tiles of at most `PLAIN_TILE_SCORES` scores, each evaluated before
     the next. The CPU kernel holds all (heads x queries x keys) scores at once, so a prefill step's peak grew
     with the context; tiled it is bounded, at the same speed (the softmax's exp dominates either way).
-    A tile's keys stop at its last query (causal masks are bottom-right aligned). Metal and CUDA fuse it."""
+    A tile's keys stop at its last query (causal masks are bottom-right aligned). Metal and CUDA fuse it.
+    A few float32 queries go through `few_query_attention` instead."""
     B, Hq, L, _ = q.shape
     N = k.shape[2]
+    if L <= DEQUANT_QUERIES and q.dtype == k.dtype == mx.float32 and (mask is None or isinstance(mask, str)):
+        return few_query_attention(q, k, v, scale, causal=mask is not None)
     T = max(1, PLAIN_TILE_SCORES // (B * Hq * N))
     if L <= T or (mask is not None and not (isinstance(mask, str) and mask == "causal")):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)  # array masks: one call

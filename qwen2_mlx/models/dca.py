@@ -313,7 +313,7 @@ def _attend_blocks(copies, keys, values, start, e, groups, T, geom, block, bound
 
 
 def _decode_step(q, keys, values, offset, rope, geom, groups):
-    """One new token (batch 1) over a quantized cache, read as stored: the query's
+    """One new token (batch 1) over a quantized cache, read as stored, or a float one on the CPU: the query's
     rotations in one rope call (positions as a batch of offsets), one matmul against all keys, each
     key range takes its scores from the matching rotation; one softmax over them all (docs/long-context.md §4)."""
     _, Hq, _, D = q.shape
@@ -387,7 +387,8 @@ def dca_attention(
         keys, q = keys.astype(mx.float32), q.astype(mx.float32)
     q = q * scale
     if T == 1 and B == 1:  # its scores are linear in the length, like the KV cache itself
-        if isinstance(keys, QuantizedKV):
+        # On the CPU the matmul step is the fast one for float caches too (bench.decode_attention).
+        if isinstance(keys, QuantizedKV) or mx.default_device() == mx.cpu:
             return _decode_step(q, keys, values, offset, rope, geom, groups).astype(dtype)
         return _decode_fused(q, keys, values, offset, rope, geom).astype(dtype)
     # A lazy graph of many tiles may keep all their score buffers alive at once (a GPU frees them when
