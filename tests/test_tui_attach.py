@@ -12,6 +12,7 @@ from textual import events
 from tui_helpers import make_app, ready, send, wait_until
 
 from qwen2_mlx.generation.attachments import read_attachment, render_message
+from qwen2_mlx.generation.reading_time import ReadingSpeed
 from tui.app import ChatApp
 from tui.fake import FakeBackend
 from tui.store import SCHEMA_VERSION, Store
@@ -152,7 +153,16 @@ def test_an_old_database_gains_the_attachments_table_and_keeps_its_chats(tmp_pat
     assert store.db.execute("SELECT count(*) FROM attachments").fetchone()[0] == 0
 
 
-async def test_a_long_read_shows_its_rate_and_time_left(tmp_path):
+@pytest.mark.parametrize(
+    "measured, left",
+    [
+        (None, "12s"),  # not measured: the flat rate of the part read, 500 tokens/s
+        # 1 ms a token plus 0.1 us a key: the first 2,000 tokens were predicted at 2.2 s and took 4 s,
+        # so the rest (6 s + 3 s of attention predicted) will take 9 x 4 / 2.2 = 16 s, not a flat 12 s.
+        (ReadingSpeed(1e-3, 1e-7), "16s"),
+    ],
+)
+async def test_a_long_read_shows_its_rate_and_time_left(tmp_path, measured, left):
     from tui.engine import Prefill
 
     app = make_app(tmp_path, replies=["ok"])
@@ -161,7 +171,7 @@ async def test_a_long_read_shows_its_rate_and_time_left(tmp_path):
         chat = app.chat
         chat.job = app.engine.submit([{"role": "user", "content": "x"}], None, {})  # a job to report on
         app.engine.cancel(chat.job)
-        chat._reading = None
+        chat._reading, chat.prefill_rate = None, measured
         clock = iter([100.0, 104.0])
         import tui.screens.chat as screen
 
@@ -173,5 +183,7 @@ async def test_a_long_read_shows_its_rate_and_time_left(tmp_path):
         finally:
             screen.time.monotonic = real
         state = app.status.state
-        assert "2,000/8,000 tokens · 500 t/s · 12s left" in state and "Esc stops" in state
-        assert chat.prefill_rate == (500.0, "measured on the last read of 2,000 tokens")
+        assert f"2,000/8,000 tokens · 500 t/s · {left} left" in state and "Esc stops" in state
+        learned = chat.prefill_rate  # what this read took becomes the next estimate's speed
+        assert learned.source == "measured on the last read of 2,000 tokens"
+        assert learned.seconds(0, 2000) == pytest.approx(4.0)

@@ -256,19 +256,12 @@ class ModelBackend:
         every = {"every_seconds": self.checkpoint_seconds, "every_tokens": self.checkpoint_tokens}
         return Checkpointer(self.cache_store, key, self.validity(), self.model, on_save=saved, **every)
 
-    def measure_prefill(self, tokens: int = 256) -> float:
-        """This model's reading speed here (tokens/s): a short prefill into a throwaway cache, after a
-        warm-up, so the chat can estimate how long an attachment takes to read before it is sent."""
-        import time
+    def measure_prefill(self):
+        """This model's reading speed here (qwen2_mlx.generation.reading_time), so the chat can estimate
+        how long an attachment takes to read before it is sent."""
+        from qwen2_mlx.generation.reading_time import measure_reading_speed
 
-        from qwen2_mlx.generation.generate import prefill_prompt_cache
-
-        ids = self.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * (tokens // 4))
-        ids = (ids * (tokens // max(len(ids), 1) + 1))[:tokens]
-        prefill_prompt_cache(self.model, self.tokenizer, ids[:16])  # first-call costs are not reading speed
-        tic = time.perf_counter()
-        prefill_prompt_cache(self.model, self.tokenizer, ids)
-        return len(ids) / (time.perf_counter() - tic)
+        return measure_reading_speed(self.model, self.tokenizer)
 
     # --- chat caches on disk ----------------------------------------------------------------------
     def _chat(self):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from qwen2_mlx.generation.reading_time import ReadingSpeed
 from qwen2_mlx.generation.responses import GenerationStats
 
 from .backend import Backend
@@ -92,10 +93,9 @@ class Failed:
 
 @dataclass
 class PrefillRate:
-    """How fast this model reads a prompt on this machine (tokens/s), measured by a short calibration."""
+    """How fast this model reads a prompt on this machine, measured by a short calibration."""
 
-    tokens_per_s: float
-    source: str = "a short calibration"
+    speed: ReadingSpeed
 
 
 SHUTDOWN_WAIT = 3.0  # seconds quitting waits for the generation thread (a reply's stop, the cache's save)
@@ -218,8 +218,8 @@ class Engine:
         except Exception as e:
             what = "reading speed" if method == "measure_prefill" else "chat cache"
             note = (f"{what}: {method} failed ({type(e).__name__}: {e})", True)
-        if isinstance(note, (int, float)) and not isinstance(note, bool):  # measure_prefill's tokens/s
-            self.post(PrefillRate(float(note)))
+        if isinstance(note, ReadingSpeed):  # measure_prefill's
+            self.post(PrefillRate(note))
         elif note:
             self.post(CacheNote(*note))
 

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from qwen2_mlx.generation.reading_time import ReadingSpeed
+
 from .backend import DEFAULT_SETTINGS
 
 
@@ -89,9 +91,9 @@ class FakeBackend:
         r = self.replies[idx]
         return r(text) if callable(r) else r
 
-    def measure_prefill(self) -> float:
-        """A fixed reading speed (tokens/s), as ModelBackend measures one."""
-        return 500.0
+    def measure_prefill(self) -> ReadingSpeed:
+        """A fixed reading speed (500 tokens/s at any length), as ModelBackend measures one."""
+        return ReadingSpeed(1 / 500)
 
     def count_tokens(self, history, system) -> int:
         return sum(len(split_tokens(m["content"])) + 4 for m in history) + (len(split_tokens(system)) if system else 0)

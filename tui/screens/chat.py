@@ -30,6 +30,7 @@ from qwen2_mlx.generation.attachments import (
     read_attachment,
     render_message,
 )
+from qwen2_mlx.generation.reading_time import ReadingSpeed
 from qwen2_mlx.loading.paths import models_dir
 
 from .. import commands, slash
@@ -88,7 +89,7 @@ class ChatScreen(Screen):
         self._base_ctx: Optional[int] = 0  # None: not counted here (a server's model)
         self._last_save = 0.0
         self.pending: list[Attachment] = list(attachments or [])  # go with the next message sent
-        self.prefill_rate: Optional[tuple[float, str]] = None  # (tokens/s, how it was measured)
+        self.prefill_rate: Optional[ReadingSpeed] = None  # this machine's reading speed, once measured
         self._measuring = False
         self._reading: Optional[tuple[float, int]] = None  # (time, tokens done) when this read began
         self._progress = (0, 0)  # (done, total) of the last read reported
@@ -272,8 +273,9 @@ class ChatScreen(Screen):
                 self._measuring = True
                 self.engine.measure_prefill()
         else:
-            rate, source = self.prefill_rate
-            preview += f" · ~{duration(tokens / rate)} to read at {rate:,.0f} tokens/s ({source})"
+            speed, start = self.prefill_rate, before  # a chat's cache holds what came before
+            rate = speed.tokens_per_s(start, after)
+            preview += f" · ~{duration(speed.seconds(start, after))} to read at {rate:,.0f} tokens/s ({speed.source})"
         bar.show(chips, preview + " · /file clear removes them")
 
     async def new_chat(self) -> None:
@@ -465,7 +467,7 @@ class ChatScreen(Screen):
             return
         if isinstance(ev, PrefillRate):
             self._measuring = False
-            self.prefill_rate = (ev.tokens_per_s, ev.source)
+            self.prefill_rate = ev.speed
             self.show_attachments()
             return
         if self.job is None or getattr(ev, "job", None) != self.job.id:
@@ -528,8 +530,8 @@ class ChatScreen(Screen):
                 )
 
     def show_reading(self, ev: Prefill) -> None:
-        """A long read in the status bar: done/total, tokens/s and the time left; its rate is remembered
-        as this machine's measured reading speed for the next attachment's estimate."""
+        """A long read in the status bar: done/total, tokens/s and the time left; the measured speed,
+        scaled by what this read really took, becomes the next attachment's estimate."""
         now = time.monotonic()
         self._progress = (ev.done, ev.total)
         if self._reading is None:
@@ -542,13 +544,22 @@ class ChatScreen(Screen):
         if ev.total < PREFILL_SHOWN:
             return
         t0, d0 = self._reading
-        rate = (ev.done - d0) / (now - t0) if now > t0 and ev.done > d0 else 0.0
         figures = f"{bar(ev.done / ev.total)} {ev.done:,}/{ev.total:,} tokens"
-        if rate > 0:
-            figures += f" · {rate:,.0f} t/s · {duration((ev.total - ev.done) / rate)} left"
-            if ev.done - d0 >= PREFILL_SHOWN:
-                self.prefill_rate = (rate, f"measured on the last read of {ev.done - d0:,} tokens")
+        if now > t0 and ev.done > d0:
+            figures += f" · {(ev.done - d0) / (now - t0):,.0f} t/s · {duration(self._time_left(ev, now - t0))} left"
         self.status.set_state(f"reading the prompt {figures}  (Esc stops, what was read is kept)")
+
+    def _time_left(self, ev: Prefill, elapsed: float) -> float:
+        """The rest of the read at the measured speed, scaled by how far off it was for the part read so
+        far: later tokens attend to more keys, so a flat rate would promise too little."""
+        _, d0 = self._reading
+        speed = self.prefill_rate or ReadingSpeed(elapsed / (ev.done - d0))  # not measured yet: a flat rate
+        predicted = speed.seconds(d0, ev.done)
+        if predicted > 0:
+            speed = speed.scaled(elapsed / predicted, f"measured on the last read of {ev.done - d0:,} tokens")
+        if ev.done - d0 >= PREFILL_SHOWN:
+            self.prefill_rate = speed  # the next attachment's estimate
+        return speed.seconds(ev.done, ev.total)
 
     def _end_job(self) -> None:
         self.job = None
