@@ -285,7 +285,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     code = app.run(inline=args.inline)
     store.close()
-    return code if isinstance(code, int) else (app.return_code or 0)
+    code = code if isinstance(code, int) else (app.return_code or 0)
+    _leave_if_still_reading(app, code)
+    return code
+
+
+def _leave_if_still_reading(app, code: int) -> None:
+    """Quitting during a long prefill step leaves the generation thread inside MLX (it stops at the step's
+    end, minutes away at 36K tokens on a CPU); the interpreter's exit would then abort the process. The
+    chat database is closed and the last checkpoint is whole on disk, so leave at once instead."""
+    engine = getattr(app, "engine", None)
+    thread = getattr(engine, "_thread", None)
+    if thread is not None and thread.is_alive():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
