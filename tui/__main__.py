@@ -295,8 +295,7 @@ def _leave_if_still_reading(app, code: int) -> None:
     end, minutes away at 36K tokens on a CPU); the interpreter's exit would then abort the process. The
     chat database is closed and the last checkpoint is whole on disk, so leave at once instead."""
     engine = getattr(app, "engine", None)
-    thread = getattr(engine, "_thread", None)
-    if thread is not None and thread.is_alive():
+    if engine is not None and engine.busy:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -189,6 +189,11 @@ class Engine:
             self._thread.join(timeout)
 
     @property
+    def busy(self) -> bool:
+        """Whether the generation thread is still running (after shutdown: a step it could not leave yet)."""
+        return self._thread.is_alive()
+
+    @property
     def counts_tokens(self) -> bool:
         """Whether the backend can count tokens here (a server's model cannot: no tokenizer)."""
         return getattr(self.backend, "counts_tokens", True)

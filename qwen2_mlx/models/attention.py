@@ -21,7 +21,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import BatchKVCache
 
 from .config import ModelArgs
-from .dca import DCAGeometry, QuantizedKV, dca_attention, dca_temperature, plain_keys, rotate_keys
+from .dca import DCAGeometry, QuantizedKV, _causal_tail, dca_attention, dca_temperature, plain_keys, rotate_keys
 from .kv_cache import DCAKVCache, QuantizedDCAKVCache, reads_dequantized
 from .rope import RoPE
 from .stacked import StackedProjections
@@ -79,7 +79,7 @@ def few_query_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, cau
     # rows: the same speed, and the decode step that grows the cache peaked higher the other way (bench.kv).
     s = qg @ mx.expand_dims(k, 2).swapaxes(-1, -2)
     if causal and L > 1:
-        s = mx.where(mx.arange(N)[None] <= (N - L) + mx.arange(L)[:, None], s, mx.array(-mx.inf, s.dtype))
+        s = mx.where(_causal_tail(L, N), s, mx.array(-mx.inf, s.dtype))
     p = mx.softmax(s, axis=-1, precise=True)
     return (p @ mx.expand_dims(v, 2)).reshape(B, Hq, L, D)
 

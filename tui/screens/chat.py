@@ -273,9 +273,9 @@ class ChatScreen(Screen):
                 self._measuring = True
                 self.engine.measure_prefill()
         else:
-            speed, start = self.prefill_rate, before  # a chat's cache holds what came before
-            rate = speed.tokens_per_s(start, after)
-            preview += f" · ~{duration(speed.seconds(start, after))} to read at {rate:,.0f} tokens/s ({speed.source})"
+            speed = self.prefill_rate  # reading starts at `before`: the chat's cache holds what came before
+            rate = speed.tokens_per_s(before, after)
+            preview += f" · ~{duration(speed.seconds(before, after))} to read at {rate:,.0f} tokens/s ({speed.source})"
         bar.show(chips, preview + " · /file clear removes them")
 
     async def new_chat(self) -> None:
